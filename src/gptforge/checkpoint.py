@@ -1,0 +1,278 @@
+"""Checkpoints: folders written atomically, loaded only when complete.
+
+A checkpoint folder holds ``model.safetensors``, ``config.json`` (the full resolved config), the tokenizer
+files, and, for training state, ``optimizer.pt`` and ``trainer_state.json``. It is written to a hidden
+temporary folder, every file fsynced, a ``COMPLETE`` marker written last, then renamed into place. A run
+folder keeps its checkpoints in ``checkpoints/step-NNNNNNN`` and a ``checkpoints/latest`` pointer that is
+replaced (atomically) only after the folder it names is complete. A folder without the marker is never
+loaded; if ``latest`` names one, the newest complete folder is used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import ModelConfig, config_from_dict
+from .errors import CheckpointError
+from .model import GPT
+from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+COMPLETE_MARKER = "COMPLETE"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_POINTER = "latest"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (in eval mode), its tokenizer and the config it was saved with."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    path: Path
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied weights stored once (safetensors refuses shared storage)."""
+    model = unwrap_model(model)
+    state = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_embeddings", False) and "lm_head.weight" in state:
+        state.pop("lm_head.weight")
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    config: dict[str, Any],
+    *,
+    optimizer_state: Optional[dict[str, Any]] = None,
+    trainer_state: Optional[dict[str, Any]] = None,
+    extra: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Write a complete checkpoint folder at ``path`` atomically (replacing one that is there)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        config = dict(config)
+        config.setdefault("tokenizer", {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint,
+                                        "vocab_size": tokenizer.vocab_size})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        if trainer_state is not None:
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        _fsync_file(tmp / COMPLETE_MARKER)
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.parent / f".old-{path.name}-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def update_latest(run_dir: str | Path, checkpoint_name: str) -> None:
+    """Point ``run_dir/checkpoints/latest`` at a complete checkpoint folder (written last)."""
+    ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
+    if not is_complete(ckpt_root / checkpoint_name):
+        raise CheckpointError(f"refusing to point 'latest' at incomplete checkpoint {ckpt_root / checkpoint_name}")
+    tmp = ckpt_root / f".{LATEST_POINTER}.tmp-{os.getpid()}"
+    tmp.write_text(checkpoint_name + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, ckpt_root / LATEST_POINTER)
+    _fsync_dir(ckpt_root)
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, protect: tuple[str, ...] = ()) -> None:
+    """Delete all but the newest ``keep`` step folders (never one named in ``protect``) and stale temp folders."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for p in steps[:-keep] if keep > 0 else []:
+        if p.name not in protect:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and reading
+def is_complete(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / COMPLETE_MARKER).is_file() and (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file()
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The complete checkpoint ``latest`` names; else the newest complete step folder; else None."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_POINTER
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if is_complete(target):
+            return target
+        log.warning("checkpoint %s named by 'latest' is incomplete; looking for an older one", target)
+    for p in sorted(root.glob("step-*"), reverse=True):
+        if is_complete(p):
+            return p
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its latest complete checkpoint). Raises CheckpointError."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if is_complete(p):
+        return p
+    if (p / COMPLETE_MARKER).is_file() is False and (p / MODEL_FILE).exists():
+        raise CheckpointError(
+            f"checkpoint {p} is incomplete (no {COMPLETE_MARKER} marker: it was being written when the "
+            f"process stopped); use an earlier one"
+        )
+    for run_dir in (p, p.parent):
+        if (run_dir / CHECKPOINTS_DIR).is_dir():
+            found = latest_checkpoint(run_dir)
+            if found is not None:
+                return found
+            raise CheckpointError(f"run folder {run_dir} holds no complete checkpoint")
+    raise CheckpointError(f"{p} is not a gptforge checkpoint (no {MODEL_FILE} + {CONFIG_FILE} + {COMPLETE_MARKER})")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / CONFIG_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {p}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{p} has no 'model' section; is this a gptforge checkpoint?")
+    return data
+
+
+def model_config_from(config: dict[str, Any]) -> ModelConfig:
+    return config_from_dict(ModelConfig, config["model"], "model").validate()
+
+
+def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read weights {path}: {exc}") from None
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu",
+                dtype: Optional[torch.dtype] = None, strict: bool = True) -> GPT:
+    """Build the model on the meta device and adopt the loaded tensors (no double allocation)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    state = dict(state)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not fit the model config: {str(exc).splitlines()[0]}") from None
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"weights do not match the model config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> Checkpoint:
+    """Load a complete gptforge checkpoint (or a run folder's latest) for inference."""
+    ckpt = resolve_checkpoint(path)
+    config = read_config(ckpt)
+    model_config = model_config_from(config)
+    state = load_state_dict(ckpt / MODEL_FILE, device="cpu")
+    model = build_model(model_config, state, device=device, dtype=dtype)
+    if not has_tokenizer(ckpt):
+        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer files")
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size}"
+        )
+    return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt)

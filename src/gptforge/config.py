@@ -1,0 +1,467 @@
+"""Typed configuration: dataclass schemas, YAML presets and ``--section.key=value`` overrides.
+
+Every field carries a one-line docstring (the string literal under it), which ``gptforge train --help-config``
+prints. This module imports no torch so that the CLI can parse and validate a config in milliseconds.
+
+A run config is a YAML file with up to three sections::
+
+    model: {preset: tiny, dropout: 0.1}
+    data:  {dir: data/shakespeare}
+    train: {max_steps: 2000, learning_rate: 1.0e-3}
+
+``model.preset`` fills the model section from :data:`MODEL_PRESETS`; keys given next to it win.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------
+# Model presets are plain data, so they live beside the schema they fill (gptforge.model re-exports them).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # A model that trains to readable Shakespeare on 2 CPU cores within the demo's budget.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=True),
+    # A laptop-GPU-sized model (about 20M parameters with a 8k vocabulary).
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1, bias=True),
+    # The four GPT-2 sizes with their exact shapes.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, bias=True),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257, bias=True),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257, bias=True),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257, bias=True),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and regularisation of a decoder-only Transformer."""
+
+    vocab_size: Optional[int] = None
+    """Number of token ids; None takes it from the tokenizer of the prepared data."""
+    block_size: int = 256
+    """Longest context the model accepts (number of learned positions)."""
+    n_layer: int = 4
+    """Number of Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches while training."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers (GPT-2 has them)."""
+    layer_norm_epsilon: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    mlp_ratio: int = 4
+    """Hidden width of the MLP as a multiple of n_embd."""
+    activation: str = "gelu_tanh"
+    """MLP non-linearity: gelu_tanh (GPT-2's) or gelu (exact erf)."""
+    tie_embeddings: bool = True
+    """Share the LM head's weight with the token embedding."""
+
+    def validate(self) -> "ModelConfig":
+        _positive(self, "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError(f"model.vocab_size must be at least 1, got {self.vocab_size}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        _in_range(self, "dropout", 0.0, 1.0, right_open=True)
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"model.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise ConfigError(f"model.activation must be gelu_tanh or gelu, got {self.activation!r}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in MODEL_PRESETS:
+            raise ConfigError(
+                f"unknown model preset {name!r}{_did_you_mean(name, MODEL_PRESETS)}; "
+                f"choose one of {', '.join(MODEL_PRESETS)}"
+            )
+        values = {**MODEL_PRESETS[name], **overrides}
+        return _build(cls, values, "model").validate()
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared token files are."""
+
+    dir: str = "data/shakespeare"
+    """Folder written by `gptforge prepare` (train.bin, val.bin, meta.json, tokenizer files)."""
+
+
+@dataclass
+class TrainConfig:
+    """The pretraining loop: optimisation, schedule, evaluation and checkpoints."""
+
+    out_dir: str = "runs/demo"
+    """Run folder: checkpoints/, metrics.jsonl, TensorBoard events and loss curve."""
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    batch_size: int = 16
+    """Sequences per micro-batch on each process."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to learning_rate."""
+    lr_decay_steps: Optional[int] = None
+    """Step at which cosine decay reaches min_lr; None means max_steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not biases, norms or embeddings' positions)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    eval_interval: int = 100
+    """Evaluate on validation data every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Micro-batches averaged for each evaluation."""
+    log_interval: int = 10
+    """Append training metrics to metrics.jsonl every this many steps."""
+    checkpoint_interval: int = 500
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest step checkpoints to keep."""
+    seed: int = 1337
+    """Seed for initialisation, data sampling and dropout."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16 or float16."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to out_dir/tensorboard."""
+    max_minutes: Optional[float] = None
+    """Stop (and checkpoint) after this many minutes of training even if max_steps is not reached."""
+    overwrite: bool = False
+    """Start afresh even if out_dir already holds checkpoints (they are deleted first)."""
+
+    def validate(self) -> "TrainConfig":
+        _positive(self, "max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches",
+                  "log_interval", "checkpoint_interval", "keep_checkpoints")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"train.learning_rate must be a positive number, got {self.learning_rate}")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.learning_rate):
+            raise ConfigError(
+                f"train.min_lr must be between 0 and train.learning_rate ({self.learning_rate}), got {self.min_lr}"
+            )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise ConfigError(f"train.lr_decay_steps must be at least 1, got {self.lr_decay_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _in_range(self, "beta1", 0.0, 1.0, right_open=True)
+        _in_range(self, "beta2", 0.0, 1.0, right_open=True)
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"train.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
+        return self
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding controls shared by the Python API, the CLI and the server."""
+
+    max_new_tokens: int = 200
+    """Tokens to generate after the prompt."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy decoding."""
+    top_k: Optional[int] = None
+    """Sample only among the k most likely tokens."""
+    top_p: Optional[float] = None
+    """Sample from the smallest set of tokens whose probability adds up to top_p (nucleus sampling)."""
+    seed: Optional[int] = None
+    """Seed that makes sampling reproducible."""
+    num_samples: int = 1
+    """Independent sequences to generate for the prompt."""
+
+    def validate(self) -> "GenerateConfig":
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be at least 1, got {self.num_samples}")
+        return self
+
+
+@dataclass
+class RunConfig:
+    """A pretraining run: the model, the data and the loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: Optional[str] = None
+    """The model preset the model section started from (kept for the record)."""
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding and type-checking.
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_PACKAGED = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML path, or the name of a preset shipped with the package (``demo``, ``gpt2-124m``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = _PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
+    if packaged.is_file():
+        return packaged
+    known = sorted(p.stem for p in _PACKAGED.glob("*.yaml"))
+    raise ConfigError(f"config file {str(name)!r} not found (packaged presets: {', '.join(known)})")
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``section.key=value`` overrides, type-check and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(resolve_config_path(path))
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides or []:
+        key, value = parse_override(item)
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown config section {section!r} in {item!r}{_did_you_mean(section, SECTIONS)}; "
+                f"sections are {', '.join(SECTIONS)}"
+            )
+        raw.setdefault(section, {})[name] = _parse_scalar(value)
+    return build_run_config(raw)
+
+
+def build_run_config(raw: dict[str, Any]) -> RunConfig:
+    """Build a validated RunConfig from a plain dict (as read from YAML or config.json)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config must be a mapping of sections, got {type(raw).__name__}")
+    unknown = set(raw) - set(SECTIONS) - {"preset"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(
+            f"unknown config section {name!r}{_did_you_mean(name, SECTIONS)}; sections are {', '.join(SECTIONS)}"
+        )
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {type(values).__name__}")
+        values = dict(values)
+        if name == "model":
+            preset = values.pop("preset", None) or raw.get("preset")
+            if preset is not None:
+                if preset not in MODEL_PRESETS:
+                    raise ConfigError(
+                        f"unknown model preset {preset!r}{_did_you_mean(str(preset), MODEL_PRESETS)}; "
+                        f"choose one of {', '.join(MODEL_PRESETS)}"
+                    )
+                values = {**MODEL_PRESETS[preset], **values}
+            sections["preset"] = preset
+        sections[name] = _build(cls, values, name)
+    return RunConfig(**sections).validate()
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """``--train.max_steps=100`` or ``train.max_steps=100`` → ("train.max_steps", "100")."""
+    text = item[2:] if item.startswith("--") else item
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like --section.key=value (e.g. --train.max_steps=100)")
+    return key.strip(), value.strip()
+
+
+def config_from_dict(cls: type, values: dict[str, Any], section: str):
+    """Build one section's dataclass from a dict, checking names and types."""
+    return _build(cls, values, section)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings written under each field of a config dataclass."""
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def describe_config() -> str:
+    """Human-readable listing of every section, key, type, default and docstring."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]" + (" (model.preset: " + ", ".join(MODEL_PRESETS) + ")" if name == "model" else ""))
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {name}.{f.name}: {_type_name(hints[f.name])} = {default!r}")
+            if f.name in docs:
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    """Interpret an override's value the way YAML would (``1e-3`` → float, ``true`` → bool, ``null`` → None)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _build(cls: type, values: dict[str, Any], section: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {section}.{key}{_did_you_mean(key, names, section + '.')}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+        if isinstance(number, float) and not number.is_integer():
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(number)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be a string, got {json.dumps(value)}")
+        return str(value)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _did_you_mean(name: str, choices, prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _positive(obj: Any, *names: str) -> None:
+    section = type(obj).__name__.replace("Config", "").lower()
+    for name in names:
+        value = getattr(obj, name)
+        if value < 1:
+            raise ConfigError(f"{section}.{name} must be at least 1, got {value}")
+
+
+def _in_range(obj: Any, name: str, lo: float, hi: float, right_open: bool = False) -> None:
+    section = type(obj).__name__.replace("Config", "").lower()
+    value = getattr(obj, name)
+    ok = lo <= value < hi if right_open else lo <= value <= hi
+    if not ok:
+        bracket = ")" if right_open else "]"
+        raise ConfigError(f"{section}.{name} must be in [{lo}, {hi}{bracket}, got {value}")

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything a user can cause (a missing file, a bad value, a checkpoint from another tokenizer) raises a
+subclass of :class:`GptforgeError` with one sentence that names the problem. The CLI prints that sentence
+and exits non-zero; it never shows a traceback for these.
+"""
+
+
+class GptforgeError(Exception):
+    """An error caused by the user's input, reported as one clear line."""
+
+
+class ConfigError(GptforgeError, ValueError):
+    """An unknown config key, a value of the wrong type or out of range."""
+
+
+class DataError(GptforgeError):
+    """A missing, empty or malformed corpus or dataset, or data from another tokenizer."""
+
+
+class CheckpointError(GptforgeError):
+    """A missing, incomplete or incompatible checkpoint."""

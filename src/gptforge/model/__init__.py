@@ -1,0 +1,7 @@
+"""The GPT model: embeddings, causal self-attention (SDPA), MLP, blocks, KV cache, presets."""
+
+from ..config import MODEL_PRESETS, ModelConfig
+from .gpt import GPT, Block, CausalSelfAttention, MLP
+from .kv_cache import KVCache
+
+__all__ = ["GPT", "Block", "CausalSelfAttention", "MLP", "KVCache", "ModelConfig", "MODEL_PRESETS"]

@@ -1,0 +1,199 @@
+"""A decoder-only Transformer (GPT-2 architecture) you can read in one sitting.
+
+Shapes: B batch, T new tokens, S keys attended to (cached + new), C = n_embd, H = n_head, D = head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .kv_cache import KVCache
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.is_residual_projection = True  # scaled init, see GPT._init_weights
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        mask: Optional[torch.Tensor],  # (B, 1, T, S) bool, True = may attend; None = plain causal
+        kv_cache: Optional[KVCache],
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, S, D)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            # No cache and no padding: the fused causal kernel. With a cache and one new token, the
+            # query may see every cached key, so no mask at all.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), mask, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """Token + learned position embeddings, ``n_layer`` blocks, final LayerNorm, tied LM head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        if config.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set (it normally comes from the tokenizer)")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer) so the
+        # residual stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            if module.weight.device.type != "meta":
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and module.weight.device.type != "meta":
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ----------------------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        idx: torch.Tensor,  # (B, T) token ids
+        *,
+        kv_cache: Optional[KVCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,  # (B, S) 1 = real token, 0 = padding
+        position_ids: Optional[torch.Tensor] = None,  # (B, T)
+    ) -> torch.Tensor:
+        """The final-LayerNorm output, (B, T, C). Heads (LM, classifier) read from here."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ConfigError(
+                f"context of {start + T} tokens is longer than the model's block_size ({self.config.block_size})"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: a row's first real token sits at position 0.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+            else:
+                position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+        mask = self._attention_mask(B, T, start, attention_mask, kv_cache is not None, idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        kv_cache: Optional[KVCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size); with ``last_only`` just the last position's, (B, 1, vocab_size)."""
+        x = self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask, position_ids=position_ids)
+        if last_only:
+            x = x[:, -1:, :]
+        return self.lm_head(x)
+
+    @staticmethod
+    def _attention_mask(B, T, start, attention_mask, cached, device) -> Optional[torch.Tensor]:
+        if attention_mask is None and (not cached or T == 1 or start == 0):
+            return None  # causal kernel (or no mask needed for one new token)
+        S = start + T
+        q_pos = torch.arange(start, S, device=device).unsqueeze(1)  # (T, 1)
+        k_pos = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
+        allowed = (k_pos <= q_pos).unsqueeze(0)  # (1, T, S)
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask must have shape ({B}, {S}), got {tuple(attention_mask.shape)}")
+            # A padding query would otherwise see no key at all (NaN); let it see itself.
+            allowed = (allowed & attention_mask.bool().unsqueeze(1)) | (k_pos == q_pos).unsqueeze(0)
+        return allowed.unsqueeze(1)  # (B or 1, 1, T, S)
+
+    # ----------------------------------------------------------------------------------------------
+    def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None,
+                     dtype: Optional[torch.dtype] = None) -> KVCache:
+        """A preallocated cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        c = self.config
+        weight = self.wte.weight
+        return KVCache(
+            n_layer=c.n_layer, batch_size=batch_size, n_head=c.n_head, head_dim=c.head_dim,
+            max_length=min(max_length or c.block_size, c.block_size),
+            dtype=dtype or weight.dtype, device=weight.device,
+        )
+
+    def num_parameters(self, exclude_positions: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.wpe.weight.numel() if exclude_positions else n
+
+    def flops_per_token(self, context: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H D T."""
+        c = self.config
+        T = context or c.block_size
+        return 6 * self.num_parameters(exclude_positions=True) + 12 * c.n_layer * c.n_head * c.head_dim * T

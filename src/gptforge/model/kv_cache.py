@@ -1,0 +1,53 @@
+"""A preallocated (static) key/value cache for incremental decoding.
+
+All layers' keys and values live in two tensors allocated once, (L, B, H, max_length, D). A decode step
+writes its new keys in place and attends to a view of the filled prefix, so no step allocates or copies
+the cache. ``length`` is the number of filled positions, shared by every row of the batch (rows of
+different prompt lengths are left-padded and masked).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, *, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layer, batch_size, n_head, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (B, H, T, D) keys/values after the filled prefix; return the (B, H, S, D) views."""
+        T = k.shape[2]
+        end = self.length + T
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has written its ``n`` new positions."""
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Forget positions from ``length`` on (speculative decoding rolls back rejected tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (beam search): row i becomes old row index[i]."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+    def reset(self) -> None:
+        self.length = 0

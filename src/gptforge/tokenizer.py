@@ -1,0 +1,297 @@
+"""One Tokenizer interface with three implementations.
+
+- :class:`BPETokenizer`: byte-level BPE trained with Hugging Face ``tokenizers``, or GPT-2's own files
+  (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``) loaded from a Hugging Face folder.
+- :class:`CharTokenizer`: one id per character seen in the corpus, with a UTF-8 byte fallback so that
+  characters never seen still encode (and decode back) exactly.
+
+Both give back any Unicode text exactly: ``decode(encode(text)) == text``. A tokenizer is saved inside
+every checkpoint and every prepared-data folder; its :attr:`fingerprint` tells whether two of them agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from .errors import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+CHAR_FILE = "char_tokenizer.json"
+BPE_FILE = "tokenizer.json"
+
+
+class Tokenizer(ABC):
+    """Text ↔ token ids."""
+
+    kind: str
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int | None: ...
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write the tokenizer's files into ``directory``; return their paths."""
+
+    @abstractmethod
+    def _canonical(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary and merges: equal fingerprints encode text identically."""
+        return hashlib.sha256(self._canonical().encode("utf-8")).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint})"
+
+
+# --------------------------------------------------------------------------------------------------
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE backed by a Hugging Face ``tokenizers.Tokenizer``."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer):
+        self._tok = hf_tokenizer
+        self._eos = hf_tokenizer.token_to_id(EOS_TOKEN)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> "BPETokenizer":
+        """Learn merges from an iterator of texts (streamed; the corpus is never held in memory)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257:
+            raise DataError(f"a byte-level BPE vocabulary needs at least 257 entries (256 bytes + EOS), got {vocab_size}")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise DataError(f"cannot read tokenizer file {path}: {exc}") from None
+
+    @classmethod
+    def from_vocab_merges(cls, vocab: str | Path, merges: str | Path) -> "BPETokenizer":
+        """GPT-2's original ``vocab.json`` + ``merges.txt``."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        try:
+            tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        except Exception as exc:
+            raise DataError(f"cannot read GPT-2 tokenizer files {vocab}, {merges}: {exc}") from None
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        if tok.token_to_id(EOS_TOKEN) is not None:
+            tok.add_special_tokens([EOS_TOKEN])
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos
+
+    @property
+    def hf_tokenizer(self):
+        return self._tok
+
+    def save(self, directory: str | Path) -> list[Path]:
+        path = Path(directory) / BPE_FILE
+        self._tok.save(str(path))
+        return [path]
+
+    def _canonical(self) -> str:
+        data = json.loads(self._tok.to_str())
+        return json.dumps({"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------------
+class CharTokenizer(Tokenizer):
+    """Ids 0-255 are UTF-8 bytes (the fallback), 256 is EOS, then one id per corpus character."""
+
+    kind = "char"
+    _N_BYTES = 256
+
+    def __init__(self, chars: Sequence[str]):
+        self.chars = list(chars)
+        self._index = {c: i + self._N_BYTES + 1 for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str], max_chars: int | None = None) -> "CharTokenizer":
+        """Collect the corpus's characters (the ``max_chars`` most frequent, if given)."""
+        from collections import Counter
+
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(text)
+        chars = [c for c, _ in counts.most_common(max_chars)]
+        return cls(sorted(chars))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "CharTokenizer":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            chars = data["chars"]
+            if data.get("type") != "char" or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+                raise ValueError("not a character vocabulary")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"cannot read character tokenizer {path}: {exc}") from None
+        return cls(chars)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        index = self._index
+        for ch in text:
+            i = index.get(ch)
+            if i is None:
+                ids.extend(ch.encode("utf-8", "surrogatepass"))
+            else:
+                ids.append(i)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out: list[str] = []
+        pending = bytearray()
+        first_char = self._N_BYTES + 1
+        for i in ids:
+            i = int(i)
+            if i < self._N_BYTES:
+                pending.append(i)
+                continue
+            if pending:
+                out.append(pending.decode("utf-8", "replace"))
+                pending.clear()
+            if i == self._N_BYTES:
+                out.append(EOS_TOKEN)
+            elif i - first_char < len(self.chars):
+                out.append(self.chars[i - first_char])
+            else:
+                out.append("\ufffd")
+        if pending:
+            out.append(pending.decode("utf-8", "replace"))
+        return "".join(out)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._N_BYTES + 1 + len(self.chars)
+
+    @property
+    def eos_id(self) -> int:
+        return self._N_BYTES
+
+    def save(self, directory: str | Path) -> list[Path]:
+        path = Path(directory) / CHAR_FILE
+        path.write_text(self._canonical(), encoding="utf-8")
+        return [path]
+
+    def _canonical(self) -> str:
+        return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------------
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer saved in a checkpoint, prepared-data or Hugging Face folder."""
+    d = Path(directory)
+    if (d / CHAR_FILE).is_file():
+        return CharTokenizer.from_file(d / CHAR_FILE)
+    if (d / BPE_FILE).is_file():
+        return BPETokenizer.from_file(d / BPE_FILE)
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        return BPETokenizer.from_vocab_merges(d / "vocab.json", d / "merges.txt")
+    raise DataError(f"no tokenizer in {d} (expected {BPE_FILE}, {CHAR_FILE}, or vocab.json + merges.txt)")
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / CHAR_FILE).is_file() or (d / BPE_FILE).is_file() or (
+        (d / "vocab.json").is_file() and (d / "merges.txt").is_file())
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces, never splitting a multi-byte character.
+
+    Each call to :meth:`push` returns only the newly decided text. Decoding restarts from a short
+    window (not the whole sequence), so a step costs the same at token 10 and token 10,000.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids)
+        # Start the window a few tokens into the prompt so the first piece decodes in context.
+        self._prefix = max(0, len(self.ids) - 4)
+        self._read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        new_text = self.tokenizer.decode(self.ids[self._prefix:])
+        if new_text.endswith("\ufffd") or len(new_text) <= len(prefix_text):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        piece = new_text[len(prefix_text):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an incomplete character comes out as U+FFFD)."""
+        prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        new_text = self.tokenizer.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return new_text[len(prefix_text):]
+
+
+def iter_pieces(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    dec = IncrementalDecoder(tokenizer)
+    for i in ids:
+        piece = dec.push(i)
+        if piece:
+            yield piece
+    tail = dec.flush()
+    if tail:
+        yield tail

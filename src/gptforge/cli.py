@@ -1,0 +1,267 @@
+"""The ``gptforge`` command: maps subcommands to library calls and decides what a person sees.
+
+Library code logs and raises :class:`~gptforge.errors.GptforgeError` for user errors; here those become
+one ``error: ...`` line on stderr and a non-zero exit, never a traceback. Heavy modules (torch) are
+imported lazily so ``gptforge --help`` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .errors import ConfigError, GptforgeError
+
+log = logging.getLogger("gptforge")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# --------------------------------------------------------------------------------------------------
+# Subcommands
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_corpus
+
+    meta = prepare_corpus(args.corpus, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                          val_fraction=args.val_fraction, tokenizer_from=args.tokenizer_from,
+                          progress=not args.quiet)
+    tok = meta["tokenizer"]
+    print(f"prepared {args.out}: {meta['train']['tokens']:,} train tokens, {meta['val']['tokens']:,} val tokens "
+          f"({tok['kind']} tokenizer, vocab {tok['vocab_size']:,}, {meta['dtype']})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import describe_config, load_run_config
+
+    if args.help_config:
+        print(describe_config())
+        return 0
+    config = load_run_config(args.config, args.overrides)
+    from .train import pretrain
+
+    result = pretrain(config, resume=args.resume, progress=not args.quiet)
+    print(f"step {result.steps}: val loss {result.val_loss:.4f} | perplexity {result.val_ppl:.2f} | "
+          f"bits/byte {result.val_bpb:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import GenerateConfig
+
+    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, num_samples=args.num_samples).validate()
+    prompt = _read_prompt(args)
+    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype)
+    from .generate import generate_text, stream_text
+
+    out = sys.stdout
+    if gen.num_samples == 1:
+        out.write(prompt)
+        out.flush()
+        for piece in stream_text(ckpt.model, ckpt.tokenizer, prompt, gen):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    else:
+        for i, text in enumerate(generate_text(ckpt.model, ckpt.tokenizer, prompt, gen), 1):
+            out.write(f"--- sample {i} ---\n{prompt}{text}\n")
+    out.flush()
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import convert
+
+    if args.from_hf:
+        path = convert.convert_from_hf(args.from_hf, args.out)
+        print(f"wrote gptforge checkpoint {path}")
+    else:
+        path = convert.convert_to_hf(args.to_hf, args.out)
+        print(f"wrote Hugging Face GPT-2 folder {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    path = Path(args.prompt_file)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"prompt file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read prompt file {path}: {exc}") from None
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return table[name]
+
+
+def _load_for_inference(source: str, device: str, dtype: str):
+    from .convert import load_pretrained
+
+    dev = resolve_device(device)
+    return load_pretrained(source, device=dev, dtype=resolve_dtype(dtype, dev))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in the same one-line style as everything else."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=False, help="show debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", default=False,
+                        help="no progress bars: only warnings, errors and results")
+    parser = _Parser(prog="gptforge", description="From raw text to a trained, served GPT.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _add = sub.add_parser
+
+    def add_parser(name, **kw):
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # every subcommand takes -v / -q
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
+    p.add_argument("--corpus", default="shakespeare",
+                   help="'shakespeare' (the bundled default), a .txt file, a folder of text files, or a .jsonl file with a 'text' field")
+    p.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe", help="tokenizer to train (default: bpe)")
+    p.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE vocabulary size (default: 4096)")
+    p.add_argument("--val-fraction", type=_float, default=0.1, help="share of the corpus held out for validation")
+    p.add_argument("--tokenizer-from", default=None, metavar="DIR",
+                   help="reuse the tokenizer of a checkpoint, prepared-data or Hugging Face folder instead of training one")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="pretrain a GPT from a YAML config",
+                       description="Pretrain a GPT. Any config key can be overridden as --section.key=value "
+                                   "(e.g. --train.max_steps=200); --help-config lists them all.")
+    p.add_argument("--config", default=None, help="YAML config file, or the name of a packaged preset (demo, gpt2-124m)")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint or Hugging Face model")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, Hugging Face folder or hub id (e.g. gpt2)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from a file")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--temperature", type=_float, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=_float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--num-samples", type=_positive_int, default=1)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert between Hugging Face GPT-2 folders and gptforge checkpoints")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="DIR_OR_ID", help="Hugging Face GPT-2 folder or hub id to import")
+    way.add_argument("--to-hf", metavar="CKPT", help="gptforge checkpoint (or run folder) to export")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def _split_overrides(command: Optional[str], rest: list[str]) -> list[str]:
+    """``--train.max_steps=5`` and ``--train.max_steps 5`` become overrides (train only)."""
+    overrides: list[str] = []
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        key = item[2:].split("=", 1)[0] if item.startswith("--") else ""
+        if command != "train" or "." not in key:
+            raise ConfigError(f"unrecognized argument {item!r}" + (
+                " (config overrides look like --section.key=value and belong to `gptforge train`)" if "." in key else ""))
+        if "=" in item:
+            overrides.append(item)
+        elif i + 1 < len(rest):
+            overrides.append(f"{item}={rest[i + 1]}")
+            i += 1
+        else:
+            raise ConfigError(f"override {item!r} has no value (write {item}=VALUE)")
+        i += 1
+    return overrides
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("gptforge")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        args.overrides = _split_overrides(args.command, rest)
+        return func(args)
+    except GptforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `gptforge generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

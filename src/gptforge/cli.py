@@ -235,9 +235,21 @@ def _split_overrides(command: Optional[str], rest: list[str]) -> list[str]:
     return overrides
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by a test harness)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("gptforge")
     root.handlers[:] = [handler]
@@ -247,7 +259,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already reported by _Parser.error
+        return int(exc.code or 0)
     _setup_logging(args.verbose, args.quiet)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

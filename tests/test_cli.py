@@ -1,0 +1,111 @@
+"""The command line: every user error is one `error: ...` line and a non-zero exit, never a traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge.checkpoint import COMPLETE_MARKER, save_checkpoint
+from gptforge.cli import EXIT_USER_ERROR, main
+from gptforge.config import ModelConfig
+from gptforge.model import GPT
+from gptforge.tokenizer import CharTokenizer
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == EXIT_USER_ERROR
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .\n"))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, model, tok, {"model": vars(model.config)})
+    return path
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--config", "demo", "--train.max_step=3"], "unknown config key train.max_step (did you mean train.max_steps?)"),
+    (["train", "--config", "demo", "--model.preset=huge"], "unknown model preset 'huge'"),
+    (["train", "--config", "demo", "--train.batch_size=many"], "train.batch_size must be an integer, got 'many'"),
+    (["train", "--config", "demo", "--train.batch_size=-2"], "train.batch_size must be at least 1, got -2"),
+    (["train", "--config", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["train", "--config", "demo", "--train.max_steps"], "override '--train.max_steps' has no value"),
+    (["generate", "--checkpoint", "x", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    (["generate", "--checkpoint", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["generate", "--checkpoint", "x", "--max-new-tokens", "0"], "must be at least 1, got 0"),
+    (["generate", "--checkpoint", "x", "--seed", "abc"], "invalid int value: 'abc'"),
+    (["prepare", "--corpus", "x"], "the following arguments are required: --out"),
+    (["generate", "--checkpoint", "x", "--train.max_steps=3"], "belong to `gptforge train`"),
+])
+def test_bad_arguments(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_generate_from_checkpoint_streams_text(capsys, tiny_checkpoint):
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab",
+                       "--max-new-tokens", "10", "--seed", "1", "--device", "cpu")
+    assert code == 0 and out.startswith("ab") and len(out) > 3
+    code2, out2, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab",
+                         "--max-new-tokens", "10", "--seed", "1", "--device", "cpu")
+    assert out2 == out  # same seed, same text
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab",
+                       "--max-new-tokens", "5", "--num-samples", "3", "--temperature", "0")
+    assert code == 0 and out.count("--- sample") == 3
+
+
+def test_generate_context_too_long(capsys, tiny_checkpoint):
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "a" * 30,
+                       "--max-new-tokens", "10")
+    assert_one_line_error(code, err, "is longer than the model's context of 32 tokens")
+
+
+def test_generate_missing_prompt_file(capsys, tiny_checkpoint, tmp_path):
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt-file", str(tmp_path / "no.txt"))
+    assert_one_line_error(code, err, "prompt file")
+
+
+def test_half_written_checkpoint_is_refused(capsys, tiny_checkpoint):
+    (tiny_checkpoint / COMPLETE_MARKER).unlink()
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3")
+    assert_one_line_error(code, err, "is incomplete")
+
+
+def test_corrupt_checkpoint_weights(capsys, tiny_checkpoint):
+    (tiny_checkpoint / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3")
+    assert_one_line_error(code, err, "cannot read weights")
+
+
+def test_checkpoint_config_that_does_not_fit_the_weights(capsys, tiny_checkpoint):
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    cfg["model"]["n_embd"] = 32
+    (tiny_checkpoint / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3")
+    assert_one_line_error(code, err, "do not fit the model config")
+
+
+def test_console_script_exit_code_and_help():
+    exe = Path(sys.executable).parent / "gptforge"
+    done = subprocess.run([str(exe), "train", "--config", "demo", "--train.warmup_steps=-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_USER_ERROR
+    assert done.stderr.strip() == "error: train.warmup_steps must be >= 0, got -1"
+    helped = subprocess.run([str(exe), "train", "--help-config"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "train.learning_rate" in helped.stdout

@@ -48,12 +48,12 @@ class Checkpoint:
 
 # --------------------------------------------------------------------------------------------------
 # Writing
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -69,9 +69,9 @@ def _fsync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,10 +127,10 @@ def save_checkpoint(
         if extra is not None:
             extra(tmp)
         for f in tmp.iterdir():
-            _fsync_file(f)
+            fsync_file(f)
         (tmp / COMPLETE_MARKER).write_text("ok\n")
-        _fsync_file(tmp / COMPLETE_MARKER)
-        _fsync_dir(tmp)
+        fsync_file(tmp / COMPLETE_MARKER)
+        fsync_dir(tmp)
         if path.exists():
             old = path.parent / f".old-{path.name}-{os.getpid()}"
             os.replace(path, old)
@@ -138,7 +138,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,9 +153,9 @@ def update_latest(run_dir: str | Path, checkpoint_name: str) -> None:
         raise CheckpointError(f"refusing to point 'latest' at incomplete checkpoint {ckpt_root / checkpoint_name}")
     tmp = ckpt_root / f".{LATEST_POINTER}.tmp-{os.getpid()}"
     tmp.write_text(checkpoint_name + "\n")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, ckpt_root / LATEST_POINTER)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int, protect: tuple[str, ...] = ()) -> None:

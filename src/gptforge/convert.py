@@ -29,8 +29,8 @@ from .checkpoint import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
     Checkpoint,
-    _fsync_dir,
-    _fsync_file,
+    fsync_dir,
+    fsync_file,
     build_model,
     is_complete,
     load_checkpoint,
@@ -483,8 +483,8 @@ def export_hf(ckpt: Checkpoint | str | Path, out_dir: str | Path) -> Path:
                 tokenizer.kind, out,
             )
         for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+            fsync_file(f)
+        fsync_dir(tmp)
         if out.exists():
             old = out.parent / f".old-{out.name}-{os.getpid()}"
             os.replace(out, old)
@@ -492,7 +492,7 @@ def export_hf(ckpt: Checkpoint | str | Path, out_dir: str | Path) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -128,7 +128,7 @@ class TrainConfig:
     lr_decay_steps: Optional[int] = None
     """Step at which cosine decay reaches min_lr; None means max_steps."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not biases, norms or embeddings' positions)."""
+    """AdamW weight decay, applied to parameters with 2+ dimensions (weights, embeddings), not to biases or LayerNorm."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -193,30 +193,94 @@ class GenerateConfig:
     """Decoding controls shared by the Python API, the CLI and the server."""
 
     max_new_tokens: int = 200
-    """Tokens to generate after the prompt."""
+    """Most tokens to generate after the prompt."""
+    min_new_tokens: int = 0
+    """End-of-text is suppressed until this many tokens have been generated."""
     temperature: float = 0.8
     """Softmax temperature; 0 means greedy decoding."""
     top_k: Optional[int] = None
     """Sample only among the k most likely tokens."""
     top_p: Optional[float] = None
     """Sample from the smallest set of tokens whose probability adds up to top_p (nucleus sampling)."""
+    min_p: Optional[float] = None
+    """Drop tokens less likely than min_p times the most likely token's probability."""
+    repetition_penalty: float = 1.0
+    """Divide positive (multiply negative) logits of tokens already in the prompt or output; 1 disables it."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token generated so far (OpenAI semantics), in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated (OpenAI semantics), in [-2, 2]."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this size from the prompt or output; 0 disables it."""
+    num_beams: int = 1
+    """Beam width; more than 1 runs (deterministic) beam search instead of greedy decoding or sampling."""
+    length_penalty: float = 1.0
+    """Beam search: a finished beam's score is its log-probability divided by length ** length_penalty."""
+    early_stopping: bool = False
+    """Beam search: stop as soon as num_beams hypotheses are finished (else when none can improve)."""
+    num_return_sequences: int = 1
+    """Sequences returned per prompt (independent samples, or the best beams)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation when produced; the stop string itself is not returned."""
+    ignore_eos: bool = False
+    """Keep generating after the end-of-text token (it is then returned like any other token)."""
     seed: Optional[int] = None
-    """Seed that makes sampling reproducible."""
-    num_samples: int = 1
-    """Independent sequences to generate for the prompt."""
+    """Seed that makes sampling reproducible (row r of a batch uses seed + r)."""
+    logprobs: int = 0
+    """Return the log-probability of each chosen token and this many top alternatives; 0 returns none."""
+    compile: bool = False
+    """Compile the one-token decode step with torch.compile (used on CUDA only)."""
 
     def validate(self) -> "GenerateConfig":
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(
+                f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
+            )
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not (0 < self.top_p <= 1):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_samples < 1:
-            raise ConfigError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.min_p is not None and not (0 <= self.min_p <= 1):
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ConfigError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise ConfigError(f"{name} must be in [-2, 2], got {value}")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"no_repeat_ngram_size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}")
+        if self.num_beams < 1:
+            raise ConfigError(f"num_beams must be at least 1, got {self.num_beams}")
+        if not math.isfinite(self.length_penalty):
+            raise ConfigError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.num_return_sequences < 1:
+            raise ConfigError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ConfigError(f"stop must be a list of strings, got {self.stop!r}")
+        if any(s == "" for s in self.stop):
+            raise ConfigError("stop strings must not be empty")
+        if self.logprobs < 0:
+            raise ConfigError(f"logprobs must be >= 0 (0 returns none), got {self.logprobs}")
+        if self.num_beams > 1:
+            self._validate_beam_search()
         return self
+
+    def _validate_beam_search(self) -> None:
+        if self.temperature > 0:
+            raise ConfigError(
+                f"beam search is deterministic and does not sample; set temperature to 0 (got {self.temperature})"
+            )
+        if self.num_return_sequences > self.num_beams:
+            raise ConfigError(
+                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})"
+            )
+        if self.stop:
+            raise ConfigError("stop strings are not supported with beam search; use num_beams=1")
 
 
 @dataclass

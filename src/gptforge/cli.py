@@ -55,22 +55,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .config import GenerateConfig
 
     gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, num_samples=args.num_samples).validate()
+                         top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_samples).validate()
     prompt = _read_prompt(args)
     ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype)
-    from .generate import generate_text, stream_text
+    from .generate import generate, stream
 
     out = sys.stdout
-    if gen.num_samples == 1:
+    if gen.num_return_sequences == 1 and gen.num_beams == 1:
         out.write(prompt)
         out.flush()
-        for piece in stream_text(ckpt.model, ckpt.tokenizer, prompt, gen):
+        for piece in stream(ckpt.model, ckpt.tokenizer, prompt, gen):
             out.write(piece)
             out.flush()
         out.write("\n")
     else:
-        for i, text in enumerate(generate_text(ckpt.model, ckpt.tokenizer, prompt, gen), 1):
-            out.write(f"--- sample {i} ---\n{prompt}{text}\n")
+        for i, completion in enumerate(generate(ckpt.model, ckpt.tokenizer, prompt, gen)[0], 1):
+            out.write(f"--- sample {i} ---\n{prompt}{completion.text}\n")
     out.flush()
     return 0
 
@@ -100,34 +100,12 @@ def _read_prompt(args: argparse.Namespace) -> str:
         raise ConfigError(f"cannot read prompt file {path}: {exc}") from None
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return name
-
-
-def resolve_dtype(name: str, device: str):
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return table[name]
-
-
 def _load_for_inference(source: str, device: str, dtype: str):
     from .convert import load_pretrained
+    from .runtime import inference_dtype, resolve_device
 
     dev = resolve_device(device)
-    return load_pretrained(source, device=dev, dtype=resolve_dtype(dtype, dev))
+    return load_pretrained(source, device=dev, dtype=inference_dtype(dtype, dev))
 
 
 def _positive_int(text: str) -> int:

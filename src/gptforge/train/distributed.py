@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from ..runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,6 @@ class DistContext:
     def is_main(self) -> bool:
         """Only the main process writes files and shows progress."""
         return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → this process's CUDA device when there is one, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    return torch.device(name)
 
 
 def init_distributed(device_name: str) -> tuple[DistContext, torch.device]:

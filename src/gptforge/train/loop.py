@@ -31,6 +31,7 @@ from ..data.tokens import TokenData
 from ..errors import CheckpointError, ConfigError
 from ..evaluate.lm import evaluate_lm, lm_loss
 from ..model import GPT
+from ..runtime import autocast_dtype
 from ..tokenizer import load_tokenizer
 from .batches import BatchSampler
 from .distributed import (DistContext, all_reduce_mean, barrier, broadcast_object, cleanup_distributed,
@@ -93,7 +94,7 @@ class _Run:
 
         resume_from = self._prepare_out_dir(resume)
 
-        self.autocast_dtype, scaled = resolve_dtype(tc.dtype, device)
+        self.autocast_dtype, scaled = autocast_dtype(tc.dtype, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=scaled)
 
         # Identical initial weights on every process (DDP would broadcast rank 0's anyway).
@@ -352,19 +353,6 @@ def _resolve_model_config(model: ModelConfig, data_vocab: int, data_dir: str) ->
             f"({data_vocab}); leave model.vocab_size unset to take it from the data"
         )
     return dataclasses.replace(model)
-
-
-def resolve_dtype(name: str, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
-    """train.dtype → (autocast dtype, or None for plain float32; whether a GradScaler is needed)."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None, False
-        name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if name == "float32":
-        return None, False
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    # float16's narrow exponent underflows small gradients without loss scaling; bfloat16's does not.
-    return dtype, dtype == torch.float16
 
 
 def _seed_everything(seed: int) -> None:

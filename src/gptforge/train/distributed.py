@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
 from ..runtime import resolve_device
 
 log = logging.getLogger(__name__)

@@ -83,7 +83,7 @@ def test_unknown_preset_file_and_bad_yaml(tmp_path):
     (dict(top_p=1.5), "top_p must be in (0, 1]"),
     (dict(top_k=0), "top_k must be at least 1"),
     (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
-    (dict(num_samples=0), "num_samples must be at least 1"),
+    (dict(num_return_sequences=0), "num_return_sequences must be at least 1"),
 ])
 def test_generate_config_ranges(kwargs, message):
     with pytest.raises(ConfigError) as err:

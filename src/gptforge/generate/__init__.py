@@ -1,7 +1,30 @@
-"""Text generation: pure sampling functions and a KV-cache decoding engine."""
+"""Text generation: pure logits processors and sampling functions, and a KV-cache decoding engine.
 
-from .engine import encode_prompt, generate_text, generate_tokens, iter_tokens, stream_text
-from .sampling import filter_logits, sample_next, top_k_filter, top_p_filter
+    generate(model, tokenizer, prompts, config)        -> list[list[Completion]]  (per prompt, per sequence)
+    generate_ids(model, prompts_ids, config, eos_id)   -> the same from token ids
+    stream(model, tokenizer, prompt, config)           -> Stream: text pieces as they are decided
+"""
 
-__all__ = ["encode_prompt", "generate_text", "generate_tokens", "iter_tokens", "stream_text",
-           "filter_logits", "sample_next", "top_k_filter", "top_p_filter"]
+from .batch import Completion
+from .beam import beam_search
+from .engine import Stream, encode_prompt, generate, generate_ids, generate_tokens, stream
+from .processors import (
+    TokenHistory,
+    apply_presence_frequency_penalty,
+    apply_repetition_penalty,
+    apply_temperature,
+    ban_tokens,
+    min_p_filter,
+    process_logits,
+    top_k_filter,
+    top_p_filter,
+    warp_logits,
+)
+from .sampling import choose_tokens, filter_logits, logits_to_probs, sample, sample_next, token_logprobs
+
+__all__ = [
+    "Completion", "Stream", "beam_search", "encode_prompt", "generate", "generate_ids", "generate_tokens", "stream",
+    "TokenHistory", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
+    "ban_tokens", "min_p_filter", "process_logits", "top_k_filter", "top_p_filter", "warp_logits",
+    "choose_tokens", "filter_logits", "logits_to_probs", "sample", "sample_next", "token_logprobs",
+]

@@ -1,28 +1,32 @@
-"""Autoregressive decoding with a preallocated KV cache: prefill the prompt once, then one token a step."""
+"""Autoregressive decoding with a preallocated KV cache: prefill the prompts once, then one token a step.
+
+Many prompts decode together, left-padded (see :class:`~gptforge.generate.batch.PromptBatch`); each row gives
+the tokens it would give alone, because sampling draws every row from its own generator. A finished row is
+no longer read; the loop ends when every row is finished. Per step the Python work is proportional to the
+batch, never to the length generated so far.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from ..config import GenerateConfig
 from ..errors import ConfigError
 from ..model import GPT
-from ..tokenizer import IncrementalDecoder, Tokenizer
-from .sampling import sample_next
+from ..tokenizer import Tokenizer
+from .batch import Completion, PromptBatch, check_context
+from .beam import beam_search
+from .processors import TokenHistory, process_logits
+from .sampling import choose_tokens, make_generators, token_logprobs
+from .stopping import TextTracker
 
 log = logging.getLogger(__name__)
 
-
-def check_context(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
-    block = model.config.block_size
-    if prompt_len + max_new_tokens > block:
-        raise ConfigError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) is longer than the model's "
-            f"context of {block} tokens; shorten the prompt or lower max_new_tokens"
-        )
+__all__ = ["Completion", "Stream", "check_context", "encode_prompt", "generate", "generate_ids",
+           "generate_tokens", "stream"]
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -35,86 +39,144 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def _make_generator(device: torch.device, seed: Optional[int]) -> Optional[torch.Generator]:
-    if seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
+# --------------------------------------------------------------------------------------------------
+# Public API
+def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str] | str,
+             config: GenerateConfig) -> list[list[Completion]]:
+    """Continue each prompt; for each, ``config.num_return_sequences`` completions (text and tokens)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    return generate_ids(model, ids, config, tokenizer.eos_id, tokenizer=tokenizer)
 
 
-@torch.inference_mode()
-def iter_tokens(model: GPT, prompt_ids: Sequence[int], config: GenerateConfig,
-                eos_id: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sample, (num_samples,), one step at a time.
-
-    A sample that has produced ``eos_id`` keeps yielding ``eos_id``; iteration ends when all have, or
-    after ``max_new_tokens`` steps.
-    """
+def generate_ids(model: GPT, prompts_ids: Sequence[Sequence[int]], config: GenerateConfig,
+                 eos_id: Optional[int] = None, *, tokenizer: Optional[Tokenizer] = None) -> list[list[Completion]]:
+    """Token-level :func:`generate`: completions per prompt; text only when a ``tokenizer`` is given."""
     config.validate()
-    if len(prompt_ids) == 0:
-        raise ConfigError("the prompt has no tokens")
-    check_context(model, len(prompt_ids), config.max_new_tokens)
-    device = model.wte.weight.device
-    B = config.num_samples
-    idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device).expand(B, -1)
-    cache = model.new_kv_cache(B, len(prompt_ids) + config.max_new_tokens)
-    generator = _make_generator(device, config.seed)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(idx, kv_cache=cache, last_only=True)[:, -1]  # prefill, (B, V)
-    for step in range(config.max_new_tokens):
-        token = sample_next(logits, temperature=config.temperature, top_k=config.top_k,
-                            top_p=config.top_p, generator=generator)
-        if eos_id is not None:
-            token = token.masked_fill(done, eos_id)
-            done |= token == eos_id
-        yield token
-        if step + 1 == config.max_new_tokens or (eos_id is not None and bool(done.all())):
-            return
-        logits = model(token.unsqueeze(1), kv_cache=cache)[:, -1]
+    if config.stop and tokenizer is None:
+        raise ConfigError("stop strings need a tokenizer to decode the output; pass tokenizer=")
+    if config.num_beams > 1:
+        return beam_search(model, prompts_ids, config, eos_id, tokenizer=tokenizer)
+    n = config.num_return_sequences
+    rows = [_Row(ids, config, eos_id, tokenizer) for ids in prompts_ids for _ in range(n)]
+    for _ in _decode(model, rows, config, eos_id):
+        pass
+    results = [row.result() for row in rows]
+    return [results[i:i + n] for i in range(0, len(results), n)]
 
 
 def generate_tokens(model: GPT, prompt_ids: Sequence[int], config: GenerateConfig,
                     eos_id: Optional[int] = None) -> list[list[int]]:
-    """New token ids for each of ``config.num_samples`` samples (EOS, if produced, ends a sample and is dropped)."""
-    rows: list[list[int]] = [[] for _ in range(config.num_samples)]
-    finished = [False] * config.num_samples
-    for token in iter_tokens(model, prompt_ids, config, eos_id):
-        for i, t in enumerate(token.tolist()):
-            if finished[i]:
-                continue
-            if eos_id is not None and t == eos_id:
-                finished[i] = True
-            else:
-                rows[i].append(t)
-    return rows
+    """New token ids for each returned sequence of one prompt (an ending EOS is dropped)."""
+    return [c.token_ids for c in generate_ids(model, [prompt_ids], config, eos_id)[0]]
 
 
-def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, config: GenerateConfig) -> list[str]:
-    """The generated continuation (without the prompt) for each sample."""
-    ids = encode_prompt(tokenizer, prompt)
-    return [tokenizer.decode(row) for row in generate_tokens(model, ids, config, tokenizer.eos_id)]
+class Stream:
+    """Text pieces of one completion as they are decided; afterwards :attr:`completion` holds the result.
 
-
-def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, config: GenerateConfig,
-                on_token: Optional[Callable[[int], None]] = None) -> Iterator[str]:
-    """Yield the continuation of one sample as text pieces, as soon as each piece is decided.
-
-    Pieces never split a multi-byte character; concatenated they equal ``generate_text``'s result.
+    Pieces never split a multi-byte character and never show text that becomes part of a stop string;
+    concatenated, they equal ``completion.text``.
     """
-    if config.num_samples != 1:
-        raise ConfigError("streaming produces one sample; set num_samples to 1")
-    ids = encode_prompt(tokenizer, prompt)
-    decoder = IncrementalDecoder(tokenizer, ids)
-    for token in iter_tokens(model, ids, config, tokenizer.eos_id):
-        t = int(token[0])
-        if t == tokenizer.eos_id:
-            break
-        if on_token is not None:
-            on_token(t)
-        piece = decoder.push(t)
-        if piece:
-            yield piece
-    tail = decoder.flush()
-    if tail:
-        yield tail
+
+    def __init__(self, row: "_Row", steps: Iterator[list[str]]):
+        self._row = row
+        self._steps = steps
+        self.completion: Optional[Completion] = None
+
+    def __iter__(self) -> Iterator[str]:
+        for pieces in self._steps:
+            if pieces[0]:
+                yield pieces[0]
+        self.completion = self._row.result()
+
+
+def stream(model: GPT, tokenizer: Tokenizer, prompt: str, config: GenerateConfig) -> Stream:
+    """Generate one completion of ``prompt``, yielding its text piece by piece (see :class:`Stream`)."""
+    config.validate()
+    if config.num_beams > 1:
+        raise ConfigError("streaming is not supported with beam search; use num_beams=1")
+    if config.num_return_sequences != 1:
+        raise ConfigError("streaming produces one sequence; set num_return_sequences to 1")
+    row = _Row(encode_prompt(tokenizer, prompt), config, tokenizer.eos_id, tokenizer)
+    return Stream(row, _decode(model, [row], config, tokenizer.eos_id))
+
+
+# --------------------------------------------------------------------------------------------------
+class _Row:
+    """The output of one row: tokens, log-probabilities, text, and why it ended."""
+
+    def __init__(self, prompt_ids: Sequence[int], config: GenerateConfig, eos_id: Optional[int],
+                 tokenizer: Optional[Tokenizer]):
+        self.prompt_ids = list(prompt_ids)
+        self.eos_id = None if config.ignore_eos else eos_id
+        self.token_ids: list[int] = []
+        self.logprobs: Optional[list[float]] = [] if config.logprobs else None
+        self.top_logprobs: Optional[list[list[tuple[int, float]]]] = [] if config.logprobs else None
+        self.text = TextTracker(tokenizer, self.prompt_ids, config.stop) if tokenizer is not None else None
+        self.finish_reason: Optional[str] = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, logprob: Optional[float] = None,
+            top: Optional[list[tuple[int, float]]] = None) -> str:
+        """Append a token; return the text it decides (possibly empty)."""
+        if token == self.eos_id:
+            return self.finish("eos")
+        self.token_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+            self.top_logprobs.append(top)
+        if self.text is None:
+            return ""
+        piece = self.text.push(token)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        return piece
+
+    def finish(self, reason: str) -> str:
+        self.finish_reason = reason
+        return self.text.finish() if self.text is not None else ""
+
+    def result(self) -> Completion:
+        return Completion(token_ids=self.token_ids, text=self.text.text if self.text is not None else "",
+                          finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt_ids),
+                          logprobs=self.logprobs, top_logprobs=self.top_logprobs)
+
+
+@torch.inference_mode()
+def _decode(model: GPT, rows: list[_Row], config: GenerateConfig, eos_id: Optional[int]) -> Iterator[list[str]]:
+    """Greedy or sampled decoding of ``rows``; after each step, yield the text each row gained."""
+    batch = PromptBatch(model, [row.prompt_ids for row in rows], config)
+    device = batch.idx.device
+    history = TokenHistory([row.prompt_ids for row in rows], model.config.vocab_size, config, device)
+    generators = make_generators(config.seed, len(rows), device)
+    suppressible_eos = None if config.ignore_eos else eos_id
+    logits = batch.prefill()  # (B, V)
+    for step in range(config.max_new_tokens):
+        scores = process_logits(logits.float(), history, config, step=step, eos_id=suppressible_eos)
+        tokens = choose_tokens(scores, config, generators)  # (B,)
+        token_list = tokens.tolist()
+        pieces = _record(rows, token_list, tokens, logits, config.logprobs)
+        if step + 1 == config.max_new_tokens:
+            pieces = [p + row.finish("length") if not row.done else p for p, row in zip(pieces, rows)]
+        yield pieces
+        if all(row.done for row in rows):
+            return
+        history.append(tokens, token_list)
+        logits = batch.decode(tokens)
+
+
+def _record(rows: list[_Row], token_list: list[int], tokens: torch.Tensor, logits: torch.Tensor,
+            top_n: int) -> list[str]:
+    """Hand each unfinished row its token (and log-probabilities); the text each row gained."""
+    chosen: list = [None] * len(rows)
+    tops: list = [None] * len(rows)
+    if top_n:
+        logp, top_ids, top_logp = token_logprobs(logits, tokens, top_n)
+        chosen = logp.tolist()
+        tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_logp.tolist())]
+    return [row.add(t, lp, top) if not row.done else ""
+            for row, t, lp, top in zip(rows, token_list, chosen, tops)]

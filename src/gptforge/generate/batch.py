@@ -1,0 +1,103 @@
+"""What every decoding strategy shares: the result type and a left-padded batch with its KV cache."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import GenerateConfig
+from ..errors import ConfigError
+from ..model import GPT
+
+log = logging.getLogger(__name__)
+
+FinishReason = str  # "stop" | "length" | "eos"
+
+
+@dataclass
+class Completion:
+    """One generated sequence for one prompt."""
+
+    token_ids: list[int]
+    """The new tokens (an end-of-text token that ended the sequence is not included)."""
+    text: str
+    """The decoded continuation, cut before a stop string; empty when no tokenizer was given."""
+    finish_reason: FinishReason
+    """"eos" (end-of-text token), "stop" (a stop string) or "length" (max_new_tokens reached)."""
+    prompt_tokens: int
+    """Number of tokens in the prompt."""
+    logprobs: Optional[list[float]] = None
+    """The model's log-probability of each token in token_ids (when config.logprobs > 0)."""
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
+    """For each token, the config.logprobs most likely (token_id, log-probability) pairs."""
+    score: Optional[float] = None
+    """Beam search only: the length-penalized sum of log-probabilities the beam was ranked by."""
+
+
+def check_context(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
+    block = model.config.block_size
+    if prompt_len + max_new_tokens > block:
+        raise ConfigError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) is longer than the model's "
+            f"context of {block} tokens; shorten the prompt or lower max_new_tokens"
+        )
+
+
+class PromptBatch:
+    """Rows of different lengths, left-padded into one tensor, with a KV cache sized for the whole generation.
+
+    ``attention_mask`` (B, prompt + max_new) marks real tokens; it is None when no row is padded, so the model
+    keeps its fused causal kernel. Position ids count real tokens only, so a padded row sees the positions it
+    would see alone.
+    """
+
+    def __init__(self, model: GPT, rows_ids: Sequence[Sequence[int]], config: GenerateConfig):
+        if not rows_ids or any(len(ids) == 0 for ids in rows_ids):
+            raise ConfigError("every prompt needs at least one token")
+        lengths = [len(ids) for ids in rows_ids]
+        width = max(lengths)
+        check_context(model, width, config.max_new_tokens)
+        device = model.wte.weight.device
+        self.model = model
+        self.forward = _decode_forward(model, config.compile)
+        self.cache = model.new_kv_cache(len(rows_ids), width + config.max_new_tokens)
+        self.idx = torch.tensor([[0] * (width - n) + list(ids) for ids, n in zip(rows_ids, lengths)],
+                                dtype=torch.long, device=device)  # (B, width)
+        self.attention_mask: Optional[torch.Tensor] = None
+        if min(lengths) != width:
+            mask = torch.ones(len(rows_ids), width + config.max_new_tokens, dtype=torch.long, device=device)
+            for row, n in enumerate(lengths):
+                mask[row, :width - n] = 0
+            self.attention_mask = mask
+        self.positions = torch.tensor(lengths, device=device).unsqueeze(1)  # (B, 1): the next token's position
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompts through the model; the logits for each row's first new token, (B, V)."""
+        mask = None if self.attention_mask is None else self.attention_mask[:, :self.idx.shape[1]]
+        return self.model(self.idx, kv_cache=self.cache, attention_mask=mask, last_only=True)[:, -1]
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, (B,); the logits for the next, (B, V)."""
+        length = self.cache.length + 1
+        mask = None if self.attention_mask is None else self.attention_mask[:, :length]
+        logits = self.forward(tokens.unsqueeze(1), kv_cache=self.cache, attention_mask=mask,
+                              position_ids=self.positions)
+        self.positions = self.positions + 1
+        return logits[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i continues old row index[i] (beam search keeps rows within their prompt, so masks agree)."""
+        self.cache.reorder(index)
+
+
+def _decode_forward(model: GPT, compile: bool):
+    if not compile:
+        return model
+    if model.wte.weight.device.type != "cuda":
+        log.warning("compile is only used on CUDA; decoding on %s without torch.compile", model.wte.weight.device)
+        return model
+    # The cache length and the mask width change every step; dynamic shapes avoid a recompile per step.
+    return torch.compile(model, dynamic=True)

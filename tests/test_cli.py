@@ -109,3 +109,55 @@ def test_console_script_exit_code_and_help():
     assert done.stderr.strip() == "error: train.warmup_steps must be >= 0, got -1"
     helped = subprocess.run([str(exe), "train", "--help-config"], capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "train.learning_rate" in helped.stdout
+
+
+def test_prompt_file_is_one_batch_and_json_has_every_field(capsys, tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ab\n\ncde fg\nline\\nbreak\n")
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt-file", str(prompts),
+                       "--max-new-tokens", "6", "--json", "--logprobs", "2", "--seed", "3")
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in records] == ["ab", "cde fg", "line\nbreak"]
+    first = records[0]["completions"][0]
+    assert len(first["token_ids"]) == len(first["logprobs"]) == len(first["top_logprobs"]) == 6
+    assert all(len(alts) == 2 for alts in first["top_logprobs"])
+    assert first["finish_reason"] == "length" and first["prompt_tokens"] == 2
+    # the same prompt alone, with the seed its row had in the batch, gives the same tokens
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "cde fg",
+                       "--max-new-tokens", "6", "--json", "--seed", "4")
+    assert json.loads(out)["completions"][0]["token_ids"] == records[1]["completions"][0]["token_ids"]
+
+
+def test_stop_flags_understand_escapes_and_repeat():
+    from gptforge.cli import build_parser, generate_config_from_args
+
+    args, _ = build_parser().parse_known_args(
+        ["generate", "--checkpoint", "x", "--stop", "\\n\\n", "--stop", "END", "--num-beams", "2"])
+    config = generate_config_from_args(args)
+    assert config.stop == ["\n\n", "END"]
+    assert config.temperature == 0.0  # beams default to greedy scoring
+
+
+def test_beam_search_flags(capsys, tiny_checkpoint):
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab",
+                       "--max-new-tokens", "5", "--num-beams", "3", "--num-return-sequences", "2")
+    assert code == 0 and out.count("--- sample") == 2
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab",
+                       "--num-beams", "2", "--temperature", "0.5")
+    assert_one_line_error(code, err, "beam search is deterministic and does not sample")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--prompt-file", "EMPTY"], "has no prompts"),
+    (["--draft-checkpoint", "CKPT", "--num-beams", "2"], "speculative decoding (--draft-checkpoint) supports"),
+    (["--quantize", "int4"], "invalid choice: 'int4'"),
+    (["--min-p", "2"], "min_p must be in [0, 1]"),
+    (["--stop", ""], "stop"),
+])
+def test_bad_generate_flags(capsys, tiny_checkpoint, tmp_path, argv, fragment):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    argv = [str(empty) if a == "EMPTY" else str(tiny_checkpoint) if a == "CKPT" else a for a in argv]
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3", *argv)
+    assert_one_line_error(code, err, fragment)

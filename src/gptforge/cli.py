@@ -8,6 +8,7 @@ imported lazily so ``gptforge --help`` and config errors answer at once.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -51,27 +52,104 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def generate_config_from_args(args: argparse.Namespace):
+    """Every decoding flag → a validated GenerateConfig (beam search defaults to temperature 0)."""
     from .config import GenerateConfig
 
-    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_samples).validate()
-    prompt = _read_prompt(args)
+    temperature = args.temperature
+    if temperature is None:
+        temperature = 0.0 if args.num_beams > 1 else 0.8
+    return GenerateConfig(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+        num_return_sequences=args.num_return_sequences, stop=[_unescape(t) for t in args.stop or []],
+        ignore_eos=args.ignore_eos,
+        seed=args.seed, logprobs=args.logprobs, compile=args.compile,
+    ).validate()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    gen = generate_config_from_args(args)
+    prompts = _read_prompts(args)
+    if args.draft_checkpoint is not None:
+        _check_speculative_args(gen, prompts, args)
     ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype)
+    if args.quantize == "int8":
+        from .quant import quantize_int8
+
+        quantize_int8(ckpt.model)
+    if args.draft_checkpoint is not None:
+        return _generate_speculative(args, gen, prompts[0], ckpt)
+
     from .generate import generate, stream
 
     out = sys.stdout
-    if gen.num_return_sequences == 1 and gen.num_beams == 1:
-        out.write(prompt)
+    if args.json:
+        results = generate(ckpt.model, ckpt.tokenizer, prompts, gen)
+        for prompt, completions in zip(prompts, results):
+            record = {"prompt": prompt, "completions": [c.to_dict() for c in completions]}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    elif len(prompts) == 1 and gen.num_return_sequences == 1 and gen.num_beams == 1:
+        out.write(prompts[0])
         out.flush()
-        for piece in stream(ckpt.model, ckpt.tokenizer, prompt, gen):
+        for piece in stream(ckpt.model, ckpt.tokenizer, prompts[0], gen):
             out.write(piece)
             out.flush()
         out.write("\n")
     else:
-        for i, completion in enumerate(generate(ckpt.model, ckpt.tokenizer, prompt, gen)[0], 1):
-            out.write(f"--- sample {i} ---\n{prompt}{completion.text}\n")
+        results = generate(ckpt.model, ckpt.tokenizer, prompts, gen)
+        for p, (prompt, completions) in enumerate(zip(prompts, results), 1):
+            for i, completion in enumerate(completions, 1):
+                header = f"prompt {p}, " if len(prompts) > 1 else ""
+                out.write(f"--- {header}sample {i} ---\n{prompt}{completion.text}\n")
     out.flush()
+    return 0
+
+
+def _check_speculative_args(gen, prompts: list[str], args: argparse.Namespace) -> None:
+    from .config import GenerateConfig
+
+    plain = GenerateConfig()
+    unsupported = [name for name in ("min_new_tokens", "min_p", "repetition_penalty", "presence_penalty",
+                                     "frequency_penalty", "no_repeat_ngram_size", "num_beams", "stop", "logprobs")
+                   if getattr(gen, name) != getattr(plain, name)]
+    if len(prompts) != 1 or gen.num_return_sequences != 1:
+        unsupported.append("several prompts or sequences")
+    if args.json:
+        unsupported.append("--json")
+    if unsupported:
+        raise ConfigError("speculative decoding (--draft-checkpoint) supports temperature, top-k, top-p, seed and "
+                          f"max-new-tokens only; drop: {', '.join(unsupported)}")
+
+
+def _generate_speculative(args: argparse.Namespace, gen, prompt: str, ckpt) -> int:
+    import torch
+
+    from .generate import encode_prompt
+    from .generate.speculative import speculative_generate
+
+    draft = _load_for_inference(args.draft_checkpoint, args.device, args.dtype)
+    if draft.tokenizer.fingerprint != ckpt.tokenizer.fingerprint:
+        raise ConfigError(f"the draft model's tokenizer ({draft.tokenizer.fingerprint}) differs from the "
+                          f"target's ({ckpt.tokenizer.fingerprint}); speculative decoding needs the same tokenizer")
+    if args.quantize == "int8":
+        from .quant import quantize_int8
+
+        quantize_int8(draft.model)
+    generator = None
+    if gen.seed is not None:
+        generator = torch.Generator(device=ckpt.model.wte.weight.device).manual_seed(gen.seed)
+    eos = None if gen.ignore_eos else ckpt.tokenizer.eos_id
+    tokens, stats = speculative_generate(
+        ckpt.model, draft.model, encode_prompt(ckpt.tokenizer, prompt), max_new_tokens=gen.max_new_tokens,
+        num_draft_tokens=args.num_draft_tokens, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+        generator=generator, eos_id=eos)
+    sys.stdout.write(prompt + ckpt.tokenizer.decode(tokens) + "\n")
+    log.info("speculative decoding: %d of %d drafted tokens accepted (%.0f%%)", stats["accepted"],
+             stats["drafted"], 100 * stats["acceptance_rate"])
     return 0
 
 
@@ -88,16 +166,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-def _read_prompt(args: argparse.Namespace) -> str:
+def _unescape(text: str) -> str:
+    r"""``\n`` and ``\t`` typed on a command line or in a prompt file mean a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """One prompt from --prompt, or one per non-empty line of --prompt-file (generated as a batch)."""
     if args.prompt_file is None:
-        return args.prompt
+        return [args.prompt]
     path = Path(args.prompt_file)
     try:
-        return path.read_text(encoding="utf-8")
+        lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise ConfigError(f"prompt file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read prompt file {path}: {exc}") from None
+    prompts = [_unescape(line) for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt file {path} has no prompts (one per line)")
+    return prompts
 
 
 def _load_for_inference(source: str, device: str, dtype: str):
@@ -115,6 +203,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -168,17 +266,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint or Hugging Face model")
+    p = sub.add_parser("generate", help="generate text from a checkpoint or Hugging Face model",
+                       description="Generate text. Temperature 0 is greedy; --num-beams > 1 is beam search.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, Hugging Face folder or hub id (e.g. gpt2)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
-    src.add_argument("--prompt-file", default=None, help="read the prompt from a file")
+    src.add_argument("--prompt-file", default=None,
+                     help="one prompt per line, generated as a batch (write \\n for a newline inside a prompt)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    p.add_argument("--temperature", type=_float, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=_float, default=None)
+    p.add_argument("--min-new-tokens", type=_non_negative_int, default=0, help="end-of-text is suppressed before this many")
+    p.add_argument("--temperature", type=_float, default=None, help="0 is greedy (default: 0.8, or 0 with beams)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=_float, default=None, help="nucleus sampling: smallest set with this much probability")
+    p.add_argument("--min-p", type=_float, default=None, help="drop tokens less likely than min_p x the top token's probability")
+    p.add_argument("--repetition-penalty", type=_float, default=1.0, help="> 1 discourages tokens already seen (CTRL/HF)")
+    p.add_argument("--presence-penalty", type=_float, default=0.0, help="OpenAI presence penalty, -2..2")
+    p.add_argument("--frequency-penalty", type=_float, default=0.0, help="OpenAI frequency penalty, -2..2")
+    p.add_argument("--no-repeat-ngram-size", type=_non_negative_int, default=0, help="never repeat an n-gram of this size")
+    p.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with this many beams")
+    p.add_argument("--length-penalty", type=_float, default=1.0, help="beam score = log-prob / length**length_penalty")
+    p.add_argument("--early-stopping", action="store_true", help="stop beam search once num_beams hypotheses are done")
+    p.add_argument("--num-return-sequences", "--num-samples", dest="num_return_sequences", type=_positive_int, default=1,
+                   help="sequences per prompt")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (not included in the output; \\n and \\t understood); repeatable")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--num-samples", type=_positive_int, default=1)
+    p.add_argument("--logprobs", type=_non_negative_int, default=0,
+                   help="with --json: log-probability of each token and its N most likely alternatives")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line per prompt: tokens, text, log-probs, finish reason")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization of the linear layers")
+    p.add_argument("--draft-checkpoint", default=None, help="speculative decoding with this smaller model (same tokenizer)")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=4, help="tokens the draft proposes per step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_generate)

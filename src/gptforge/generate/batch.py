@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -35,6 +37,10 @@ class Completion:
     """For each token, the config.logprobs most likely (token_id, log-probability) pairs."""
     score: Optional[float] = None
     """Beam search only: the length-penalized sum of log-probabilities the beam was ranked by."""
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready fields (what `gptforge generate --json` prints)."""
+        return dataclasses.asdict(self)
 
 
 def check_context(model: GPT, prompt_len: int, max_new_tokens: int) -> None:

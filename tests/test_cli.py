@@ -133,10 +133,10 @@ def test_stop_flags_understand_escapes_and_repeat():
     from gptforge.cli import build_parser, generate_config_from_args
 
     args, _ = build_parser().parse_known_args(
-        ["generate", "--checkpoint", "x", "--stop", "\\n\\n", "--stop", "END", "--num-beams", "2"])
-    config = generate_config_from_args(args)
-    assert config.stop == ["\n\n", "END"]
-    assert config.temperature == 0.0  # beams default to greedy scoring
+        ["generate", "--checkpoint", "x", "--stop", "\\n\\n", "--stop", "END"])
+    assert generate_config_from_args(args).stop == ["\n\n", "END"]
+    args, _ = build_parser().parse_known_args(["generate", "--checkpoint", "x", "--num-beams", "2"])
+    assert generate_config_from_args(args).temperature == 0.0  # beams default to greedy scoring
 
 
 def test_beam_search_flags(capsys, tiny_checkpoint):

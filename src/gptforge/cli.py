@@ -334,16 +334,17 @@ def _split_overrides(command: Optional[str], rest: list[str]) -> list[str]:
     return overrides
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by a test harness)."""
+class _StderrHandler(logging.Handler):
+    """Writes each record to whatever sys.stderr is at the time (a test harness may swap it), through
+    ``tqdm.write`` so that a message never lands in the middle of a progress bar."""
 
-    @property
-    def stream(self):
-        return sys.stderr
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
 
-    @stream.setter
-    def stream(self, _value):
-        pass
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:

@@ -18,7 +18,7 @@ import torch
 from gptforge.config import MODEL_PRESETS, ModelConfig, TrainConfig
 from gptforge.evaluate.lm import lm_loss
 from gptforge.model import GPT
-from gptforge.runtime import autocast_dtype, resolve_device
+from gptforge.runtime import autocast_dtype as resolve_autocast, resolve_device
 from gptforge.train.optim import build_optimizer
 
 DEFAULT_VOCAB = 4096  # for presets without their own vocabulary (tiny, small)
@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    autocast_dtype, scaled = autocast_dtype(args.dtype, device)
+    autocast_dtype, scaled = resolve_autocast(args.dtype, device)
     overrides = {"dropout": 0.0}
     if MODEL_PRESETS[args.preset].get("vocab_size") is None:
         overrides["vocab_size"] = DEFAULT_VOCAB

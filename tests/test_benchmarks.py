@@ -1,0 +1,20 @@
+"""The benchmark scripts run (smallest settings; figures are printed, never asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.integration
+
+
+def test_train_throughput_prints_its_figures():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--preset", "tiny",
+                           "--steps", "1", "--warmup", "0", "--batch-size", "2", "--block-size", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for figure in ("tokens/s", "GFLOP/s", "peak"):
+        assert figure in done.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -46,6 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import pretrain
 
     result = pretrain(config, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports for everyone
     print(f"step {result.steps}: val loss {result.val_loss:.4f} | perplexity {result.val_ppl:.2f} | "
           f"bits/byte {result.val_bpb:.4f}")
     print(f"checkpoint: {result.checkpoint}")

@@ -161,3 +161,17 @@ def test_bad_generate_flags(capsys, tiny_checkpoint, tmp_path, argv, fragment):
     argv = [str(empty) if a == "EMPTY" else str(tiny_checkpoint) if a == "CKPT" else a for a in argv]
     code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3", *argv)
     assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("argv, quiet, verbose", [
+    (["-q", "prepare", "--out", "x"], True, False),
+    (["prepare", "-q", "--out", "x"], True, False),
+    (["prepare", "--out", "x"], False, False),
+    (["-v", "generate", "--checkpoint", "c"], False, True),
+    (["generate", "--checkpoint", "c", "--verbose"], False, True),
+])
+def test_output_flags_before_or_after_the_subcommand(argv, quiet, verbose):
+    from gptforge.cli import build_parser
+
+    args, _ = build_parser().parse_known_args(argv)
+    assert (args.quiet, args.verbose) == (quiet, verbose)

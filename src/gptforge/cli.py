@@ -236,11 +236,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    def add_output_flags(p: argparse.ArgumentParser, default) -> None:
+        p.add_argument("-v", "--verbose", action="store_true", default=default, help="show debug logs")
+        p.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="no progress bars: only warnings, errors and results")
+
+    # -v / -q work before or after the subcommand; SUPPRESS keeps a subcommand's unset flag from
+    # overwriting one given before it (each parser needs its own actions for that).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=False, help="show debug logs")
-    common.add_argument("-q", "--quiet", action="store_true", default=False,
-                        help="no progress bars: only warnings, errors and results")
+    add_output_flags(common, argparse.SUPPRESS)
     parser = _Parser(prog="gptforge", description="From raw text to a trained, served GPT.")
+    add_output_flags(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add = sub.add_parser

@@ -334,7 +334,8 @@ def _download_from_hub(repo_id: str) -> Path:
         reason = _first_line(exc)
     if _hub_offline():
         raise unreachable("HF_HUB_OFFLINE is set")
-    log.info("downloading %s from the Hugging Face hub (cached copy unusable: %s)", repo_id, reason)
+    log.info("%s is not in the local Hugging Face cache; downloading it from the hub", repo_id)
+    log.debug("cache lookup for %s: %s", repo_id, reason)
     try:
         folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_FILES))
         if not _has_hf_weights(folder):
@@ -496,7 +497,7 @@ def export_hf(ckpt: Checkpoint | str | Path, out_dir: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported Hugging Face GPT-2 folder %s", out)
+    log.debug("exported Hugging Face GPT-2 folder %s", out)
     return out
 
 

@@ -89,7 +89,7 @@ def prepare_corpus(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info(
+    log.debug(
         "prepared %s into %s: %d documents, %s train and %s val tokens (%s tokenizer, %d ids)",
         source.spec, out, meta["documents"], f"{meta['train']['tokens']:,}", f"{meta['val']['tokens']:,}",
         tok.kind, tok.vocab_size,

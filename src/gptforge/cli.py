@@ -28,8 +28,13 @@ EXIT_INTERRUPTED = 130
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare_corpus
 
+    tokenizer_from = args.tokenizer_from
+    if tokenizer_from is not None and (Path(tokenizer_from) / "checkpoints").is_dir():
+        from .checkpoint import resolve_checkpoint
+
+        tokenizer_from = resolve_checkpoint(tokenizer_from)  # a run folder: its latest checkpoint
     meta = prepare_corpus(args.corpus, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                          val_fraction=args.val_fraction, tokenizer_from=args.tokenizer_from,
+                          val_fraction=args.val_fraction, tokenizer_from=tokenizer_from,
                           progress=not args.quiet)
     tok = meta["tokenizer"]
     print(f"prepared {args.out}: {meta['train']['tokens']:,} train tokens, {meta['val']['tokens']:,} val tokens "
@@ -263,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE vocabulary size (default: 4096)")
     p.add_argument("--val-fraction", type=_float, default=0.1, help="share of the corpus held out for validation")
     p.add_argument("--tokenizer-from", default=None, metavar="DIR",
-                   help="reuse the tokenizer of a checkpoint, prepared-data or Hugging Face folder instead of training one")
+                   help="reuse the tokenizer of a checkpoint, run, prepared-data or Hugging Face folder instead of training one")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_prepare)
 

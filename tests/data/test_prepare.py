@@ -318,7 +318,7 @@ def test_progress_bar_only_when_asked(text_corpus, tmp_path, capsys):
 
 def test_logs_a_summary(text_corpus, tmp_path, caplog):
     path, _ = text_corpus
-    with caplog.at_level("INFO", logger="gptforge.data.prepare"):
+    with caplog.at_level("DEBUG", logger="gptforge.data.prepare"):
         prepare_corpus(path, tmp_path / "out", tokenizer="char")
     assert any("prepared" in r.getMessage() and "val tokens" in r.getMessage() for r in caplog.records)
 

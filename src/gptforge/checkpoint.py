@@ -22,6 +22,7 @@ import torch
 
 from .config import ModelConfig, config_from_dict
 from .errors import CheckpointError
+from .fsutil import fsync_dir, fsync_file, publish_folder
 from .model import GPT
 from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
@@ -48,32 +49,6 @@ class Checkpoint:
 
 # --------------------------------------------------------------------------------------------------
 # Writing
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
     while True:
@@ -128,17 +103,8 @@ def save_checkpoint(
             extra(tmp)
         for f in tmp.iterdir():
             fsync_file(f)
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        fsync_file(tmp / COMPLETE_MARKER)
-        fsync_dir(tmp)
-        if path.exists():
-            old = path.parent / f".old-{path.name}-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
+        (tmp / COMPLETE_MARKER).write_text("ok\n")  # last: its presence vouches for every other file
+        publish_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

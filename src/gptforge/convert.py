@@ -29,8 +29,6 @@ from .checkpoint import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
     Checkpoint,
-    fsync_dir,
-    fsync_file,
     build_model,
     is_complete,
     load_checkpoint,
@@ -41,6 +39,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError
+from .fsutil import publish_folder
 from .model import GPT
 from .tokenizer import EOS_TOKEN, BPETokenizer, load_tokenizer
 
@@ -483,17 +482,7 @@ def export_hf(ckpt: Checkpoint | str | Path, out_dir: str | Path) -> Path:
                 "the %s tokenizer has no Hugging Face equivalent: %s holds the weights and config only",
                 tokenizer.kind, out,
             )
-        for f in tmp.iterdir():
-            fsync_file(f)
-        fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

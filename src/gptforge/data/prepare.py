@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..fsutil import publish_folder
 from ..tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from .corpus import Corpus, Piece, resolve_corpus, split_point
 from .tokens import FORMAT_VERSION, META_FILE, SPLIT_FILES
@@ -85,7 +86,7 @@ def prepare_corpus(
     tmp.mkdir()
     try:
         meta = _write_prepared(source, tok, tmp, val_fraction, progress)
-        _replace_dir(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -253,18 +254,6 @@ def _batches(items: Iterable[tuple[str, Piece]], max_chars: int) -> Iterator[lis
             batch, size = [], 0
     if batch:
         yield batch
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(new, target)
-        return
-    # Two renames, so that a crash in between leaves both folders on disk and nothing half-written.
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .. import checkpoint as ckpt
 from ..config import ModelConfig, RunConfig
 from ..data.tokens import TokenData
 from ..errors import CheckpointError, ConfigError
+from ..fsutil import write_json_atomic
 from ..evaluate.lm import evaluate_lm, lm_loss
 from ..model import GPT
 from ..runtime import autocast_dtype
@@ -130,7 +131,7 @@ class _Run:
 
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_json_atomic(self.out_dir / RUN_CONFIG_FILE, self.config_dict)
+            write_json_atomic(self.out_dir / RUN_CONFIG_FILE, self.config_dict)
             if resume_from is not None:
                 truncate_metrics(self.out_dir / METRICS_FILE, self.step)
             self.metrics = MetricsWriter(self.out_dir, tensorboard=tc.tensorboard,

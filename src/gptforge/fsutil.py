@@ -1,0 +1,62 @@
+"""Crash-safe file writing: fsync, and folders published whole by rename.
+
+Used by checkpoints, Hugging Face exports and prepared data alike, so that a process killed at any
+moment leaves either the previous folder or the complete new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (best effort: some filesystems refuse directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON; readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` to ``target`` (replacing one that is there), durably.
+
+    Every file in ``tmp`` is fsynced first. An existing ``target`` is renamed aside, the new folder renamed
+    in, then the old one deleted: a crash in between leaves both folders on disk and nothing half-written.
+    """
+    for f in tmp.iterdir():
+        if f.is_file():
+            fsync_file(f)
+    fsync_dir(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)

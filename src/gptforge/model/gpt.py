@@ -28,6 +28,9 @@ class CausalSelfAttention(nn.Module):
         self.proj.is_residual_projection = True  # scaled init, see GPT._init_weights
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # Prefix-tuning hook (gptforge.peft.prefix installs it): a callable ``prefix(batch_size)`` returning
+        # learned (k, v) of shape (B, H, P, D) that every query may attend to. None keeps the plain model.
+        self.prefix = None
 
     def forward(
         self,
@@ -42,6 +45,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, S, D)
+        if self.prefix is not None:
+            k, v, mask = self._prepend_prefix(k, v, mask, T)  # (B, H, P + S, D)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
             # No cache and no padding: the fused causal kernel. With a cache and one new token, the
@@ -51,6 +56,18 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def _prepend_prefix(self, k, v, mask, T):
+        """Put the learned prefix before the keys/values. The KV cache holds only real tokens, so this runs
+        every step; the prefix takes no positions and every query sees all of it."""
+        k_prefix, v_prefix = self.prefix(k.shape[0])  # (B, H, P, D)
+        S = k.shape[2]
+        if mask is None:  # plain causal: the T queries are the last T of the S keys
+            q_pos = torch.arange(S - T, S, device=k.device).unsqueeze(1)  # (T, 1)
+            mask = (torch.arange(S, device=k.device) <= q_pos).view(1, 1, T, S)
+        visible = mask.new_ones(*mask.shape[:3], k_prefix.shape[2])  # (B or 1, 1, T, P)
+        return (torch.cat([k_prefix.to(k.dtype), k], dim=2), torch.cat([v_prefix.to(v.dtype), v], dim=2),
+                torch.cat([visible, mask], dim=-1))
 
 
 class MLP(nn.Module):

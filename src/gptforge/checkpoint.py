@@ -78,8 +78,13 @@ def save_checkpoint(
     optimizer_state: Optional[dict[str, Any]] = None,
     trainer_state: Optional[dict[str, Any]] = None,
     extra: Optional[Callable[[Path], None]] = None,
+    state: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
-    """Write a complete checkpoint folder at ``path`` atomically (replacing one that is there)."""
+    """Write a complete checkpoint folder at ``path`` atomically (replacing one that is there).
+
+    ``state`` replaces the model's own state dict as the weights written (task checkpoints use it to
+    store a head beside the base model's tensors); ``extra`` writes more files into the folder.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -89,7 +94,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        weights = model_state_for_saving(model) if state is None else state
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         config = dict(config)
         config.setdefault("tokenizer", {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint,
                                         "vocab_size": tokenizer.vocab_size})
@@ -228,17 +234,164 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
                     dtype: Optional[torch.dtype] = None) -> Checkpoint:
-    """Load a complete gptforge checkpoint (or a run folder's latest) for inference."""
+    """Load a complete gptforge checkpoint (or a run folder's latest) for inference.
+
+    This is always the language model: a fine-tuned classifier or tagger gives its base GPT (the task
+    head is left out, with a warning), and an adapter folder its base model with the adapters applied.
+    """
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
-    model_config = model_config_from(config)
-    state = load_state_dict(ckpt / MODEL_FILE, device="cpu")
-    model = build_model(model_config, state, device=device, dtype=dtype)
+    task = task_of(config)["type"]
+    if ADAPTER_SECTION in config:
+        loaded = load_task_checkpoint(ckpt, device=device, dtype=dtype)
+        model = loaded.model if task == "lm" else loaded.model.base
+    else:
+        model_config = model_config_from(config)
+        state, _ = split_task_state(load_state_dict(ckpt / MODEL_FILE, device="cpu"))
+        model = build_model(model_config, state, device=device, dtype=dtype)
+    if task != "lm":
+        log.warning("checkpoint %s was fine-tuned for task %r; loading its base language model without "
+                    "the task head", ckpt, task)
+    tokenizer = _checkpoint_tokenizer(ckpt, model.config.vocab_size)
+    return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt)
+
+
+def _checkpoint_tokenizer(ckpt: Path, vocab_size: int) -> Tokenizer:
     if not has_tokenizer(ckpt):
         raise CheckpointError(f"checkpoint {ckpt} has no tokenizer files")
     tokenizer = load_tokenizer(ckpt)
-    if tokenizer.vocab_size > model_config.vocab_size:
+    if tokenizer.vocab_size > vocab_size:
         raise CheckpointError(
-            f"checkpoint {ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size}"
+            f"checkpoint {ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only {vocab_size}"
         )
-    return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt)
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuned (task) checkpoints
+#
+# config.json gains a "task" section: {"type": "lm" | "classify" | "tokens", "labels": [...],
+# "chat_template": str | None}. A classifier's or tagger's head is stored as "head.*" tensors in
+# model.safetensors beside the base model's own names, so the base loads on its own as well.
+# A parameter-efficient run (lora, adapter, prefix) writes an adapter folder instead: gptforge.peft's
+# adapter files, the head (if any) in model.safetensors, and an "adapter" section naming the base model
+# ({"strategy": ..., "base_checkpoint": ...}); loading it loads the base and re-applies the adapters.
+
+TASK_SECTION = "task"
+ADAPTER_SECTION = "adapter"
+HEAD_PREFIX = "head."
+TASK_NAMES = {"lm": "language modelling", "classify": "text classification", "tokens": "token tagging"}
+
+
+def split_task_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the base model's tensors, the task head's ``head.*`` tensors)."""
+    base = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+    return base, head
+
+
+def task_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a task checkpoint stores: the base GPT's tensors, plus ``head.*`` for a TaskModel."""
+    model = unwrap_model(model)
+    if isinstance(model, GPT):
+        return model_state_for_saving(model)
+    return {**model_state_for_saving(model.base), **head_state(model)}
+
+
+def head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The ``head.*`` tensors of a TaskModel ({} for a plain GPT), as an adapter folder stores them."""
+    from .heads import head_state_dict
+
+    model = unwrap_model(model)
+    if isinstance(model, GPT):
+        return {}
+    return {k: v.contiguous().cpu() for k, v in head_state_dict(model).items()}
+
+
+def task_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The task section of a checkpoint's config (a plain pretrained checkpoint is an ``lm`` one)."""
+    task = config.get(TASK_SECTION) or {}
+    return {"type": task.get("type", "lm"), "labels": list(task.get("labels") or []),
+            "chat_template": task.get("chat_template")}
+
+
+def build_task_model(base: GPT, task: dict[str, Any], *, dropout: float = 0.0) -> torch.nn.Module:
+    """The bare GPT for ``lm``, else a TaskModel around it with a freshly initialised head."""
+    if task["type"] == "lm":
+        return base
+    from .heads import TaskModel
+
+    return TaskModel(base, task["type"], len(task["labels"]), dropout=dropout)
+
+
+def load_task_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
+                         dtype: Optional[torch.dtype] = None) -> Checkpoint:
+    """A fine-tuned checkpoint with its task: ``model`` is a TaskModel (classify, tokens) or a GPT (lm).
+
+    ``path`` may be a full task checkpoint, an adapter folder (its base model is loaded and the adapters
+    re-applied) or any other gptforge checkpoint or Hugging Face model (an ``lm`` one). ``config["task"]``
+    always holds the task section.
+    """
+    from .convert import load_hf_folder, resolve_model_source
+
+    kind, folder = resolve_model_source(str(path))
+    if kind == "hf":
+        loaded = load_hf_folder(folder, device=device, dtype=dtype)
+        loaded.config[TASK_SECTION] = task_of(loaded.config)
+        return loaded
+    config = read_config(folder)
+    task = config[TASK_SECTION] = task_of(config)
+    if ADAPTER_SECTION in config:
+        model = attach_adapter_checkpoint(folder, config)
+    else:
+        base_state, head = split_task_state(load_state_dict(folder / MODEL_FILE, device="cpu"))
+        model = build_model(model_config_from(config), base_state)
+        if task["type"] != "lm":
+            model = _with_head(model, task, head, folder)
+    tokenizer = _checkpoint_tokenizer(folder, _gpt_of(model).config.vocab_size)
+    return Checkpoint(model=model.to(device=device, dtype=dtype).eval(), tokenizer=tokenizer, config=config,
+                      path=folder)
+
+
+def attach_adapter_checkpoint(ckpt: Path, config: dict[str, Any]) -> torch.nn.Module:
+    """Load an adapter folder's base model (on the CPU), wrap it for the task, re-apply the adapters and head."""
+    from .convert import load_pretrained
+    from .peft import load_peft
+
+    adapter = config[ADAPTER_SECTION]
+    base_source = adapter.get("base_checkpoint")
+    try:
+        base = load_pretrained(str(base_source), device="cpu").model
+    except CheckpointError as exc:
+        raise CheckpointError(f"adapter folder {ckpt} needs its base model {base_source}, which cannot be "
+                              f"loaded: {exc}") from None
+    task = task_of(config)
+    model = build_task_model(base, task)
+    load_peft(model, ckpt)
+    if task["type"] != "lm":
+        _, head = split_task_state(load_state_dict(ckpt / MODEL_FILE, device="cpu"))
+        _load_head(model, head, ckpt)
+    return model
+
+
+def _gpt_of(model: torch.nn.Module) -> GPT:
+    return model if isinstance(model, GPT) else model.base
+
+
+def _with_head(base: GPT, task: dict[str, Any], head: dict[str, torch.Tensor], ckpt: Path) -> torch.nn.Module:
+    if not task["labels"]:
+        raise CheckpointError(f"checkpoint {ckpt} is a {task['type']!r} checkpoint without labels in its config")
+    model = build_task_model(base, task)
+    _load_head(model, head, ckpt)
+    return model
+
+
+def _load_head(model: torch.nn.Module, head: dict[str, torch.Tensor], ckpt: Path) -> None:
+    from .heads import load_head
+
+    if not head:
+        raise CheckpointError(f"checkpoint {ckpt} is a task checkpoint but holds no head weights (head.*)")
+    try:
+        load_head(model, head)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the head weights in {ckpt} do not fit its labels: {exc}") from None

@@ -173,6 +173,135 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .config import FinetuneConfig, load_finetune_config
+
+    if args.help_config:
+        print(_describe_fields(FinetuneConfig, "finetune"))
+        return 0
+    values = {"task": args.task, "checkpoint": args.checkpoint, "train_file": args.train, "val_file": args.val,
+              "out_dir": args.out, "strategy": args.strategy, "train_on_prompt": args.train_on_prompt or None,
+              "merge": args.merge or None}
+    config = load_finetune_config(args.config, args.overrides, values)
+    from .finetune import finetune
+
+    result = finetune(config, resume=args.resume, progress=not args.quiet)
+    _print_before_after(result.task, result.before, result.after)
+    share = 100 * result.trainable_parameters / max(result.total_parameters, 1)
+    print(f"trained {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({share:.2f}%, "
+          f"{result.strategy}) for {result.steps} steps" + (" (stopped early)" if result.stopped_early else "")
+          + f"; best {result.metric} {result.best_value:.4f} at step {result.best_step}")
+    print(f"best: {result.best_checkpoint}")
+    if result.merged_checkpoint is not None:
+        print(f"merged: {result.merged_checkpoint}")
+    print(f"report: {result.out_dir / 'report.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .finetune.report import HEADLINE, evaluate_checkpoint, format_task_report
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, device=args.device,
+                                 batch_size=args.batch_size)
+    task = result["task"]
+    print("  ".join(f"{name} {_fmt(result['metrics'].get(name))}" for name in HEADLINE[task]))
+    if task != "lm":
+        print(format_task_report(task, result["report"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .finetune.report import classify_texts, load_for_task
+
+    texts = _read_texts(args)
+    ckpt = load_for_task(args.checkpoint, "classify", args.device)
+    for result in classify_texts(ckpt.model, ckpt.tokenizer, texts, ckpt.config["task"]["labels"]):
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            probs = "  ".join(f"{label} {p:.3f}" for label, p in result["probabilities"].items())
+            print(f"{result['label']}\t{probs}\t{result['text']}")
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from .finetune.report import load_for_task, tag_texts
+
+    texts = _read_texts(args)
+    ckpt = load_for_task(args.checkpoint, "tokens", args.device)
+    for result in tag_texts(ckpt.model, ckpt.tokenizer, texts, ckpt.config["task"]["labels"]):
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+            continue
+        print(" ".join(f"{w}/{t}" for w, t in zip(result["words"], result["tags"])))
+        for entity in result["entities"]:
+            print(f"  {entity['type']}: {entity['text']}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .config import load_finetune_config, load_tune_config
+
+    values = {"out_dir": args.out}
+    config = load_finetune_config(args.config, args.overrides, values)
+    space = load_tune_config(args.config)
+    from .finetune.tune import tune
+
+    result = tune(config, space, trials=args.trials, progress=not args.quiet)
+    print(result.summary)
+    print(f"best config: {result.best_config_path}")
+    print(f"trials: {result.trials_path}")
+    return 0
+
+
+def _print_before_after(task: str, before, after) -> None:
+    from .finetune.report import format_before_after, format_task_report
+
+    print(format_before_after(before["metrics"] if before else None, after["metrics"], task))
+    if task == "classify" and before is not None:
+        from .evaluate.classification import format_side_by_side
+
+        print(format_side_by_side(before["report"], after["report"]))
+    elif task != "lm":
+        print(format_task_report(task, after["report"]))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    """Texts from --text (repeatable) or one per non-empty line of --file."""
+    if args.file is None:
+        return list(args.text)
+    path = Path(args.file)
+    try:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise ConfigError(f"text file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read text file {path}: {exc}") from None
+    if not texts:
+        raise ConfigError(f"text file {path} has no texts (one per line)")
+    return texts
+
+
+def _describe_fields(cls, section: str) -> str:
+    import dataclasses
+
+    from .config import field_docs
+
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name}={default!r}" + (f"\n      {docs[f.name]}" if f.name in docs else ""))
+    return f"[{section}]\n" + "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------
 def _unescape(text: str) -> str:
     r"""``\n`` and ``\t`` typed on a command line or in a prompt file mean a newline and a tab."""
@@ -323,17 +452,69 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--to-hf", metavar="CKPT", help="gptforge checkpoint (or run folder) to export")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("finetune", help="fine-tune a model for a task (lm, classify, tokens)",
+                       description="Fine-tune a pretrained model. Any fine-tuning key can also be given as "
+                                   "--key=value (e.g. --learning_rate=1e-3 --patience=3); --help-config lists them.")
+    p.add_argument("--task", choices=["lm", "classify", "tokens"], default=None,
+                   help="lm (instruction/chat data), classify (text → label), tokens (word → tag)")
+    p.add_argument("--checkpoint", default=None, help="model to start from: checkpoint, run folder, HF folder or hub id")
+    p.add_argument("--train", default=None, metavar="FILE", help="training examples (JSONL, CSV or CoNLL)")
+    p.add_argument("--val", default=None, metavar="FILE", help="validation examples (default: hold out val_fraction of --train)")
+    p.add_argument("--config", default=None, help="YAML file of fine-tuning keys")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/finetune)")
+    p.add_argument("--strategy", choices=["full", "top-k", "head", "lora", "adapter", "prefix"], default=None,
+                   help="which weights train (default: full)")
+    p.add_argument("--train-on-prompt", action="store_true", help="lm: also learn the prompt tokens")
+    p.add_argument("--merge", action="store_true", help="lora: also write a full checkpoint with the update merged in")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--help-config", action="store_true", help="list every fine-tuning key with its default and meaning")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="evaluate a (fine-tuned) checkpoint on a data file")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or adapter folder (or any model, for --task lm)")
+    p.add_argument("--data", required=True, metavar="FILE", help="examples in the task's fine-tuning format")
+    p.add_argument("--task", choices=["lm", "classify", "tokens"], default=None, help="default: the checkpoint's task")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the full report to this JSON file")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_evaluate)
+
+    for name, what in (("classify", "label texts with a fine-tuned classifier"),
+                       ("tag", "tag the words of texts with a fine-tuned token tagger")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint or adapter folder")
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--text", action="append", help="a text (repeatable)")
+        src.add_argument("--file", default=None, help="one text per line")
+        p.add_argument("--json", action="store_true", help="one JSON line per text")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        p.set_defaults(func=cmd_classify if name == "classify" else cmd_tag)
+
+    p = sub.add_parser("tune", help="search fine-tuning hyperparameters with Optuna",
+                       description="Run --trials fine-tuning runs with hyperparameters drawn from the config's "
+                                   "tune: section; bad trials are pruned early. Writes the best config and a summary.")
+    p.add_argument("--config", required=True, help="YAML fine-tuning config with a tune: section")
+    p.add_argument("--trials", type=_positive_int, default=None, help="number of trials (default: tune.trials)")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for the trials, best config and summary")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 
+# Subcommands whose config is one flat section: any key can be given as --key=value.
+_FLAT_OVERRIDE_COMMANDS = ("finetune", "tune")
+
+
 def _split_overrides(command: Optional[str], rest: list[str]) -> list[str]:
-    """``--train.max_steps=5`` and ``--train.max_steps 5`` become overrides (train only)."""
+    """``--train.max_steps=5`` and ``--train.max_steps 5`` become overrides (train); for finetune and tune,
+    ``--learning_rate=1e-3`` (any fine-tuning config key)."""
     overrides: list[str] = []
     i = 0
     while i < len(rest):
         item = rest[i]
         key = item[2:].split("=", 1)[0] if item.startswith("--") else ""
-        if command != "train" or "." not in key:
+        flat = command in _FLAT_OVERRIDE_COMMANDS and key != ""
+        if not flat and (command != "train" or "." not in key):
             raise ConfigError(f"unrecognized argument {item!r}" + (
                 " (config overrides look like --section.key=value and belong to `gptforge train`)" if "." in key else ""))
         if "=" in item:

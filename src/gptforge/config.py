@@ -530,3 +530,240 @@ def _in_range(obj: Any, name: str, lo: float, hi: float, right_open: bool = Fals
     if not ok:
         bracket = ")" if right_open else "]"
         raise ConfigError(f"{section}.{name} must be in [{lo}, {hi}{bracket}, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning: one flat section (``--key=value`` overrides), plus an optional ``tune:`` search space.
+
+FINETUNE_TASKS = ("lm", "classify", "tokens")
+FINETUNE_STRATEGIES = ("full", "top-k", "head", "lora", "adapter", "prefix")
+PEFT_STRATEGIES = ("lora", "adapter", "prefix")
+# The validation metric each task stops early on and keeps its best checkpoint by, unless told otherwise.
+DEFAULT_FINETUNE_METRIC = {"lm": "val_loss", "classify": "accuracy", "tokens": "entity_f1"}
+FINETUNE_METRICS = {
+    "lm": ("val_loss", "perplexity", "bits_per_byte"),
+    "classify": ("val_loss", "accuracy", "macro_f1", "weighted_f1"),
+    "tokens": ("val_loss", "entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
+}
+_LOWER_IS_BETTER = ("val_loss", "perplexity", "bits_per_byte")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained GPT for a task: language modelling, classification or token tagging."""
+
+    task: str = "classify"
+    """lm (instruction / chat data), classify (one label per text) or tokens (one tag per word)."""
+    checkpoint: str = ""
+    """The model to start from: a gptforge checkpoint or run folder, a Hugging Face GPT-2 folder or hub id."""
+    train_file: str = ""
+    """Training examples (JSON lines or CSV; see the README's Fine-tuning section for each task's fields)."""
+    val_file: Optional[str] = None
+    """Validation examples in the same format; None holds out val_fraction of train_file."""
+    val_fraction: float = 0.1
+    """Share of train_file held out for validation when val_file is not given."""
+    out_dir: str = "runs/finetune"
+    """Run folder: best/, checkpoints/, metrics.jsonl, report.json."""
+    strategy: str = "full"
+    """Which weights train: full, top-k, head, lora, adapter or prefix."""
+    top_k_layers: int = 2
+    """top-k: how many of the last Transformer blocks train (with the final LayerNorm and the head)."""
+    lora_rank: int = 8
+    """lora: rank of the low-rank update."""
+    lora_alpha: float = 16.0
+    """lora: the update is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """lora: dropout on the input of the low-rank path."""
+    lora_targets: Optional[list[str]] = None
+    """lora: names of the Linear layers to adapt (None: gptforge.peft's default, the attention projections)."""
+    adapter_bottleneck: int = 16
+    """adapter: hidden width of each bottleneck adapter."""
+    prefix_length: int = 8
+    """prefix: number of trained virtual tokens."""
+    merge: bool = False
+    """lora: also write out_dir/merged, a full checkpoint with the update merged into the weights."""
+    train_on_prompt: bool = False
+    """lm: also train on the prompt tokens (by default only the response is learned)."""
+    chat_template: Optional[str] = None
+    """lm: template that turns an example into text (None: gptforge's default chat template)."""
+    max_length: int = 256
+    """Longest example in tokens (capped at the model's block_size); longer ones are truncated."""
+    max_steps: int = 200
+    """Optimizer steps to run (an upper bound when early stopping is on)."""
+    epochs: Optional[float] = None
+    """When set, train for this many passes over the training data instead of max_steps."""
+    batch_size: int = 16
+    """Examples per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = 5e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at learning_rate times this."""
+    warmup_steps: int = 10
+    """Steps of linear warmup from 0 to learning_rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on the trainable weight matrices (not on biases or LayerNorm)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    dropout: float = 0.1
+    """Dropout set on every dropout layer of the model (and the task head) while fine-tuning."""
+    eval_interval: int = 50
+    """Evaluate on the validation data every this many steps (and at the end)."""
+    metric: str = "auto"
+    """Validation metric for early stopping and the best checkpoint (auto: val_loss, accuracy or entity_f1)."""
+    mode: str = "auto"
+    """min or max: whether a lower or a higher metric is better (auto: min for losses, max for scores)."""
+    patience: Optional[int] = None
+    """Stop after this many evaluations without improvement; None never stops early."""
+    min_delta: float = 0.0
+    """Smallest change of the metric that counts as an improvement."""
+    evaluate_before: bool = True
+    """Evaluate the starting model on the validation data too, for the before/after report."""
+    checkpoint_interval: int = 100
+    """Write a resumable checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 1
+    """How many of the newest resumable checkpoints to keep (best/ is kept apart)."""
+    seed: int = 1337
+    """Seed for the head's initialisation, the data order and dropout."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16 or float16."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to out_dir/tensorboard."""
+    overwrite: bool = False
+    """Start afresh even if out_dir already holds checkpoints (they are deleted first)."""
+
+    def validate(self) -> "FinetuneConfig":
+        if self.task not in FINETUNE_TASKS:
+            raise ConfigError(f"task must be one of {', '.join(FINETUNE_TASKS)}, got {self.task!r}")
+        if self.strategy not in FINETUNE_STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(FINETUNE_STRATEGIES)}, got {self.strategy!r}")
+        if self.strategy == "head" and self.task == "lm":
+            raise ConfigError("strategy 'head' trains only a task head, and task 'lm' has none; "
+                              "use full, top-k, lora, adapter or prefix")
+        if self.merge and self.strategy != "lora":
+            raise ConfigError(f"merge applies to strategy 'lora' only, not {self.strategy!r}")
+        if not self.checkpoint:
+            raise ConfigError("no model to fine-tune: set checkpoint (a checkpoint folder or Hugging Face model)")
+        if not self.train_file:
+            raise ConfigError("no training data: set train_file")
+        _positive(self, "top_k_layers", "lora_rank", "adapter_bottleneck", "prefix_length", "max_length",
+                  "max_steps", "batch_size", "grad_accum_steps", "eval_interval", "checkpoint_interval",
+                  "keep_checkpoints")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"finetune.epochs must be > 0, got {self.epochs}")
+        if self.val_file is None:
+            _in_range(self, "val_fraction", 0.0, 1.0, right_open=True)
+            if self.val_fraction == 0:
+                raise ConfigError("finetune.val_fraction must be > 0 when no val_file is given")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"finetune.learning_rate must be a positive number, got {self.learning_rate}")
+        _in_range(self, "min_lr_ratio", 0.0, 1.0)
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "min_delta", "lora_dropout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"finetune.lora_alpha must be > 0, got {self.lora_alpha}")
+        _in_range(self, "beta1", 0.0, 1.0, right_open=True)
+        _in_range(self, "beta2", 0.0, 1.0, right_open=True)
+        _in_range(self, "dropout", 0.0, 1.0, right_open=True)
+        if self.lora_targets is not None and (isinstance(self.lora_targets, str) or not self.lora_targets):
+            raise ConfigError(f"finetune.lora_targets must be a non-empty list of layer names, got {self.lora_targets!r}")
+        allowed = FINETUNE_METRICS[self.task]
+        if self.metric != "auto" and self.metric not in allowed:
+            raise ConfigError(f"finetune.metric {self.metric!r} does not apply to task {self.task!r}; "
+                              f"choose auto or one of {', '.join(allowed)}")
+        if self.mode not in ("auto", "min", "max"):
+            raise ConfigError(f"finetune.mode must be auto, min or max, got {self.mode!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"finetune.patience must be at least 1 (or null to never stop early), got {self.patience}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"finetune.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"finetune.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+    @property
+    def stop_metric(self) -> str:
+        """The validation metric that early stopping and the best checkpoint follow."""
+        return DEFAULT_FINETUNE_METRIC[self.task] if self.metric == "auto" else self.metric
+
+    @property
+    def stop_mode(self) -> str:
+        """min or max for :attr:`stop_metric`."""
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.stop_metric in _LOWER_IS_BETTER else "max"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TuneConfig:
+    """A hyperparameter search over fine-tuning runs (the ``tune:`` section of a fine-tuning config)."""
+
+    learning_rate: Optional[list[float]] = field(default_factory=lambda: [1e-4, 1e-2])
+    """[low, high]: learning rate drawn log-uniformly; null keeps the config's value."""
+    weight_decay: Optional[list[float]] = field(default_factory=lambda: [0.0, 0.1])
+    """[low, high]: weight decay drawn uniformly; null keeps the config's value."""
+    warmup_steps: Optional[list[int]] = None
+    """[low, high]: warmup steps drawn as an integer; null keeps the config's value."""
+    lora_rank: Optional[list[int]] = None
+    """Choices of LoRA rank (strategy lora only); null keeps the config's value."""
+    dropout: Optional[list[float]] = None
+    """[low, high]: dropout drawn uniformly; null keeps the config's value."""
+    trials: int = 20
+    """Number of trials (gptforge tune --trials overrides it)."""
+    pruner_warmup_evals: int = 1
+    """Evaluations a trial always gets before the median pruner may stop it."""
+    startup_trials: int = 2
+    """Trials that run to the end before any is pruned."""
+
+    def validate(self) -> "TuneConfig":
+        for name in ("learning_rate", "weight_decay", "warmup_steps", "dropout"):
+            bounds = getattr(self, name)
+            if bounds is None:
+                continue
+            if not isinstance(bounds, list) or len(bounds) != 2 or not bounds[0] <= bounds[1]:
+                raise ConfigError(f"tune.{name} must be [low, high] with low <= high, got {bounds!r}")
+            if bounds[0] < 0:
+                raise ConfigError(f"tune.{name} must not go below 0, got {bounds!r}")
+        if self.learning_rate is not None and self.learning_rate[0] <= 0:
+            raise ConfigError(f"tune.learning_rate is drawn log-uniformly, so its low end must be > 0, "
+                              f"got {self.learning_rate!r}")
+        if self.dropout is not None and self.dropout[1] >= 1:
+            raise ConfigError(f"tune.dropout must stay below 1, got {self.dropout!r}")
+        if self.lora_rank is not None and (not self.lora_rank or any(r < 1 for r in self.lora_rank)):
+            raise ConfigError(f"tune.lora_rank must be a non-empty list of ranks >= 1, got {self.lora_rank!r}")
+        _positive(self, "trials")
+        if self.pruner_warmup_evals < 0 or self.startup_trials < 0:
+            raise ConfigError("tune.pruner_warmup_evals and tune.startup_trials must be >= 0")
+        return self
+
+
+def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                         values: dict[str, Any] | None = None) -> FinetuneConfig:
+    """A fine-tuning config: YAML keys (a ``tune:`` section is ignored here), then ``values`` (from CLI
+    flags), then ``key=value`` overrides; type-checked and validated."""
+    raw = _read_yaml(resolve_config_path(path)) if path is not None else {}
+    raw.pop("tune", None)
+    raw.update({k: v for k, v in (values or {}).items() if v is not None})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        raw[key.removeprefix("finetune.").replace("-", "_")] = _parse_scalar(value)
+    return _build(FinetuneConfig, raw, "finetune").validate()
+
+
+def load_tune_config(path: str | Path) -> TuneConfig:
+    """The ``tune:`` section of a fine-tuning YAML file (defaults when it has none)."""
+    raw = _read_yaml(resolve_config_path(path)).get("tune") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the tune section of {path} must be a mapping, got {type(raw).__name__}")
+    return _build(TuneConfig, raw, "tune").validate()

@@ -1,0 +1,484 @@
+"""The fine-tuning loop: one process, exact resume, evaluation before and after, early stopping.
+
+A run reads its examples (:mod:`.data`), wraps the pretrained GPT for the task (a ``TaskModel`` with a
+fresh head for classify / tokens), sets which weights train (:mod:`.strategies`) and takes AdamW steps
+over the trainable parameters only, with linear warmup then cosine decay, gradient accumulation and
+clipping. Every ``eval_interval`` steps it evaluates on the validation examples; the best evaluation so
+far is kept in ``out_dir/best`` and :class:`EarlyStopping` ends the run after ``patience`` evaluations
+without improvement. The run folder::
+
+    out_dir/
+      config.json          the resolved fine-tuning config
+      metrics.jsonl        train loss per step, validation metrics per evaluation (step 0: before training)
+      report.json          the before / after report (best weights), also printed by the CLI
+      confusion_matrix.png classify only
+      loss_curve.png
+      best/                the best weights: a task checkpoint, or an adapter folder (lora, adapter, prefix)
+      merged/              lora with merge: the best adapter merged into a full task checkpoint
+      checkpoints/         resumable checkpoints (weights as in best/, optimizer.pt, trainer_state.json)
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..config import PEFT_STRATEGIES, FinetuneConfig
+from ..convert import load_pretrained
+from ..errors import CheckpointError, ConfigError, DataError
+from ..fsutil import write_json_atomic
+from ..runtime import autocast_dtype, resolve_device
+from ..train.metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, plot_loss_curve, truncate_metrics
+from ..train.optim import lr_at, param_groups
+from .data import TaskData, batches_per_epoch, epoch_order, load_task_data, make_batch
+from .report import evaluate_task, forward_loss, pad_id_of
+from .strategies import apply_strategy, base_model, count_parameters, set_dropout
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "config.json"
+REPORT_FILE = "report.json"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+BEST_DIR = "best"
+MERGED_DIR = "merged"
+
+# An evaluation hook: called with (step, validation metrics) after every evaluation during training.
+EvalCallback = Callable[[int, dict[str, Any]], None]
+
+
+class EarlyStopping:
+    """Tracks the best value of a validation metric and says when to stop.
+
+    ``update(value, step)`` returns True once ``patience`` evaluations in a row have failed to improve
+    on the best by more than ``min_delta`` (never, when ``patience`` is None). ``improved`` tells whether
+    the latest update set a new best.
+    """
+
+    def __init__(self, patience: Optional[int], mode: str = "min", min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.patience, self.mode, self.min_delta = patience, mode, min_delta
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.bad_evals = 0
+        self.improved = False
+
+    def update(self, value: float, step: int) -> bool:
+        if self.best is None:
+            better = True
+        elif self.mode == "min":
+            better = value < self.best - self.min_delta
+        else:
+            better = value > self.best + self.min_delta
+        self.improved = better
+        if better:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
+        return self.should_stop
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run reached. ``before`` / ``after`` are ``{"metrics", "report"}`` evaluations on
+    the validation data of the starting model and of the best weights, which ``model`` holds."""
+
+    task: str
+    strategy: str
+    labels: list[str]
+    steps: int
+    metric: str
+    best_step: Optional[int]
+    best_value: Optional[float]
+    stopped_early: bool
+    before: Optional[dict[str, Any]]
+    after: dict[str, Any]
+    best_checkpoint: Path
+    last_checkpoint: Path
+    merged_checkpoint: Optional[Path]
+    out_dir: Path
+    trainable_parameters: int
+    total_parameters: int
+    tokens_seen: int
+    tokens_per_s: float
+    elapsed_s: float
+    model: torch.nn.Module = dataclasses.field(repr=False)
+    """The fine-tuned model with the best weights (merged, with merge), in eval mode."""
+
+
+def finetune(config: FinetuneConfig, *, resume: bool = False, progress: bool = True,
+             on_eval: Optional[EvalCallback] = None) -> FinetuneResult:
+    """Fine-tune ``config.checkpoint`` on ``config.train_file`` for ``config.task``; write into ``config.out_dir``.
+
+    With ``resume`` the run continues exactly from the latest checkpoint in out_dir (same batches, same
+    dropout draws). ``on_eval(step, metrics)`` is called after each evaluation during training (the
+    hyperparameter search reports to Optuna there, and may raise to end the run).
+    """
+    config.validate()
+    return _Run(config, resume=resume, progress=progress, on_eval=on_eval).train()
+
+
+# --------------------------------------------------------------------------------------------------
+def load_trained_weights(model: torch.nn.Module, path: Path, strategy: str) -> None:
+    """Copy the weights a run saved at ``path`` (best/ or a resumable checkpoint) into ``model`` in place,
+    which was built the same way (same base, task and strategy)."""
+    from ..heads import load_head
+
+    base_state, head = ckpt.split_task_state(ckpt.load_state_dict(path / ckpt.MODEL_FILE))
+    if strategy in PEFT_STRATEGIES:
+        from ..peft import load_peft
+
+        load_peft(model, path)  # already applied: copies the adapter tensors into place
+    else:
+        base = base_model(model)
+        missing, unexpected = base.load_state_dict(base_state, strict=False)
+        missing = [k for k in missing if not (base.config.tie_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise CheckpointError(f"weights in {path} do not fit the model being fine-tuned "
+                                  f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    if head:
+        load_head(model, head)
+
+
+def save_finetuned(path: Path, model: torch.nn.Module, tokenizer, config: dict[str, Any], strategy: str,
+                   **training_state: Any) -> Path:
+    """Write ``model`` as a task checkpoint, or for lora / adapter / prefix as an adapter folder holding the
+    adapter files, the head (``head.*`` in model.safetensors) and a config whose ``adapter`` section names
+    the base model. ``training_state``: optimizer_state / trainer_state for a resumable checkpoint."""
+    if strategy not in PEFT_STRATEGIES:
+        return ckpt.save_checkpoint(path, model, tokenizer, config, state=ckpt.task_model_state(model),
+                                    **training_state)
+    from ..peft import save_peft
+
+    def write_adapter(folder: Path) -> None:
+        staging = folder / "adapter"
+        save_peft(model, staging, config=config[ckpt.ADAPTER_SECTION])  # the base is recorded here too
+        for f in staging.iterdir():
+            f.rename(folder / f.name)
+        staging.rmdir()
+
+    return ckpt.save_checkpoint(path, model, tokenizer, config, state=ckpt.head_state(model), extra=write_adapter,
+                                **training_state)
+
+
+class _Run:
+    """One fine-tuning run; ``__init__`` sets everything up, :meth:`train` loops."""
+
+    def __init__(self, config: FinetuneConfig, *, resume: bool, progress: bool, on_eval: Optional[EvalCallback]):
+        self.config, self.progress, self.on_eval = config, progress, on_eval
+        self.out_dir = Path(config.out_dir)
+        self.device = resolve_device(config.device)
+        self.autocast_dtype, scaled = autocast_dtype(config.dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
+        resume_from = self._prepare_out_dir(resume)
+
+        source = load_pretrained(config.checkpoint, device="cpu")
+        self.tokenizer = source.tokenizer
+        base = source.model
+        self.data: TaskData = load_task_data(config, self.tokenizer, base.config.block_size)
+        self.task = self.data.task
+        for split, examples in (("training", self.data.train), ("validation", self.data.val)):
+            if not examples:
+                raise DataError(f"no {split} examples left to fine-tune on (check {config.train_file})")
+        self.config_dict = {
+            "model": dataclasses.asdict(base.config),
+            ckpt.TASK_SECTION: self.task,
+            "finetune": config.to_dict(),
+        }
+        if config.strategy in PEFT_STRATEGIES:
+            local = Path(config.checkpoint).exists()
+            self.config_dict[ckpt.ADAPTER_SECTION] = {
+                "strategy": config.strategy,
+                "base_checkpoint": str(source.path.resolve()) if local else config.checkpoint,
+            }
+
+        torch.manual_seed(config.seed)  # the head's initialisation
+        model = ckpt.build_task_model(base, self.task, dropout=config.dropout)
+        set_dropout(model, config.dropout)  # before PEFT, whose own dropout (lora_dropout) is its own setting
+        apply_strategy(model, config)
+        self.model = model.to(self.device).train()
+        self.trainable, self.total = count_parameters(model)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
+                                           betas=(config.beta1, config.beta2), **({"fused": True} if fused else {}))
+        per_epoch = batches_per_epoch(len(self.data.train), config.batch_size)
+        self.max_steps = (math.ceil(config.epochs * per_epoch / config.grad_accum_steps)
+                          if config.epochs is not None else config.max_steps)
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.early = EarlyStopping(config.patience, config.stop_mode, config.min_delta)
+        self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
+        self.elapsed_before = self.train_time_before = 0.0
+        self.before: Optional[dict[str, Any]] = None
+        self.last_checkpoint: Optional[Path] = None
+        if resume_from is not None:
+            self._restore(resume_from)
+        else:
+            torch.manual_seed(config.seed + 1)  # dropout draws, independent of the head's init
+        self.order = epoch_order(len(self.data.train), config.batch_size, config.seed, self.epoch)
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out_dir / RUN_CONFIG_FILE, config.to_dict())
+        if resume_from is not None:
+            truncate_metrics(self.out_dir / METRICS_FILE, self.step)
+        self.metrics = MetricsWriter(self.out_dir, tensorboard=config.tensorboard,
+                                     purge_step=self.step + 1 if resume_from is not None else None)
+
+    # ----------------------------------------------------------------------------------------------
+    def _prepare_out_dir(self, resume: bool) -> Optional[Path]:
+        out = self.out_dir
+        if resume:
+            found = ckpt.latest_checkpoint(out)
+            if found is None:
+                raise CheckpointError(f"nothing to resume in {out}: it holds no complete checkpoint")
+            if not (found / ckpt.TRAINER_STATE_FILE).is_file():
+                raise CheckpointError(f"checkpoint {found} has no {ckpt.TRAINER_STATE_FILE}, so training cannot resume")
+            saved = ckpt.read_config(found).get("finetune", {})
+            for key in ("task", "strategy", "checkpoint", "train_file"):
+                if not _same_setting(saved.get(key), getattr(self.config, key)):
+                    raise ConfigError(f"{key} is {getattr(self.config, key)!r} but the run in {out} was started "
+                                      f"with {saved.get(key)!r}; a resumed run must keep it")
+            log.info("resuming from %s", found)
+            return found
+        leftovers = [out / name for name in (ckpt.CHECKPOINTS_DIR, BEST_DIR, MERGED_DIR) if (out / name).exists()]
+        if leftovers and not self.config.overwrite:
+            raise ConfigError(f"out_dir {out} already holds a fine-tuning run; pass --resume to continue it or "
+                              f"--overwrite=true to start afresh")
+        for path in leftovers:
+            log.info("overwrite: deleting %s", path)
+            shutil.rmtree(path)
+        for name in (METRICS_FILE, LOSS_CURVE_FILE, REPORT_FILE, CONFUSION_MATRIX_FILE):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+        return None
+
+    def _restore(self, path: Path) -> None:
+        saved_task = ckpt.task_of(ckpt.read_config(path))
+        if saved_task["labels"] != self.task["labels"]:
+            raise DataError(f"the labels of {self.config.train_file} differ from those the run in {self.out_dir} "
+                            f"was started with ({', '.join(saved_task['labels'])})")
+        load_trained_weights(self.model, path, self.config.strategy)
+        self.optimizer.load_state_dict(torch.load(path / ckpt.OPTIMIZER_FILE, map_location=self.device,
+                                                  weights_only=True))
+        state = json.loads((path / ckpt.TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.tokens_seen, self.elapsed_before = state["tokens_seen"], state["elapsed_s"]
+        self.train_time_before = state["train_time_s"]
+        self.before = state["before"]
+        self.early.load_state_dict(state["early_stopping"])
+        if state.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
+        torch.set_rng_state(_decode_tensor(state["rng"]["torch"]))
+        if self.device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state(_decode_tensor(state["rng"]["cuda"]), self.device)
+        self.last_checkpoint = path
+
+    # ----------------------------------------------------------------------------------------------
+    def train(self) -> FinetuneResult:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        config = self.config
+        t_start = time.monotonic()
+        train_time = 0.0
+        stopped_early = self.early.should_stop
+        if self.step == 0 and config.evaluate_before:
+            self.before = self._evaluate()
+            self._record({"step": 0, **_prefixed(self.before["metrics"])})
+            log.info("before fine-tuning: %s", _brief(self.before["metrics"]))
+        log.info("fine-tuning %s of %s parameters (%s) for steps %d..%d", f"{self.trainable:,}", f"{self.total:,}",
+                 config.strategy, self.step + 1, self.max_steps)
+        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=not self.progress)
+        try:
+            with logging_redirect_tqdm() if self.progress else contextlib.nullcontext():
+                while self.step < self.max_steps and not stopped_early:
+                    lr = self._lr(self.step)
+                    t0 = time.monotonic()
+                    loss, tokens = self._train_step(lr)
+                    train_time += time.monotonic() - t0
+                    self.step += 1
+                    self.tokens_seen += tokens
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    self._record({"step": self.step, "train_loss": loss, "lr": lr})
+                    last = self.step == self.max_steps
+                    if self.step % config.eval_interval == 0 or last:
+                        stopped_early = self._evaluate_and_keep_best()
+                    if self.step % config.checkpoint_interval == 0 or last or stopped_early:
+                        self._save_checkpoint(self.elapsed_before + time.monotonic() - t_start,
+                                              self.train_time_before + train_time)
+            if stopped_early:
+                log.info("early stopping at step %d: %s has not improved on %.4f (step %s) for %d evaluations",
+                         self.step, config.stop_metric, self.early.best, self.early.best_step, self.early.bad_evals)
+        finally:
+            bar.close()
+            self.metrics.close()
+        return self._finish(t_start, self.train_time_before + train_time, stopped_early)
+
+    def _lr(self, step: int) -> float:
+        c = self.config
+        return lr_at(step, learning_rate=c.learning_rate, min_lr=c.learning_rate * c.min_lr_ratio,
+                     warmup_steps=c.warmup_steps, decay_steps=self.max_steps)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self.batch_in_epoch >= len(self.order):
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.order = epoch_order(len(self.data.train), self.config.batch_size, self.config.seed, self.epoch)
+        indices = self.order[self.batch_in_epoch]
+        self.batch_in_epoch += 1
+        batch = make_batch([self.data.train[i] for i in indices], self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def _train_step(self, lr: float) -> tuple[float, int]:
+        """One optimizer step over grad_accum_steps micro-batches: (mean loss, real tokens seen)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n = self.config.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        tokens = 0
+        for _ in range(n):
+            batch = self._next_batch()
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                loss_sum, scored, _ = forward_loss(self.model, batch, self.task["type"])
+                loss = loss_sum / scored.clamp(min=1) / n
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+            tokens += int(batch["attention_mask"].sum())
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.item(), tokens
+
+    def _evaluate(self) -> dict[str, Any]:
+        return evaluate_task(self.model, self.data.val, self.task, pad_id=self.pad_id,
+                             batch_size=self.config.batch_size, device=self.device,
+                             autocast_dtype=self.autocast_dtype)
+
+    def _evaluate_and_keep_best(self) -> bool:
+        """Evaluate, save best/ on improvement; True when early stopping says to stop."""
+        result = self._evaluate()
+        metrics = result["metrics"]
+        self._record({"step": self.step, **_prefixed(metrics)})
+        log.info("step %d: %s", self.step, _brief(metrics))
+        if self.on_eval is not None:
+            self.on_eval(self.step, metrics)
+        value = metrics.get(self.config.stop_metric)
+        if value is None:
+            raise ConfigError(f"metric {self.config.stop_metric!r} cannot be computed on this validation data; "
+                              "choose another (--metric=...)")
+        stop = self.early.update(value, self.step)
+        if self.early.improved:
+            save_finetuned(self.out_dir / BEST_DIR, self.model, self.tokenizer,
+                           {**self.config_dict, "best": {"step": self.step, self.config.stop_metric: value}},
+                           self.config.strategy)
+        return stop
+
+    def _save_checkpoint(self, elapsed_s: float, train_time_s: float) -> None:
+        name = f"step-{self.step:07d}"
+        trainer_state = {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "tokens_seen": self.tokens_seen, "elapsed_s": elapsed_s, "train_time_s": train_time_s,
+            "before": self.before, "early_stopping": self.early.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": {"torch": _encode_tensor(torch.get_rng_state()),
+                    "cuda": _encode_tensor(torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else None},
+        }
+        path = self.out_dir / ckpt.CHECKPOINTS_DIR / name
+        save_finetuned(path, self.model, self.tokenizer, self.config_dict, self.config.strategy,
+                       optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state)
+        ckpt.update_latest(self.out_dir, name)
+        ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+        self.last_checkpoint = path
+
+    def _finish(self, t_start: float, train_time: float, stopped_early: bool) -> FinetuneResult:
+        config, out = self.config, self.out_dir
+        best = out / BEST_DIR
+        if not ckpt.is_complete(best):
+            raise CheckpointError(f"the run in {out} has no best checkpoint ({best}); was it ever evaluated?")
+        if self.early.best_step != self.step:
+            load_trained_weights(self.model, best, config.strategy)
+        after = self._evaluate()
+        merged = None
+        if config.merge:
+            from ..peft import merge_lora
+
+            merge_lora(self.model)
+            merged_config = {k: v for k, v in self.config_dict.items() if k != ckpt.ADAPTER_SECTION}
+            merged = ckpt.save_checkpoint(out / MERGED_DIR, self.model, self.tokenizer, merged_config,
+                                          state=ckpt.task_model_state(self.model))
+        report = {"task": self.task["type"], "strategy": config.strategy, "labels": self.task["labels"],
+                  "metric": config.stop_metric, "best_step": self.early.best_step, "steps": self.step,
+                  "before": self.before, "after": after}
+        write_json_atomic(out / REPORT_FILE, report)
+        if self.task["type"] == "classify":
+            from ..evaluate.classification import plot_confusion_matrix
+
+            plot_confusion_matrix(after["report"], out / CONFUSION_MATRIX_FILE)
+        plot_loss_curve(out / METRICS_FILE, out / LOSS_CURVE_FILE)
+        return FinetuneResult(
+            task=self.task["type"], strategy=config.strategy, labels=list(self.task["labels"]), steps=self.step,
+            metric=config.stop_metric, best_step=self.early.best_step, best_value=self.early.best,
+            stopped_early=stopped_early, before=self.before, after=after, best_checkpoint=best,
+            last_checkpoint=self.last_checkpoint, merged_checkpoint=merged, out_dir=out,
+            trainable_parameters=self.trainable, total_parameters=self.total, tokens_seen=self.tokens_seen,
+            tokens_per_s=self.tokens_seen / train_time if train_time > 0 else 0.0,
+            elapsed_s=self.elapsed_before + time.monotonic() - t_start, model=self.model.eval(),
+        )
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+
+
+def _same_setting(saved: Any, now: Any) -> bool:
+    """Equal values, or two spellings of the same local path."""
+    if saved == now:
+        return True
+    if isinstance(saved, str) and isinstance(now, str) and Path(saved).exists() and Path(now).exists():
+        return Path(saved).resolve() == Path(now).resolve()
+    return False
+
+
+def _prefixed(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Validation metrics as metrics.jsonl keys: ``val_loss`` stays, ``accuracy`` → ``val_accuracy``."""
+    return {(k if k.startswith("val_") else f"val_{k}"): v for k, v in metrics.items()}
+
+
+def _brief(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+
+
+def _encode_tensor(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _decode_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)

@@ -1,0 +1,171 @@
+"""`gptforge finetune | evaluate | classify | tag`: end to end on tiny data, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge.checkpoint import save_checkpoint
+from gptforge.cli import EXIT_USER_ERROR, main
+from gptforge.config import ModelConfig
+from gptforge.model import GPT
+from gptforge.tokenizer import CharTokenizer
+
+pytestmark = pytest.mark.integration
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == EXIT_USER_ERROR
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def jsonl(path: Path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def reviews(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = [rng.choice(["the", "plot", "was", "very", "movie"]) for _ in range(3)]
+        words.insert(rng.randrange(4), "good" if label == "pos" else "bad")
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_ft")
+    torch.manual_seed(0)
+    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz ."))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(root / "base", model, tok, {"model": vars(model.config)})
+    tags = [{"tokens": ["zed", "met", "kim"], "tags": ["B-PER", "O", "B-PER"]},
+            {"tokens": ["in", "lima"], "tags": ["O", "B-LOC"]}] * 8
+    return {
+        "root": root, "base": str(root / "base"),
+        "train": jsonl(root / "train.jsonl", reviews(96, 1)), "val": jsonl(root / "val.jsonl", reviews(24, 2)),
+        "tags": jsonl(root / "tags.jsonl", tags),
+    }
+
+
+@pytest.fixture(scope="module")
+def classifier(files):
+    """A classifier fine-tuned through the CLI (module-scoped: several tests use it)."""
+    out = files["root"] / "cls"
+    code = main(["finetune", "--task", "classify", "--checkpoint", files["base"], "--train", files["train"],
+                 "--val", files["val"], "--out", str(out), "-q", "--max_steps=30", "--eval_interval=15",
+                 "--learning_rate", "3e-3", "--dropout=0", "--device=cpu"])
+    assert code == 0
+    return out
+
+
+def test_finetune_prints_the_before_after_report(classifier, files, capsys):
+    report = json.loads((classifier / "report.json").read_text())
+    assert report["after"]["metrics"]["accuracy"] >= 0.9
+    # --resume of a finished run trains nothing and reports the result again.
+    code, out, err = run(capsys, "finetune", "--task", "classify", "--checkpoint", files["base"], "--train",
+                         files["train"], "--val", files["val"], "--out", str(classifier), "-q", "--max_steps=30",
+                         "--eval_interval=15", "--learning_rate=3e-3", "--dropout=0", "--device=cpu", "--resume")
+    assert code == 0, err
+    assert out.splitlines()[0].split() == ["metric", "before", "after", "change"]
+    assert "accuracy" in out and "macro avg" in out and "for 30 steps" in out
+    assert f"best: {classifier / 'best'}" in out
+
+
+def test_evaluate_classify_and_json(classifier, files, capsys, tmp_path):
+    code, out, err = run(capsys, "evaluate", "--checkpoint", str(classifier / "best"), "--data", files["val"],
+                         "--json", str(tmp_path / "eval.json"), "--device", "cpu")
+    assert code == 0, err
+    assert out.startswith("val_loss ") and "accuracy" in out
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["task"] == "classify" and saved["metrics"]["accuracy"] >= 0.9
+
+    code, out, err = run(capsys, "classify", "--checkpoint", str(classifier / "best"), "--text", "good plot",
+                         "--text", "the bad movie", "--json")
+    assert code == 0, err
+    results = [json.loads(line) for line in out.splitlines()]
+    assert [r["label"] for r in results] == ["pos", "neg"]
+    assert set(results[0]["probabilities"]) == {"neg", "pos"}
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("very good\n\nso bad\n")
+    code, out, _ = run(capsys, "classify", "--checkpoint", str(classifier / "best"), "--file", str(texts))
+    assert code == 0 and [line.split("\t")[0] for line in out.splitlines()] == ["pos", "neg"]
+
+
+def test_tag_and_a_checkpoint_used_for_the_wrong_task(classifier, files, capsys, tmp_path):
+    out_dir = tmp_path / "tagger"
+    code, _, err = run(capsys, "finetune", "--task", "tokens", "--checkpoint", files["base"], "--train",
+                       files["tags"], "--out", str(out_dir), "-q", "--max_steps=2", "--eval_interval=2",
+                       "--device=cpu")
+    assert code == 0, err
+    code, out, err = run(capsys, "tag", "--checkpoint", str(out_dir / "best"), "--text", "zed met kim")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("zed/")
+
+    code, _, err = run(capsys, "classify", "--checkpoint", str(out_dir / "best"), "--text", "hi")
+    assert_one_line_error(code, err, "was fine-tuned for token tagging (task 'tokens'), not text classification")
+    code, _, err = run(capsys, "tag", "--checkpoint", str(classifier / "best"), "--text", "hi")
+    assert_one_line_error(code, err, "was fine-tuned for text classification (task 'classify')")
+    code, _, err = run(capsys, "evaluate", "--checkpoint", str(out_dir / "best"), "--data", files["val"],
+                       "--task", "classify")
+    assert_one_line_error(code, err, "not text classification")
+    code, _, err = run(capsys, "classify", "--checkpoint", files["base"], "--text", "hi")
+    assert_one_line_error(code, err, "is a language model with no text classification head")
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("task, train, val, fragment", [
+    ("classify", '{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n',
+     '{"text": "meh", "label": "maybe"}\n', "label 'maybe' in"),
+    ("classify", "", None, "holds no examples"),
+    ("classify", "text,stars\ngood,5\n", None, "label"),
+    ("tokens", '{"tokens": ["zed", "met"], "tags": ["B-PER"]}\n', None, "tags"),
+])
+def test_bad_data_is_one_line(files, capsys, tmp_path, task, train, val, fragment):
+    suffix = ".csv" if train.startswith("text,") else ".jsonl"
+    argv = ["finetune", "--task", task, "--checkpoint", files["base"], "--train", write(tmp_path / f"t{suffix}", train),
+            "--out", str(tmp_path / "run"), "-q"]
+    if val is not None:
+        argv += ["--val", write(tmp_path / "v.jsonl", val)]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run" / "best").exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--lerning_rate=1e-3"], "unknown config key finetune.lerning_rate (did you mean finetune.learning_rate?)"),
+    (["--task", "lm", "--strategy", "head"], "task 'lm' has none"),
+    (["--patience=0"], "finetune.patience must be at least 1"),
+    (["--metric=accuracy", "--task", "tokens"], "does not apply to task 'tokens'"),
+    (["--resume"], "nothing to resume"),
+])
+def test_bad_settings_are_one_line(files, capsys, tmp_path, extra, fragment):
+    argv = ["finetune", "--checkpoint", files["base"], "--train", files["train"], "--out", str(tmp_path / "r"), "-q"]
+    code, _, err = run(capsys, *argv, *extra)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_finetune_help_config_lists_every_key(capsys):
+    code, out, _ = run(capsys, "finetune", "--help-config")
+    assert code == 0 and "--learning_rate=0.0005" in out and "--patience=None" in out

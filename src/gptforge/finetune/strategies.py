@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..config import PEFT_STRATEGIES, FinetuneConfig

@@ -18,3 +18,11 @@ def test_train_throughput_prints_its_figures():
     assert done.returncode == 0, done.stderr
     for figure in ("tokens/s", "GFLOP/s", "peak"):
         assert figure in done.stdout
+
+
+def test_finetune_benchmark_compares_full_and_lora():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/finetune.py"), "--preset", "tiny", "--steps", "2",
+                           "--batch-size", "4", "--train-examples", "16", "--val-examples", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "full" in done.stdout and "lora" in done.stdout.lower()

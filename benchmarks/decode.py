@@ -1,0 +1,372 @@
+"""Greedy decoding speed of gptforge (float32 and int8) against Hugging Face ``transformers``, same weights.
+
+    python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 32] [--batch-sizes 1 8] [--repeats 3]
+                                [--skip-transformers] [--threads N] [--profile]
+
+Builds a randomly initialised GPT-2 124M (``GPT2LMHeadModel(GPT2Config())``, fixed seed), saves it with
+``save_pretrained`` to a temporary folder and loads that folder into gptforge with ``load_hf_folder``, so
+both libraries decode the same weights. Each configuration (library × precision × batch size) runs in a
+fresh subprocess, which loads the model, decodes once untimed, then ``--repeats`` timed times, and reports
+the median tokens/s (new tokens across the batch per second, prefill included) and its peak resident
+memory, read from ``/proc/self/status`` (VmHWM, reset after loading). The parent checks that gptforge's
+float32 greedy tokens equal transformers' and compares batch-1 speed with the bound the machine's memory
+bandwidth sets: a batch-1 step reads every weight once, so tokens/s ≤ bandwidth / weight bytes.
+``--profile`` adds a breakdown of one gptforge decode step (linear layers vs. the rest vs. the engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SEED = 0
+PROMPT_SEED = 1
+TARGETS = {  # (implementation, batch size) → minimum tokens/s ratio to transformers float32 at that batch size
+    ("gptforge fp32", 1): 1.5,
+    ("gptforge int8", 1): 2.5,
+    ("gptforge fp32", 8): 2.0,
+}
+IMPLS = ("transformers fp32", "gptforge fp32", "gptforge int8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: peak resident set size of this process, resettable (Linux)
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Make VmHWM start again from the current RSS (Linux ≥ 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one batch-1 decode step reads: every parameter and buffer once, except the
+    embedding tables, of which only a row is read (a tied LM head is counted once, as the head)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if t is None or t.data_ptr() in seen or not t.is_floating_point() and t.dtype != torch.int8:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference folder and prompts (parent)
+def make_folder(directory: Path, tiny: bool = False) -> None:
+    """A seeded random GPT-2 124M saved as a Hugging Face folder, with a small tokenizer so that
+    ``load_hf_folder`` accepts it (the benchmark feeds token ids; the tokenizer is never used)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptforge.tokenizer import BPETokenizer
+
+    torch.manual_seed(SEED)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64) if tiny else GPT2Config()
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory)
+    BPETokenizer.train(["benchmark text, benchmark text"] * 4, vocab_size=260).save(directory)
+
+
+def make_prompts(n: int, length: int, vocab_size: int = 50257) -> list[list[int]]:
+    g = torch.Generator().manual_seed(PROMPT_SEED)
+    return torch.randint(0, vocab_size - 1, (n, length), generator=g).tolist()  # never the EOS id
+
+
+# --------------------------------------------------------------------------------------------------
+# One configuration (child process)
+def _load(spec: dict):
+    folder = spec["folder"]
+    if spec["impl"].startswith("transformers"):
+        import transformers
+        from transformers import GPT2LMHeadModel
+
+        transformers.logging.set_verbosity_error()
+        model = GPT2LMHeadModel.from_pretrained(folder).eval()
+        eos = model.config.eos_token_id
+
+        def run(prompts):
+            ids = torch.tensor(prompts)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
+                                     pad_token_id=eos)
+            return out[:, ids.shape[1]:].tolist()
+
+        return model, run
+
+    from gptforge.config import GenerateConfig
+    from gptforge.convert import load_hf_folder
+    from gptforge.generate import generate_ids
+
+    model = load_hf_folder(folder).model.eval()
+    if spec["impl"].endswith("int8"):
+        from gptforge.quant import quantize_int8
+
+        quantize_int8(model)
+    config = GenerateConfig(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], temperature=0.0)
+    eos = 50256  # GPT-2's end-of-text; suppressed for min_new_tokens, as transformers does
+
+    def run(prompts):
+        return [c[0].token_ids for c in generate_ids(model, prompts, config, eos_id=eos)]
+
+    return model, run
+
+
+def worker(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    if spec["impl"] == "bandwidth":
+        return measure_bandwidth(spec["gib"])
+    prompts = make_prompts(spec["batch"], spec["prompt_tokens"])
+    model, run = _load(spec)
+    import gc
+
+    gc.collect()
+    resettable = reset_peak_rss()
+    rss_before = _status_kb("VmRSS")
+    tokens = run(prompts)  # warmup (also the tokens compared across implementations)
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        again = run(prompts)
+        times.append(time.perf_counter() - start)
+        if again != tokens:
+            raise RuntimeError(f"{spec['impl']}: greedy decoding gave different tokens on a repeated run")
+    peak = _status_kb("VmHWM")
+    new = sum(len(t) for t in tokens)
+    return {
+        "impl": spec["impl"], "batch": spec["batch"], "times": times, "new_tokens": new,
+        "tokens_per_s": new / statistics.median(times), "tokens": tokens,
+        "rss_before_mb": rss_before / 1024, "peak_rss_mb": peak / 1024,
+        "peak_delta_mb": (peak - rss_before) / 1024 if resettable else None,
+        "weight_bytes": weight_bytes_per_token(model), "threads": torch.get_num_threads(),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict:
+    """Achievable memory bandwidth: best of ``repeats`` reductions (read) and copies (read + write) of 1 GiB."""
+    n = int(gib * 2**30) // 4
+    x = torch.ones(n)
+    y = torch.empty(n)
+    read, copy = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        read.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        y.copy_(x)
+        copy.append(time.perf_counter() - start)
+    return {"impl": "bandwidth", "read_gbs": n * 4 / min(read) / 1e9, "copy_gbs": 2 * n * 4 / min(copy) / 1e9}
+
+
+def spawn(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"the {spec['impl']} worker (batch {spec.get('batch')}) failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Where a gptforge decode step spends its time (--profile)
+def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context: int = 96, steps: int = 50) -> None:
+    """One decode step (batch ``batch``, ``context`` cached tokens) timed whole and by parts."""
+    from gptforge.convert import load_hf_folder
+    from gptforge.quant import Int8Linear, quantize_int8
+
+    torch.set_num_threads(threads)
+    model = load_hf_folder(folder).model.eval()
+    if int8:
+        quantize_int8(model)
+    cache = model.new_kv_cache(batch, context + 1)
+    token = torch.zeros(batch, 1, dtype=torch.long)
+
+    def median_time(fn, n=steps):
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+        return statistics.median(ts)
+
+    with torch.inference_mode():
+        model(torch.zeros(batch, context, dtype=torch.long), kv_cache=cache)
+
+        def step():
+            cache.length = context
+            model(token, kv_cache=cache, position_ids=torch.full((batch, 1), context))
+
+        def step_last_only():
+            cache.length = context
+            model(token, kv_cache=cache, position_ids=torch.full((batch, 1), context), last_only=True)
+
+        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+        xs = [torch.randn(batch, 1, m.in_features) for m in linears]
+
+        def linears_only():
+            for m, x in zip(linears, xs):
+                m(x)
+
+        def head_only():
+            model.lm_head(xs[-1])
+
+        t_step = median_time(step)
+        t_last = median_time(step_last_only)
+        t_lin = median_time(linears_only)
+        t_head = median_time(head_only)
+        c = model.config
+        q = torch.randn(batch, c.n_head, 1, c.head_dim)
+        views = [(cache.k[i, :, :, :context + 1], cache.v[i, :, :, :context + 1]) for i in range(c.n_layer)]
+
+        def attention_only():  # the n_layer attention products of a step, on the cache's own views
+            for k, v in views:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        t_attn = median_time(attention_only)
+        logits = torch.randn(batch, model.config.vocab_size)
+        t_argmax = median_time(lambda: logits.argmax(-1).tolist())
+
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                step()
+    name = "int8" if int8 else "fp32"
+    print(f"\n--- gptforge {name} decode step, batch {batch}, {context} cached tokens ({threads} threads) ---")
+    print(f"whole step (model forward)     {t_step * 1e3:7.2f} ms")
+    print(f"  same with last_only=True     {t_last * 1e3:7.2f} ms")
+    print(f"linear layers alone ({len(linears)})       {t_lin * 1e3:7.2f} ms ({t_lin / t_step:.0%} of the step; "
+          f"LM head {t_head * 1e3:.2f} ms)")
+    print(f"attention (SDPA) alone ({model.config.n_layer})     {t_attn * 1e3:7.2f} ms ({t_attn / t_step:.0%})")
+    rest = t_step - t_lin - t_attn
+    print(f"rest (LayerNorm, GELU, adds, cache writes, Python/dispatch) {rest * 1e3:.2f} ms ({rest / t_step:.0%})")
+    print(f"argmax + .tolist() of (B, V)   {t_argmax * 1e3:7.3f} ms")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+# --------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per run")
+    parser.add_argument("--skip-transformers", action="store_true", help="gptforge only (no ratios, no token check)")
+    parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also break one gptforge decode step down")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model: checks the script runs")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    impls = [i for i in IMPLS if not (args.skip_transformers and i.startswith("transformers"))
+             and not (args.skip_int8 and i.endswith("int8"))]
+    with tempfile.TemporaryDirectory(prefix="gptforge-decode-") as tmp:
+        make_folder(Path(tmp), tiny=args.tiny)
+        base = {"folder": tmp, "threads": args.threads, "new_tokens": args.new_tokens,
+                "prompt_tokens": args.prompt_tokens, "repeats": args.repeats}
+        bw = spawn({**base, "impl": "bandwidth", "gib": 1 / 16 if args.tiny else 1.0})
+        results = {}
+        for b in args.batch_sizes:
+            for impl in impls:
+                results[impl, b] = r = spawn({**base, "impl": impl, "batch": b})
+                print(f"  measured {impl:<18} batch {b}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        report(args, impls, results, bw)
+        if args.profile:
+            profile_step(tmp, args.threads, int8=False)
+            if "gptforge int8" in impls:
+                profile_step(tmp, args.threads, int8=True)
+
+
+def report(args, impls, results, bw) -> None:
+    n_params = next(iter(results.values()))["n_params"]
+    print(f"\nmachine          {os.cpu_count()} CPUs, {args.threads} torch threads, torch {torch.__version__}")
+    print(f"model            GPT-2 {'tiny (--tiny)' if args.tiny else '124M'} shape ({n_params / 1e6:.1f}M parameters), random weights (seed {SEED}), "
+          f"float32 unless int8")
+    print(f"task             greedy, {args.prompt_tokens}-token random prompts, {args.new_tokens} new tokens "
+          f"(min_new_tokens = max_new_tokens), median of {args.repeats} runs after 1 warmup, one process per row")
+    print(f"bandwidth        {bw['read_gbs']:.1f} GB/s read (sum of 1 GiB), {bw['copy_gbs']:.1f} GB/s copy "
+          f"(read + write)")
+    print()
+    header = f"{'implementation':<18} {'batch':>5} {'tokens/s':>9} {'ms/token':>9} {'vs HF':>6} " \
+             f"{'peak RSS MB':>11} {'decode +MB':>10}  target"
+    print(header)
+    print("-" * len(header))
+    verdicts = []
+    for b in args.batch_sizes:
+        ref = results.get(("transformers fp32", b))
+        for impl in impls:
+            r = results[impl, b]
+            ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+            target = TARGETS.get((impl, b))
+            verdict = ""
+            if target is not None and ratio is not None:
+                ok = ratio >= target
+                verdict = f"≥ {target}x: {'PASS' if ok else 'FAIL'}"
+                verdicts.append((impl, b, target, ratio, ok))
+            delta = f"{r['peak_delta_mb']:.0f}" if r["peak_delta_mb"] is not None else "n/a"
+            ms = 1e3 * b / r["tokens_per_s"]  # per decode step (one token for each row)
+            print(f"{impl:<18} {b:>5} {r['tokens_per_s']:>9.1f} {ms:>9.1f} "
+                  f"{(f'{ratio:.2f}x' if ratio else '-'):>6} {r['peak_rss_mb']:>11.0f} {delta:>10}  {verdict}")
+    print("(ms/token: per decode step, which gives every row one token; peak RSS includes the weights; "
+          "decode +MB: peak during decoding over the RSS just before it)")
+
+    if ("transformers fp32", args.batch_sizes[0]) in results:
+        print()
+        for b in args.batch_sizes:
+            if ("transformers fp32", b) not in results:
+                continue
+            hf = results["transformers fp32", b]["tokens"]
+            for impl in [i for i in impls if i.startswith("gptforge")]:
+                ours = results[impl, b]["tokens"]
+                same = sum(x == y for r1, r2 in zip(ours, hf) for x, y in zip(r1, r2))
+                total = sum(len(r) for r in hf)
+                label = "tokens identical" if impl.endswith("fp32") else "int8 tokens equal to HF fp32"
+                answer = ("yes" if ours == hf else "no") if impl.endswith("fp32") else f"{same}/{total}"
+                print(f"{label + ' (' + impl + ', batch ' + str(b) + ')':<52} {answer}"
+                      + (f" ({same}/{total} tokens)" if impl.endswith("fp32") and ours != hf else ""))
+
+    if 1 in args.batch_sizes:
+        print("\nbatch-1 bound from memory bandwidth (a step reads every weight once; KV cache ignored):")
+        read = bw["read_gbs"] * 1e9
+        for impl in impls:
+            r = results[impl, 1]
+            bound = read / r["weight_bytes"]
+            print(f"  {impl:<18} {r['weight_bytes'] / 1e6:7.1f} MB/token → ≤ {bound:6.1f} tokens/s; "
+                  f"achieved {r['tokens_per_s']:.1f} = {r['tokens_per_s'] / bound:.0%} of the bound")
+
+    if verdicts:
+        print("\ntargets:")
+        for impl, b, target, ratio, ok in verdicts:
+            print(f"  {impl} batch {b} ≥ {target}x transformers fp32 batch {b}: {ratio:.2f}x  {'PASS' if ok else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

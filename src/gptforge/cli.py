@@ -117,6 +117,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .config import GenerateConfig
+
+    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed).validate()
+    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype)
+    from .chat import ChatSession, chat_template_of
+
+    session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=_unescape(args.system) if args.system else None,
+                          template=chat_template_of(ckpt.config))
+    interactive = sys.stdin.isatty()
+    out = sys.stdout
+    if interactive:
+        print("chatting with " + str(ckpt.path) + ": /reset clears the history, /exit (or Ctrl-D) leaves")
+    warned = False
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves, as in a shell
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)")
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}: /reset clears the history, /exit leaves")
+            continue
+        dropped = session.dropped_turns
+        try:
+            session.prompt_ids(text)  # drops old turns if need be; a message too long fails before any output
+        except GptforgeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        if session.dropped_turns > dropped and not warned:
+            print("(the conversation no longer fits the model's context: dropping the oldest turns)")
+            warned = True
+        out.write("assistant> " if interactive else "")
+        out.flush()
+        try:
+            for piece in session.send(text):
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:  # stops this reply only; the turn is forgotten
+            out.write(" [stopped]")
+        out.write("\n")
+        out.flush()
+    if interactive:
+        out.write("\n")
+    return 0
+
+
 def _check_speculative_args(gen, prompts: list[str], args: argparse.Namespace) -> None:
     from .config import GenerateConfig
 
@@ -254,6 +312,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(result.summary)
     print(f"best config: {result.best_config_path}")
     print(f"trials: {result.trials_path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import ServeConfig
+
+    config = ServeConfig(
+        checkpoint=args.checkpoint, host=args.host, port=args.port,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("GPTFORGE_API_KEY") or None,
+        model_name=args.model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+        cors_origins=list(args.cors_origin), request_timeout=args.request_timeout,
+        batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
+    ).validate()
+    from .serve import create_app, run_server
+
+    app = create_app(config)
+    log.info("listening on http://%s:%d (Ctrl-C or SIGTERM to stop)", config.host, config.port)
+    run_server(config, app, log_level="warning" if args.quiet else "info")
     return 0
 
 
@@ -446,6 +522,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("chat", help="talk with a model in the terminal, with history",
+                       description="A multi-turn chat: each line you type is a user message, the reply streams back. "
+                                   "/reset clears the history (the system prompt stays); /exit or Ctrl-D leaves.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, Hugging Face folder or hub id")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt, kept for the whole conversation")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=_float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=_float, default=None, help="nucleus sampling: smallest set with this much probability")
+    p.add_argument("--seed", type=int, default=None, help="makes the conversation reproducible")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("convert", help="convert between Hugging Face GPT-2 folders and gptforge checkpoints")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="DIR_OR_ID", help="Hugging Face GPT-2 folder or hub id to import")
@@ -498,6 +588,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_positive_int, default=None, help="number of trials (default: tune.trials)")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for the trials, best config and summary")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible HTTP server with continuous batching: /v1/models, "
+                                   "/v1/completions, /v1/chat/completions, /v1/classify, /health, /metrics "
+                                   "and a chat page at /. SIGTERM finishes in-flight requests, then exits.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, Hugging Face folder or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=_non_negative_int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but "
+                   "/health (default: the GPTFORGE_API_KEY environment variable, else no key)")
+    p.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="sequences that may wait for the batch; beyond it 503 + Retry-After (default: 64)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed to call the API (repeatable)")
+    p.add_argument("--request-timeout", type=_float, default=600.0, metavar="S",
+                   help="seconds a request may run before it is cancelled (default: 600)")
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="plain batched matmuls: faster on GPUs, but a result may then depend on its batch-mates")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -285,6 +285,60 @@ class GenerateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The OpenAI-compatible HTTP server (`gptforge serve`)."""
+
+    checkpoint: str = ""
+    """Checkpoint folder, run folder, Hugging Face folder or hub id to serve."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (127.0.0.1 keeps the server private to this machine)."""
+    port: int = 8000
+    """TCP port to listen on."""
+    api_key: Optional[str] = None
+    """When set, every route but /health needs the header `Authorization: Bearer <api_key>`."""
+    model_name: Optional[str] = None
+    """The model id clients name in requests and /v1/models lists; None uses the checkpoint folder's name."""
+    max_batch_size: int = 16
+    """Most sequences decoded together in one step (the continuous batch)."""
+    max_queue: int = 64
+    """Most sequences waiting for a place in the batch; beyond it requests get 503 with Retry-After."""
+    max_n: int = 8
+    """Largest `n` (choices per prompt) a request may ask for."""
+    request_timeout: float = 600.0
+    """Seconds a request may take from arrival to its last token; past it the request is cancelled."""
+    max_request_bytes: int = 1_000_000
+    """Largest request body accepted; a bigger one gets 413."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Browser origins allowed to call the API (CORS); empty allows none."""
+    shutdown_grace: float = 30.0
+    """On SIGTERM, seconds that in-flight requests get to finish while new ones get 503."""
+    batch_invariant: bool = True
+    """Decode every row with the arithmetic of a request running alone, so batching never changes a
+    result (greedy output equals `gptforge generate`); False uses plain batched matmuls (faster on GPUs,
+    results may then differ in the last bits of a float)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """Weights' dtype: auto (bfloat16 on GPUs that have it, else float32), float32, bfloat16 or float16."""
+
+    def validate(self) -> "ServeConfig":
+        if not self.checkpoint:
+            raise ConfigError("serve needs a checkpoint (a folder, run folder, Hugging Face folder or hub id)")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        _positive(self, "max_batch_size", "max_queue", "max_n", "max_request_bytes")
+        for name in ("request_timeout", "shutdown_grace"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+        if self.api_key is not None and not self.api_key:
+            raise ConfigError("api_key must not be empty (leave it unset to serve without a key)")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        return self
+
+
+@dataclass
 class RunConfig:
     """A pretraining run: the model, the data and the loop."""
 

@@ -7,7 +7,7 @@
 
 from .batch import Completion
 from .beam import beam_search
-from .engine import Stream, encode_prompt, generate, generate_ids, generate_tokens, stream
+from .engine import Stream, encode_prompt, generate, generate_ids, generate_tokens, stream, stream_ids
 from .processors import (
     TokenHistory,
     apply_presence_frequency_penalty,
@@ -24,6 +24,7 @@ from .sampling import choose_tokens, filter_logits, logits_to_probs, sample, sam
 
 __all__ = [
     "Completion", "Stream", "beam_search", "encode_prompt", "generate", "generate_ids", "generate_tokens", "stream",
+    "stream_ids",
     "TokenHistory", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
     "ban_tokens", "min_p_filter", "process_logits", "top_k_filter", "top_p_filter", "warp_logits",
     "choose_tokens", "filter_logits", "logits_to_probs", "sample", "sample_next", "token_logprobs",

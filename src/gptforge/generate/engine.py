@@ -26,7 +26,7 @@ from .stopping import TextTracker
 log = logging.getLogger(__name__)
 
 __all__ = ["Completion", "Stream", "check_context", "encode_prompt", "generate", "generate_ids",
-           "generate_tokens", "stream"]
+           "generate_tokens", "stream", "stream_ids"]
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -93,12 +93,17 @@ class Stream:
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt: str, config: GenerateConfig) -> Stream:
     """Generate one completion of ``prompt``, yielding its text piece by piece (see :class:`Stream`)."""
+    return stream_ids(model, tokenizer, encode_prompt(tokenizer, prompt), config)
+
+
+def stream_ids(model: GPT, tokenizer: Tokenizer, prompt_ids: Sequence[int], config: GenerateConfig) -> Stream:
+    """:func:`stream` from token ids (a rendered chat prompt holds end-of-text ids no string can carry)."""
     config.validate()
     if config.num_beams > 1:
         raise ConfigError("streaming is not supported with beam search; use num_beams=1")
     if config.num_return_sequences != 1:
         raise ConfigError("streaming produces one sequence; set num_return_sequences to 1")
-    row = _Row(encode_prompt(tokenizer, prompt), config, tokenizer.eos_id, tokenizer)
+    row = _Row(prompt_ids, config, tokenizer.eos_id, tokenizer)
     return Stream(row, _decode(model, [row], config, tokenizer.eos_id))
 
 

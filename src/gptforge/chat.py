@@ -1,0 +1,102 @@
+"""A conversation with a loaded model: history, the checkpoint's chat template, streamed replies.
+
+    session = ChatSession(ckpt.model, ckpt.tokenizer, GenerateConfig(max_new_tokens=200),
+                          system="You are terse.", template=chat_template_of(ckpt.config))
+    for piece in session.send("Capital of France?"):   # text pieces as they are decided
+        print(piece, end="")
+    session.reset()                                    # forget the turns, keep the system prompt
+
+Each turn's prompt is the whole conversation (system prompt, earlier user and assistant turns, the new
+user message) rendered with the chat template and followed by the opening of an assistant reply, exactly
+as :func:`~gptforge.data.finetune.encode_chat_prompt` tokenizes chats for fine-tuning. When that prompt
+plus ``max_new_tokens`` no longer fits the model's context, the oldest turns are dropped from the history
+(the system prompt is always kept) and :attr:`ChatSession.dropped_turns` counts them. This module never
+prints: the CLI (``gptforge chat``) decides what a person sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator, Mapping, Optional
+
+from .config import GenerateConfig
+from .data.finetune import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
+from .errors import ConfigError
+from .generate import stream_ids
+from .model import GPT
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ChatSession", "chat_template_of"]
+
+
+def chat_template_of(config: Mapping[str, Any]) -> str:
+    """The chat template a checkpoint was fine-tuned with (``config["task"]["chat_template"]``), else the default."""
+    task = config.get("task") or {}
+    template = task.get("chat_template") if isinstance(task, Mapping) else None
+    return template or DEFAULT_CHAT_TEMPLATE
+
+
+class ChatSession:
+    """A multi-turn conversation over one model; see the module docstring."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, config: GenerateConfig, *,
+                 system: Optional[str] = None, template: str = DEFAULT_CHAT_TEMPLATE):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config.validate()
+        self.system = system or None
+        self.template = template
+        self.history: list[dict[str, str]] = []
+        """Earlier turns, alternating user and assistant messages (the system prompt is not in it)."""
+        self.dropped_turns = 0
+        """Turns (a user message and its reply) dropped so far to fit the context."""
+        self.turns = 0
+        encode_chat_prompt(tokenizer, [], template)  # a bad template fails here, not mid-conversation
+        if config.max_new_tokens >= model.config.block_size:
+            raise ConfigError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the conversation in "
+                              f"the model's context of {model.config.block_size} tokens; lower it")
+
+    def messages(self, user_text: Optional[str] = None) -> list[dict[str, str]]:
+        """The conversation as chat messages: system prompt, history and (if given) a new user message."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        tail = [{"role": "user", "content": user_text}] if user_text is not None else []
+        return head + self.history + tail
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """The next turn's prompt, after dropping the oldest turns while it does not fit the context."""
+        budget = self.model.config.block_size - self.config.max_new_tokens
+        while True:
+            ids = encode_chat_prompt(self.tokenizer, self.messages(user_text), self.template)
+            if len(ids) <= budget:
+                return ids
+            if not self.history:
+                raise ConfigError(f"the message ({len(ids)} tokens with the system prompt and chat template) does not "
+                                  f"fit the model's context of {self.model.config.block_size} tokens with "
+                                  f"max_new_tokens {self.config.max_new_tokens}; shorten it or lower max_new_tokens")
+            # A turn is a user message and the reply to it; drop both so the history still alternates.
+            del self.history[:2]
+            self.dropped_turns += 1
+            log.debug("dropped the oldest turn to fit the context (%d dropped so far)", self.dropped_turns)
+
+    def send(self, user_text: str) -> Iterator[str]:
+        """Stream the reply to ``user_text``; once it is complete, both join the history.
+
+        A reply abandoned before its end (the iterator closed, or Ctrl-C) leaves the history unchanged.
+        """
+        ids = self.prompt_ids(user_text)
+        config = self.config
+        if config.seed is not None:  # reproducible, yet not the same draw every turn
+            config = dataclasses.replace(config, seed=config.seed + self.turns)
+        self.turns += 1
+        pieces: list[str] = []
+        for piece in stream_ids(self.model, self.tokenizer, ids, config):
+            pieces.append(piece)
+            yield piece
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(pieces)}]
+
+    def reset(self) -> None:
+        """Forget every turn; the system prompt stays."""
+        self.history.clear()

@@ -1,0 +1,679 @@
+"""The OpenAI-compatible HTTP app: routes, validation, errors, streaming, authentication, graceful shutdown.
+
+    app = create_app(ServeConfig(checkpoint="runs/demo"))       # loads the checkpoint, starts the scheduler
+    run_server(ServeConfig(checkpoint="runs/demo", port=8000))  # the same on uvicorn, with SIGTERM draining
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``
+as server-sent events ending in ``data: [DONE]``), ``POST /v1/classify`` (classification checkpoints),
+``GET /health``, ``GET /metrics`` (Prometheus text) and the chat page at ``/``.
+
+Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request,
+401 for a missing or wrong API key, 404/405 for an unknown route or method, 413 for an oversized body,
+503 (with Retry-After) when the queue is full or the server is draining, 504 when a request runs past
+``request_timeout``. The model runs on one thread (:class:`~gptforge.serve.scheduler.Scheduler`); the
+event loop only parses, queues and relays tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from ..config import GenerateConfig, ServeConfig
+from ..errors import GptforgeError
+from .metrics import Metrics
+from .scheduler import QueueFull, Scheduler, SchedulerStopped, Sequence, TokenEvent
+from .schemas import (ChatCompletionRequest, ClassifyRequest, CompletionRequest, first_error, openai_error)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app", "load_served_checkpoint", "run_server", "ServerState"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/health", "/metrics", "/")
+OPEN_ROUTES = ("/health", "/")  # the chat page holds no data; it asks for the key itself
+RETRY_AFTER_S = 1
+MAX_CLASSIFY_TEXTS = 256
+POLL_S = 0.2  # how often a waiting handler checks its client and its deadline
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(openai_error(self.message, type=self.type, param=self.param, code=self.code),
+                            status_code=self.status, headers=self.headers)
+
+
+def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+class ServerState:
+    """What the routes share: the loaded checkpoint, its scheduler, metrics, and the draining flag."""
+
+    def __init__(self, config: ServeConfig, checkpoint):
+        self.config = config
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model
+        self.tokenizer = checkpoint.tokenizer
+        task = checkpoint.config.get("task") or {}
+        self.task = task.get("type", "lm") if isinstance(task, dict) else "lm"
+        self.labels = list(task.get("labels") or []) if isinstance(task, dict) else []
+        self.chat_template = (task.get("chat_template") if isinstance(task, dict) else None) or None
+        self.model_name = config.model_name or Path(str(checkpoint.path)).name or "gptforge"
+        self.created = int(time.time())
+        self.scheduler = Scheduler(self.model, self.tokenizer, max_batch_size=config.max_batch_size,
+                                   max_queue=config.max_queue, batch_invariant=config.batch_invariant)
+        self.metrics = Metrics(self._gauges)
+        self.draining = False
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    @property
+    def gpt(self):
+        """The GPT itself (a classifier's ``base``)."""
+        return getattr(self.model, "base", self.model)
+
+    @property
+    def block_size(self) -> int:
+        return self.gpt.config.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.gpt.config.vocab_size
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _gauges(self) -> dict[str, tuple[str, str, float]]:
+        s = self.scheduler.stats
+        return {
+            "gptforge_queue_length": ("gauge", "Sequences waiting for a place in the batch.", s.queue_length),
+            "gptforge_running_batch_size": ("gauge", "Sequences in the running batch.", s.running),
+            "gptforge_requests_in_flight": ("gauge", "HTTP requests being answered.", self._in_flight),
+            "gptforge_generated_tokens_total": ("counter", "Tokens generated.", s.generated_tokens),
+            "gptforge_prompt_tokens_total": ("counter", "Prompt tokens prefilled.", s.prompt_tokens),
+            "gptforge_decode_steps_total": ("counter", "Batched decode steps run.", s.steps),
+            "gptforge_cancelled_sequences_total": ("counter", "Sequences dropped (client gone, timeout, "
+                                                   "shutdown).", s.cancelled),
+            "gptforge_draining": ("gauge", "1 while shutting down (new requests get 503).", float(self.draining)),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# The gate: authentication, draining, body size, in-flight count and per-request metrics (pure ASGI,
+# so that a streamed response counts until its last byte).
+class _Gate:
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = self.state
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        start = time.monotonic()
+        status_box = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
+
+        state.enter()
+        try:
+            refusal = self._refusal(scope, path)
+            if refusal is not None:
+                await refusal.response()(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            state.leave()
+            state.metrics.observe_request(route, status_box[0], time.monotonic() - start)
+
+    def _refusal(self, scope, path: str) -> Optional[ApiError]:
+        state = self.state
+        if scope.get("method") == "OPTIONS":
+            return None  # CORS preflight (answered by the CORS middleware when origins are configured)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = state.config.api_key
+        if key is not None and path not in OPEN_ROUTES:
+            given = headers.get("authorization", "")
+            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+            if not secrets.compare_digest(token.encode("utf-8", "replace"), key.encode("utf-8")):
+                return ApiError(401, "missing or wrong API key (send the header 'Authorization: Bearer <key>')",
+                                type="authentication_error", code="invalid_api_key")
+        if state.draining and path != "/health":
+            return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > state.config.max_request_bytes
+            except ValueError:
+                return _bad("the Content-Length header is not a number")
+            if too_big:
+                return _too_large(state.config.max_request_bytes)
+        return None
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+# --------------------------------------------------------------------------------------------------
+def load_served_checkpoint(config: ServeConfig):
+    """The checkpoint to serve, on the configured device: a language model, or a classifier."""
+    from ..checkpoint import load_task_checkpoint
+    from ..runtime import inference_dtype, resolve_device
+
+    device = resolve_device(config.device)
+    return load_task_checkpoint(config.checkpoint, device=device, dtype=inference_dtype(config.dtype, device))
+
+
+def create_app(config: ServeConfig, checkpoint=None) -> FastAPI:
+    """The app for ``config``; ``checkpoint`` (a loaded :class:`~gptforge.checkpoint.Checkpoint`) skips loading.
+
+    The scheduler thread starts with the app's lifespan and stops when the app shuts down.
+    """
+    if checkpoint is None:
+        config.validate()
+        checkpoint = load_served_checkpoint(config)
+    state = ServerState(config, checkpoint)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not state.scheduler.alive:
+            state.scheduler.start()
+        log.info("serving %s (%s) as %r", checkpoint.path, state.task, state.model_name)
+        yield
+        state.scheduler.stop(timeout=10)
+
+    app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    app.add_middleware(_Gate, state=state)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = {404: f"no route {request.url.path}", 405: f"method {request.method} is not allowed on "
+                   f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(openai_error(message, type=kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # a bug: logged, answered in the same shape
+        log.exception("unexpected error answering %s", request.url.path)
+        return JSONResponse(openai_error("internal error", type="server_error"), status_code=500)
+
+
+# --------------------------------------------------------------------------------------------------
+async def _read_json(request: Request, limit: int, model_cls):
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise _too_large(limit)
+    try:
+        data = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _bad("the body is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise _bad(f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        message, param = first_error(exc)
+        raise _bad(message, param=param) from None
+    except (RecursionError, ValueError) as exc:
+        raise _bad(f"invalid request: {exc}") from None
+
+
+def _check_model(state: ServerState, name: Optional[str]) -> None:
+    if name is not None and name != state.model_name:
+        raise ApiError(400, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        if not state.scheduler.alive:
+            return JSONResponse({"status": "scheduler stopped"}, status_code=503)
+        return {"status": "ok", "model": state.model_name, "task": state.task}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            raise ApiError(404, "no chat page is installed", type="not_found_error")
+        return FileResponse(page, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "gptforge", "task": state.task,
+                                            "context_length": state.block_size}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await _read_json(request, state.config.max_request_bytes, CompletionRequest)
+        _check_model(state, req.model)
+        _require_lm(state)
+        prompts_ids, prompt_texts = _completion_prompts(state, req.prompt)
+        if req.echo and req.logprobs is not None:
+            raise _bad("echo together with logprobs is not supported", param="echo")
+        job = _Job(state, request, kind="completion", req=req, prompts_ids=prompts_ids,
+                   max_tokens=req.max_tokens, logprobs=req.logprobs,
+                   echo_texts=prompt_texts if req.echo else None)
+        return await job.respond()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await _read_json(request, state.config.max_request_bytes, ChatCompletionRequest)
+        _check_model(state, req.model)
+        _require_lm(state)
+        ids = _chat_prompt(state, req)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        job = _Job(state, request, kind="chat", req=req, prompts_ids=[ids], max_tokens=req.token_limit,
+                   logprobs=logprobs)
+        return await job.respond()
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        req = await _read_json(request, state.config.max_request_bytes, ClassifyRequest)
+        _check_model(state, req.model)
+        if state.task != "classify":
+            raise _bad(f"the served model is a {state.task!r} model; /v1/classify needs a classification "
+                       f"checkpoint (gptforge finetune --task classify)", code="unsupported_task")
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        if len(texts) > MAX_CLASSIFY_TEXTS:
+            raise _bad(f"at most {MAX_CLASSIFY_TEXTS} texts per request, got {len(texts)}", param="input")
+        from ..finetune.report import classify_texts
+
+        try:
+            future = state.scheduler.run_job(lambda: classify_texts(state.model, state.tokenizer, texts, state.labels))
+        except SchedulerStopped:
+            raise ApiError(503, "the server is shutting down", type="server_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        try:
+            results = await asyncio.wait_for(asyncio.wrap_future(future), state.config.request_timeout)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise ApiError(504, "the request timed out", type="timeout", code="timeout") from None
+        except GptforgeError as exc:
+            raise _bad(str(exc), param="input") from None
+        prompt_tokens = sum(len(state.tokenizer.encode(t)) for t in texts)
+        return {"object": "list", "model": state.model_name,
+                "data": [{"index": i, "object": "classification", "label": r["label"],
+                          "probabilities": r["probabilities"]} for i, r in enumerate(results)],
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def _require_lm(state: ServerState) -> None:
+    if state.task != "lm":
+        raise _bad(f"the served model is a {state.task!r} model and does not generate text; "
+                   f"use /v1/classify", code="unsupported_task")
+
+
+def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
+    from ..generate.engine import encode_prompt
+
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+        if not all(isinstance(p, str) for p in prompts) and not all(isinstance(p, list) for p in prompts):
+            raise _bad("prompt must be a string, a list of strings, a list of token ids or a list of those",
+                       param="prompt")
+    ids, texts = [], []
+    for p in prompts:
+        if isinstance(p, str):
+            try:
+                ids.append(encode_prompt(state.tokenizer, p))
+            except GptforgeError as exc:
+                raise _bad(str(exc), param="prompt") from None
+            texts.append(p)
+        else:
+            if any(not 0 <= t < state.vocab_size for t in p):
+                raise _bad(f"token ids must be in [0, {state.vocab_size})", param="prompt")
+            ids.append(list(p))
+            texts.append(state.tokenizer.decode(p))
+    return ids, texts
+
+
+def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    from ..data.finetune import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
+
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+    try:
+        return encode_chat_prompt(state.tokenizer, messages, state.chat_template or DEFAULT_CHAT_TEMPLATE)
+    except GptforgeError as exc:
+        raise _bad(str(exc), param="messages") from None
+
+
+# --------------------------------------------------------------------------------------------------
+class _Cancelled(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason  # "timeout" | "disconnected" | "server"
+
+
+class _Job:
+    """One completion or chat request: its sequences, their events, and the response built from them."""
+
+    def __init__(self, state: ServerState, request: Request, *, kind: str, req, prompts_ids: list[list[int]],
+                 max_tokens: Optional[int], logprobs: Optional[int], echo_texts: Optional[list[str]] = None):
+        self.state, self.request, self.kind, self.req = state, request, kind, req
+        self.prompts_ids = prompts_ids
+        self.logprobs = logprobs
+        self.echo_texts = echo_texts
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        config = state.config
+        n = req.n
+        if n > config.max_n:
+            raise _bad(f"n must be at most {config.max_n}, got {n}", param="n")
+        if n * len(prompts_ids) > config.max_queue:
+            raise _bad(f"the request asks for {n * len(prompts_ids)} sequences; the server queues at most "
+                       f"{config.max_queue}", param="n")
+        block = state.block_size
+        self.max_tokens = []
+        for ids in prompts_ids:
+            limit = max_tokens if max_tokens is not None else block - len(ids)
+            if len(ids) + max(limit, 1) > block:
+                param = "messages" if kind == "chat" else "prompt"
+                if max_tokens is not None and len(ids) < block:
+                    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+                raise _bad(f"this model's context is {block} tokens, but {len(ids)} prompt tokens + "
+                           f"{max(limit, 1)} completion tokens were asked for; shorten the prompt or lower max_tokens",
+                           param=param, code="context_length_exceeded")
+            self.max_tokens.append(limit)
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.deadline = time.monotonic() + config.request_timeout
+        self.sequences = []
+        for p, ids in enumerate(prompts_ids):
+            gen = self._generate_config(self.max_tokens[p])
+            for i in range(n):
+                index = p * n + i
+                seed = None if req.seed is None else req.seed + index
+                self.sequences.append(Sequence(ids, gen, self._sink, index=index, seed=seed, deadline=self.deadline))
+
+    def _generate_config(self, max_tokens: int) -> GenerateConfig:
+        req = self.req
+        config = GenerateConfig(
+            max_new_tokens=max_tokens, temperature=req.temperature, top_p=None if req.top_p >= 1 else req.top_p,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop=req.stop_list,
+            logprobs=0 if self.logprobs is None else max(self.logprobs, 1), seed=req.seed,
+        )
+        try:
+            return config.validate()
+        except GptforgeError as exc:
+            raise _bad(str(exc)) from None
+
+    def _sink(self, event: TokenEvent) -> None:  # scheduler thread
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server stopped)
+            pass
+
+    def _cancel_all(self) -> None:
+        for seq in self.sequences:
+            seq.cancel()
+
+    async def _next_event(self) -> TokenEvent:
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Cancelled("timeout")
+            try:
+                return await asyncio.wait_for(self.events.get(), min(POLL_S, remaining))
+            except asyncio.TimeoutError:
+                if await self.request.is_disconnected():
+                    raise _Cancelled("disconnected") from None
+
+    async def _events(self) -> AsyncIterator[TokenEvent]:
+        """Every event of every sequence until all have finished; cancels them all if the caller stops."""
+        left = len(self.sequences)
+        try:
+            while left:
+                event = await self._next_event()
+                if event.finish_reason in ("cancelled", "error"):
+                    raise _Cancelled("timeout" if time.monotonic() >= self.deadline else "server")
+                if event.finish_reason is not None:
+                    left -= 1
+                yield event
+        finally:
+            if left:
+                self._cancel_all()
+
+    def _submit(self) -> None:
+        try:
+            self.state.scheduler.submit(self.sequences)
+        except QueueFull as exc:
+            raise ApiError(503, f"the server is busy: {exc}; retry later", type="server_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except SchedulerStopped:
+            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    async def respond(self):
+        self._submit()
+        if self.req.stream:
+            return StreamingResponse(self._stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._complete()
+
+    # -- non-streaming --------------------------------------------------------------------------------
+    async def _complete(self) -> JSONResponse:
+        choices = [_Choice(self, seq.index) for seq in self.sequences]
+        events = self._events()
+        try:
+            async for event in events:
+                choices[event.index].add(event)
+        except _Cancelled as exc:
+            if exc.reason == "timeout":
+                raise ApiError(504, f"the request did not finish within {self.state.config.request_timeout} s",
+                               type="timeout", code="timeout") from None
+            if exc.reason == "disconnected":
+                return JSONResponse({}, status_code=499)  # nobody is listening; recorded in the metrics only
+            raise ApiError(503, "the server stopped before the request finished", type="server_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        finally:
+            await events.aclose()
+        return JSONResponse({"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                             "created": self.created, "model": self.state.model_name,
+                             "choices": [c.final() for c in choices], "usage": self._usage(choices)})
+
+    def _usage(self, choices) -> dict[str, int]:
+        prompt = sum(len(ids) for ids in self.prompts_ids)
+        completion = sum(c.tokens for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # -- streaming -------------------------------------------------------------------------------------
+    def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.state.model_name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def _stream(self) -> AsyncIterator[str]:
+        choices = [_Choice(self, seq.index) for seq in self.sequences]
+        if self.kind == "chat":
+            yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None} for c in choices])
+        elif self.echo_texts is not None:
+            yield self._chunk([{"index": c.index, "text": c.echo, "logprobs": None, "finish_reason": None}
+                               for c in choices])
+        events = self._events()
+        try:
+            async for event in events:
+                chunk = choices[event.index].add(event)
+                if chunk is not None:
+                    yield self._chunk([chunk])
+        except _Cancelled as exc:
+            if exc.reason == "disconnected":
+                return
+            message = ("the request did not finish within the server's timeout" if exc.reason == "timeout"
+                       else "the server stopped before the request finished")
+            yield f"data: {json.dumps(openai_error(message, type='timeout' if exc.reason == 'timeout' else 'server_error'))}\n\n"
+        else:
+            if self.req.include_usage:
+                yield self._chunk([], usage=self._usage(choices))
+        finally:
+            await events.aclose()
+        yield "data: [DONE]\n\n"
+
+
+class _Choice:
+    """One choice's text, tokens and log-probabilities as its events arrive."""
+
+    def __init__(self, job: _Job, index: int):
+        self.job = job
+        self.index = index
+        self.pieces: list[str] = []
+        self.tokens = 0
+        self.finish_reason: Optional[str] = None
+        prompt = index // job.req.n
+        self.echo = job.echo_texts[prompt] if job.echo_texts is not None else ""
+        self.offset = len(self.echo)
+        self.lp_tokens: list[str] = []
+        self.lp_values: list[float] = []
+        self.lp_top: list[Any] = []
+        self.lp_offsets: list[int] = []
+        self.lp_chat: list[dict] = []
+
+    def add(self, event: TokenEvent) -> Optional[dict]:
+        """Record ``event``; the streaming chunk's choice for it (None when there is nothing to send)."""
+        logprobs = None
+        if event.token_id is not None:
+            self.tokens += 1
+            if self.job.logprobs is not None and event.logprob is not None:
+                logprobs = self._add_logprob(event)
+        self.pieces.append(event.text)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+        if not event.text and logprobs is None and event.finish_reason is None:
+            return None
+        if self.job.kind == "chat":
+            delta = {"content": event.text} if event.text else {}
+            return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
+        return {"index": self.index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
+
+    def _add_logprob(self, event: TokenEvent) -> dict:
+        decode = self.job.state.tokenizer.decode
+        token = decode([event.token_id])
+        top_n = self.job.logprobs or 0
+        top = [(decode([t]), lp) for t, lp in (event.top_logprobs or [])[:top_n]]
+        if self.job.kind == "chat":
+            entry = {"token": token, "logprob": event.logprob, "bytes": list(token.encode("utf-8")),
+                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in top]}
+            self.lp_chat.append(entry)
+            return {"content": [entry]}
+        self.lp_tokens.append(token)
+        self.lp_values.append(event.logprob)
+        self.lp_top.append(dict(top) if top_n else None)
+        self.lp_offsets.append(self.offset)
+        self.offset += len(token)
+        return {"tokens": [token], "token_logprobs": [event.logprob], "top_logprobs": [self.lp_top[-1]],
+                "text_offset": [self.lp_offsets[-1]]}
+
+    def final(self) -> dict:
+        text = "".join(self.pieces)
+        if self.job.kind == "chat":
+            logprobs = {"content": self.lp_chat} if self.job.logprobs is not None else None
+            return {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": self.finish_reason}
+        logprobs = None
+        if self.job.logprobs is not None:
+            logprobs = {"tokens": self.lp_tokens, "token_logprobs": self.lp_values, "top_logprobs": self.lp_top,
+                        "text_offset": self.lp_offsets}
+        return {"index": self.index, "text": self.echo + text, "logprobs": logprobs,
+                "finish_reason": self.finish_reason}
+
+
+# --------------------------------------------------------------------------------------------------
+def run_server(config: ServeConfig, app: Optional[FastAPI] = None, *, sockets=None,
+               log_level: str = "info") -> None:
+    """Serve ``config`` on uvicorn until SIGINT/SIGTERM.
+
+    The first signal starts draining: new requests get 503, in-flight ones finish (for up to
+    ``shutdown_grace`` seconds), then the server exits. A second signal stops at once.
+    """
+    import uvicorn
+
+    app = app or create_app(config)
+    state: ServerState = app.state.server
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if state.draining:
+                return super().handle_exit(sig, frame)
+            state.draining = True
+            log.info("shutting down: finishing %d request(s) in flight, refusing new ones", state.in_flight)
+            threading.Thread(target=self._drain, name="gptforge-drain", daemon=True).start()
+
+        def _drain(self) -> None:
+            deadline = time.monotonic() + config.shutdown_grace
+            while state.in_flight > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True
+
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                               timeout_graceful_shutdown=5, access_log=False)
+    DrainingServer(uv_config).run(sockets=sockets)

@@ -1,0 +1,194 @@
+"""Request bodies in OpenAI's shapes, checked strictly: a wrong type is an error, never silently coerced.
+
+Range checks that need the model (context length, the model's name) happen in the app; these models check
+what a body can be judged on by itself. :func:`openai_error` is the one error shape every route answers with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20
+
+
+def openai_error(message: str, *, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and 1.0 is not an integer; unknown fields are refused, not ignored.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: Optional[str] = None
+    """Accepted for compatibility; OpenAI uses it to track abuse, this server ignores it."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, value):
+        if not (math.isfinite(value) and 0 <= value <= 2):
+            raise ValueError(f"temperature must be a number in [0, 2], got {value}")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_range(cls, value):
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {value}")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty_range(cls, value, info):
+        if not (math.isfinite(value) and -2 <= value <= 2):
+            raise ValueError(f"{info.field_name} must be in [-2, 2], got {value}")
+        return value
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_positive(cls, value):
+        if value is not None and value < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {value}")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _n_positive(cls, value):
+        if value < 1:
+            raise ValueError(f"n must be at least 1, got {value}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value):
+        if value is None:
+            return []
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @property
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: bool = False
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_range(cls, value):
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {value}")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty_list(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
+            raise ValueError("a prompt of token ids must not be empty")
+        return value
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _max_completion_tokens_positive(cls, value):
+        if value is not None and value < 1:
+            raise ValueError(f"max_completion_tokens must be at least 1, got {value}")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_range(cls, value):
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def token_limit(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ClassifyRequest(_Strict):
+    model: Optional[str] = None
+    input: Union[str, list[str]]
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be an empty list")
+        return value
+
+
+def first_error(exc) -> tuple[str, Optional[str]]:
+    """A pydantic ValidationError as (one-line message, the offending top-level field)."""
+    err = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in err.get("loc", ())]
+    param = loc[0] if loc else None
+    message = err.get("msg", "invalid request")
+    message = message.removeprefix("Value error, ")
+    where = ".".join(loc)
+    return (f"{where}: {message}" if where else message), param

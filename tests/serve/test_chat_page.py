@@ -1,0 +1,258 @@
+"""The chat page at `/`, driven in headless Chromium against the real server over real HTTP.
+
+Chromium is steered through the Chrome DevTools Protocol over a pipe (``--remote-debugging-pipe``: NUL-separated
+JSON on file descriptors 3 and 4), so the test needs nothing beyond the standard library and Debian's
+``chromium`` package (``.ci/run`` installs it when missing). It types a message, clicks Send and waits for
+the streamed assistant reply.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge.checkpoint import save_checkpoint
+from gptforge.config import ModelConfig
+from gptforge.model import GPT
+from gptforge.tokenizer import CharTokenizer
+
+pytestmark = pytest.mark.integration
+
+STATIC = Path(__file__).resolve().parents[2] / "src/gptforge/serve/static"
+API_KEY = "page-test-key"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--remote-debugging-pipe"]
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+class Browser:
+    """Headless Chromium with one page, steered over the DevTools pipe."""
+
+    def __init__(self, executable: str, profile: Path):
+        to_browser_r, to_browser_w = os.pipe()
+        from_browser_r, from_browser_w = os.pipe()
+        # Chromium reads commands on fd 3 and writes replies on fd 4. The child's ends go to free high
+        # descriptors first, so that putting them on 3 and 4 in the child cannot clobber one another.
+        high_in = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 64)
+        high_out = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 64)
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+
+        def wire_fds():
+            os.dup2(high_in, 3)
+            os.dup2(high_out, 4)
+
+        self.proc = subprocess.Popen([executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     pass_fds=(3, 4, high_in, high_out), preexec_fn=wire_fds)
+        os.close(high_in)
+        os.close(high_out)
+        self._write = os.fdopen(to_browser_w, "wb", buffering=0)
+        self._read = os.fdopen(from_browser_r, "rb", buffering=0)
+        self._replies: "queue.Queue[dict]" = queue.Queue()
+        self._next_id = 0
+        threading.Thread(target=self._pump, daemon=True).start()
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Page.enable", session=True)
+        self.call("Runtime.enable", session=True)
+
+    def _pump(self) -> None:
+        buffer = b""
+        while True:
+            chunk = self._read.read(65536)
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\0" in buffer:
+                message, buffer = buffer.split(b"\0", 1)
+                parsed = json.loads(message)
+                if "id" in parsed:
+                    self._replies.put(parsed)
+
+    def call(self, method: str, *, session: bool = False, timeout: float = 30, **params) -> dict:
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        self._write.write(json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._replies.get(timeout=max(0.01, deadline - time.monotonic()))
+            if reply["id"] == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression!r} raised {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30, interval: float = 0.05):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(interval)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+    def click(self, selector: str) -> None:
+        """A real mouse click (press + release) at the centre of the element."""
+        box = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", session=True, type=kind, x=box[0], y=box[1], button="left",
+                      clickCount=1)
+
+    def type(self, selector: str, text: str) -> None:
+        self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
+        self.call("Input.insertText", session=True, text=text)
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._write.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    b = Browser(executable, tmp_path_factory.mktemp("chromium-profile"))
+    yield b
+    b.close()
+
+
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,?!\n<>|"))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
+    path = tmp_path_factory.mktemp("page") / "ckpt"
+    save_checkpoint(path, model, tok, {"model": vars(model.config)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """`gptforge serve` in a subprocess on a free loopback port; its base URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "gptforge.cli", "serve", "--checkpoint", str(checkpoint),
+                                 "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                                 "--api-key", API_KEY],
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited ({proc.returncode}):\n{log_path.read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server did not start within 60 s:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def test_page_is_self_contained():
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    for external in ("http://", "https://", "//cdn", "<link", "src="):
+        assert external not in html, f"the page must load nothing from elsewhere ({external!r} found)"
+    for label in ('for="prompt"', 'for="system"', 'for="temperature"', 'for="top_p"', 'for="max_tokens"',
+                  'for="seed"', 'for="api_key"'):
+        assert label in html
+
+
+def test_served_page_streams_a_reply(server, browser):
+    browser.call("Page.navigate", session=True, url=server + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
+    # The server wants a key: the page says the models could not be listed until one is given.
+    status = browser.wait_for("(s => s.includes('401') && s)(document.getElementById('status').textContent)")
+    assert "could not list models" in status
+    browser.type("#api_key", API_KEY)
+    browser.evaluate("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+    browser.wait_for("document.getElementById('model').options.length > 0")  # GET /v1/models answered
+    # Settings as a person would set them: a long enough reply to arrive in several pieces.
+    browser.evaluate("""(() => {
+        const set = (id, v) => { const e = document.getElementById(id); e.value = v;
+                                 e.dispatchEvent(new Event('change')); };
+        set('max_tokens', '24'); set('temperature', '1'); set('seed', '3');
+        set('system', 'you are brief.');
+    })()""")
+    # Record the reply's length each time it changes, to see it arrive piece by piece.
+    browser.evaluate("""(() => {
+        window.__lengths = [];
+        new MutationObserver(() => {
+            const c = document.querySelector('.message.assistant .content');
+            if (c) window.__lengths.push(c.textContent.length);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    })()""")
+    browser.type("#prompt", "hello, who are you?")
+    browser.click("#send")
+    browser.wait_for("document.querySelector('.message.user') !== null")
+    assert browser.evaluate("document.querySelector('.message.user .content').textContent") == "hello, who are you?"
+    browser.wait_for("document.querySelector('.message.assistant')?.dataset.state === 'done'", timeout=60)
+    assert browser.evaluate("document.querySelector('.message.error')") is None
+    reply = browser.evaluate("document.querySelector('.message.assistant .content').textContent")
+    pieces = int(browser.evaluate("document.querySelector('.message.assistant').dataset.pieces"))
+    lengths = browser.evaluate("window.__lengths")
+    assert reply.strip(), "the assistant reply is empty"
+    assert pieces > 1, f"the reply arrived in one piece: {reply!r}"
+    assert len({n for n in lengths if n > 0}) > 1, lengths  # the view showed partial replies on the way
+    assert browser.evaluate("document.getElementById('send').disabled") is False
+    assert browser.evaluate("document.getElementById('stop').disabled") is True

@@ -1,0 +1,139 @@
+"""`gptforge chat` and the ChatSession under it: history, /reset, /exit, the context limit, streaming."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge.chat import ChatSession, chat_template_of
+from gptforge.checkpoint import load_checkpoint, save_checkpoint
+from gptforge.config import GenerateConfig, ModelConfig
+from gptforge.data.finetune import DEFAULT_CHAT_TEMPLATE
+from gptforge.errors import ConfigError
+from gptforge.model import GPT
+from gptforge.tokenizer import CharTokenizer
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz .,?!\n<>|")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    tok = CharTokenizer(CHARS)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=192, n_layer=1, n_head=2, n_embd=16))
+    path = tmp_path_factory.mktemp("chat") / "ckpt"
+    save_checkpoint(path, model, tok, {"model": vars(model.config)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_checkpoint(checkpoint)
+
+
+def decode(session, ids):
+    return session.tokenizer.decode(ids)
+
+
+def test_history_reaches_the_next_prompt_and_reset_clears_it(loaded):
+    gen = GenerateConfig(max_new_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    session = ChatSession(loaded.model, loaded.tokenizer, gen, system="be brief.")
+    reply1 = "".join(session.send("first question?"))
+    assert len(reply1) > 0
+    assert session.history == [{"role": "user", "content": "first question?"},
+                               {"role": "assistant", "content": reply1}]
+    prompt2 = decode(session, session.prompt_ids("second one"))
+    assert prompt2.startswith("<|system|>\nbe brief.\n<|user|>\nfirst question?\n<|assistant|>\n" + reply1 + "<|endoftext|>")
+    assert prompt2.endswith("<|user|>\nsecond one\n<|assistant|>\n")
+    session.reset()
+    assert session.history == []
+    prompt3 = decode(session, session.prompt_ids("second one"))
+    assert "first question?" not in prompt3 and prompt3.startswith("<|system|>\nbe brief.\n")
+
+
+def test_reply_streams_in_pieces_that_join_to_the_history(loaded):
+    session = ChatSession(loaded.model, loaded.tokenizer,
+                          GenerateConfig(max_new_tokens=6, temperature=1.0, seed=1, ignore_eos=True))
+    pieces = list(session.send("hi"))
+    assert len(pieces) > 1
+    assert session.history[-1]["content"] == "".join(pieces)
+
+
+def test_oldest_turns_are_dropped_to_fit_the_context(loaded):
+    gen = GenerateConfig(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    session = ChatSession(loaded.model, loaded.tokenizer, gen, system="sys.")
+    for i in range(4):
+        "".join(session.send(f"message number {'abcd'[i]}"))
+    assert session.dropped_turns > 0
+    assert session.history[0]["role"] == "user" and len(session.history) % 2 == 0
+    ids = session.prompt_ids("last")
+    assert len(ids) + gen.max_new_tokens <= loaded.model.config.block_size
+    assert decode(session, ids).startswith("<|system|>\nsys.\n")  # the system prompt survives
+    with pytest.raises(ConfigError, match="does not fit"):
+        session.prompt_ids("x" * 200)
+
+
+def test_template_comes_from_the_checkpoint_config():
+    assert chat_template_of({}) == DEFAULT_CHAT_TEMPLATE
+    assert chat_template_of({"task": {"chat_template": "{role}: {content}{end}\n"}}) == "{role}: {content}{end}\n"
+
+
+@pytest.mark.integration
+def test_cli_two_turns_reset_and_exit(checkpoint, loaded):
+    stdin = "hello there\nand again?\n/reset\nfresh start\n/exit\nnever read\n"
+    done = subprocess.run([sys.executable, "-m", "gptforge.cli", "chat", "--checkpoint", str(checkpoint),
+                           "--system", "you are kind.", "--max-new-tokens", "10", "--seed", "1",
+                           "--device", "cpu"], input=stdin, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    # The same conversation through the library gives the same replies, so the CLI kept the history,
+    # cleared it on /reset and stopped reading at /exit.
+    session = ChatSession(loaded.model, loaded.tokenizer, GenerateConfig(max_new_tokens=10, temperature=0.8, seed=1),
+                          system="you are kind.")
+    first = "".join(session.send("hello there"))
+    second = "".join(session.send("and again?"))
+    session.reset()
+    third = "".join(session.send("fresh start"))
+    assert done.stdout == f"{first}\n{second}\n(history cleared)\n{third}\n"
+
+
+def test_cli_eof_ends_the_chat(checkpoint, capsys, monkeypatch):
+    import io
+
+    from gptforge.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))  # no /exit: end of input leaves
+    code = main(["chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "4", "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.endswith("\n") and "Traceback" not in err
+
+
+def test_cli_says_once_that_old_turns_are_dropped(checkpoint, capsys, monkeypatch):
+    import io
+
+    from gptforge.cli import main
+
+    lines = [f"this is message number {c}, rather long to fill the context quickly" for c in "abcde"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines + ["/bogus", ""]) + "\n"))
+    code = main(["chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "60", "--temperature", "0",
+                 "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.count("no longer fits the model's context") == 1
+    assert "unknown command /bogus" in out
+
+
+def test_cli_message_too_long_is_an_error_line_and_the_chat_goes_on(checkpoint, capsys, monkeypatch):
+    import io
+
+    from gptforge.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 300 + "\nhi\n"))
+    code = main(["chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "5", "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert err.count("error:") == 1 and "does not fit" in err and "Traceback" not in err
+    assert len(out) >= 2 and out.endswith("\n")  # the reply to "hi" (greedy from random weights: maybe blank)

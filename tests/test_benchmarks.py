@@ -26,3 +26,10 @@ def test_finetune_benchmark_compares_full_and_lora():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "full" in done.stdout and "lora" in done.stdout.lower()
+
+
+def test_serve_benchmark_runs_against_a_real_server():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/serve.py"), "--tiny", "--concurrency", "1", "2",
+                           "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tokens/s" in done.stdout

@@ -20,7 +20,6 @@ without improvement. The run folder::
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import json
@@ -43,6 +42,7 @@ from ..fsutil import write_json_atomic
 from ..runtime import autocast_dtype, resolve_device
 from ..train.metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, plot_loss_curve, truncate_metrics
 from ..train.optim import lr_at, param_groups
+from ..train.rng import get_rng_state, set_rng_state
 from .data import TaskData, batches_per_epoch, epoch_order, load_task_data, make_batch
 from .report import evaluate_task, forward_loss, pad_id_of
 from .strategies import apply_strategy, base_model, count_parameters, set_dropout
@@ -290,9 +290,7 @@ class _Run:
         self.early.load_state_dict(state["early_stopping"])
         if state.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
-        torch.set_rng_state(_decode_tensor(state["rng"]["torch"]))
-        if self.device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state(_decode_tensor(state["rng"]["cuda"]), self.device)
+        set_rng_state(state["rng"], self.device)
         self.last_checkpoint = path
 
     # ----------------------------------------------------------------------------------------------
@@ -409,8 +407,7 @@ class _Run:
             "tokens_seen": self.tokens_seen, "elapsed_s": elapsed_s, "train_time_s": train_time_s,
             "before": self.before, "early_stopping": self.early.state_dict(),
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": {"torch": _encode_tensor(torch.get_rng_state()),
-                    "cuda": _encode_tensor(torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else None},
+            "rng": get_rng_state(self.device),
         }
         path = self.out_dir / ckpt.CHECKPOINTS_DIR / name
         save_finetuned(path, self.model, self.tokenizer, self.config_dict, self.config.strategy,
@@ -474,11 +471,3 @@ def _prefixed(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _brief(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
-
-
-def _encode_tensor(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _decode_tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)

@@ -8,7 +8,6 @@ state (Python, NumPy, torch, CUDA, the batch generator), so a resumed run contin
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import json
@@ -39,6 +38,7 @@ from .distributed import (DistContext, all_reduce_mean, barrier, broadcast_objec
                           gather_objects, init_distributed)
 from .metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, plot_loss_curve, truncate_metrics
 from .optim import build_optimizer, schedule_for
+from .rng import decode_tensor, encode_tensor, get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class _Run:
         self.tokens_seen = state["tokens_seen"]
         self.elapsed_before = state["elapsed_s"]
         self.last_checkpoint = path
-        self.sampler.load_state(_decode_tensor(state["batch_generator"]))
+        self.sampler.load_state(decode_tensor(state["batch_generator"]))
         if state.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
         rng = state["rng"]
@@ -200,7 +200,7 @@ class _Run:
                         "if the global batch is the same, dropout streams are not", state["world_size"],
                         self.ctx.world_size)
         if self.ctx.rank < len(rng):
-            _set_rng_state(rng[self.ctx.rank], self.device)
+            set_rng_state(rng[self.ctx.rank], self.device)
         else:
             _seed_everything(self.tc.seed + self.ctx.rank + self.step)
 
@@ -321,7 +321,7 @@ class _Run:
 
     def _save_checkpoint(self, elapsed_s: float) -> None:
         # Every process contributes its random state (dropout streams differ per rank).
-        rng_states = gather_objects(_get_rng_state(self.device), self.ctx)
+        rng_states = gather_objects(get_rng_state(self.device), self.ctx)
         name = f"step-{self.step:07d}"
         path = self.out_dir / ckpt.CHECKPOINTS_DIR / name
         if self.ctx.is_main:
@@ -331,7 +331,7 @@ class _Run:
                 "elapsed_s": elapsed_s,
                 "world_size": self.ctx.world_size,
                 "global_batch_size": self.sampler.global_batch_size,
-                "batch_generator": _encode_tensor(self.sampler.state()),
+                "batch_generator": encode_tensor(self.sampler.state()),
                 "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": rng_states,
             }
@@ -360,37 +360,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _encode_tensor(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _decode_tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def _get_rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's random states, JSON-ready (binary states base64-encoded)."""
-    version, internal, gauss_next = random.getstate()
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": {"version": version, "state": base64.b64encode(np.asarray(internal, dtype=np.uint32).tobytes()).decode(),
-                   "gauss_next": gauss_next},
-        "numpy": {"keys": base64.b64encode(keys.astype(np.uint32).tobytes()).decode(), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "torch": _encode_tensor(torch.get_rng_state()),
-        "cuda": _encode_tensor(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
-    }
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    py = state["python"]
-    internal = np.frombuffer(base64.b64decode(py["state"]), dtype=np.uint32)
-    random.setstate((py["version"], tuple(int(v) for v in internal), py["gauss_next"]))
-    npy = state["numpy"]
-    keys = np.frombuffer(base64.b64decode(npy["keys"]), dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
-    torch.set_rng_state(_decode_tensor(state["torch"]))
-    if device.type == "cuda" and state.get("cuda"):
-        torch.cuda.set_rng_state(_decode_tensor(state["cuda"]), device)

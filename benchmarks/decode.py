@@ -8,7 +8,8 @@ Builds a randomly initialised GPT-2 124M (``GPT2LMHeadModel(GPT2Config())``, fix
 both libraries decode the same weights. Each configuration (library × precision × batch size) runs in a
 fresh subprocess, which loads the model, decodes once untimed, then ``--repeats`` timed times, and reports
 the median tokens/s (new tokens across the batch per second, prefill included) and its peak resident
-memory, read from ``/proc/self/status`` (VmHWM, reset after loading). The parent checks that gptforge's
+memory, read from ``/proc/self/status`` (VmHWM, reset after the warmup), and the CPU time other processes
+took meanwhile (a disturbed timing is flagged). The parent checks that gptforge's
 float32 greedy tokens equal transformers' and compares batch-1 speed with the bound the machine's memory
 bandwidth sets: a batch-1 step reads every weight once, so tokens/s ≤ bandwidth / weight bytes.
 ``--profile`` adds a breakdown of one gptforge decode step (linear layers vs. the rest vs. the engine).
@@ -56,6 +57,17 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process): the difference over a run is what
+    other processes took, the sign that a timing was disturbed."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    with open("/proc/self/stat") as f:
+        own = f.read().rsplit(")", 1)[1].split()
+    return busy, int(own[11]) + int(own[12])  # utime + stime
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -142,17 +154,20 @@ def worker(spec: dict) -> dict:
     model, run = _load(spec)
     import gc
 
+    tokens = run(prompts)  # warmup (also the tokens compared across implementations)
     gc.collect()
     resettable = reset_peak_rss()
     rss_before = _status_kb("VmRSS")
-    tokens = run(prompts)  # warmup (also the tokens compared across implementations)
     times = []
+    busy0, own0 = cpu_ticks()
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         again = run(prompts)
         times.append(time.perf_counter() - start)
         if again != tokens:
             raise RuntimeError(f"{spec['impl']}: greedy decoding gave different tokens on a repeated run")
+    busy1, own1 = cpu_ticks()
+    ticks = os.sysconf("SC_CLK_TCK") * sum(times) * (os.cpu_count() or 1)
     peak = _status_kb("VmHWM")
     new = sum(len(t) for t in tokens)
     return {
@@ -162,6 +177,7 @@ def worker(spec: dict) -> dict:
         "peak_delta_mb": (peak - rss_before) / 1024 if resettable else None,
         "weight_bytes": weight_bytes_per_token(model), "threads": torch.get_num_threads(),
         "n_params": sum(p.numel() for p in model.parameters()),
+        "others_cpu": max(0.0, (busy1 - busy0) - (own1 - own0)) / ticks,
     }
 
 
@@ -316,7 +332,7 @@ def report(args, impls, results, bw) -> None:
           f"(read + write)")
     print()
     header = f"{'implementation':<18} {'batch':>5} {'tokens/s':>9} {'ms/token':>9} {'vs HF':>6} " \
-             f"{'peak RSS MB':>11} {'decode +MB':>10}  target"
+             f"{'peak RSS MB':>11} {'decode +MB':>10} {'others':>6}  target"
     print(header)
     print("-" * len(header))
     verdicts = []
@@ -334,9 +350,15 @@ def report(args, impls, results, bw) -> None:
             delta = f"{r['peak_delta_mb']:.0f}" if r["peak_delta_mb"] is not None else "n/a"
             ms = 1e3 * b / r["tokens_per_s"]  # per decode step (one token for each row)
             print(f"{impl:<18} {b:>5} {r['tokens_per_s']:>9.1f} {ms:>9.1f} "
-                  f"{(f'{ratio:.2f}x' if ratio else '-'):>6} {r['peak_rss_mb']:>11.0f} {delta:>10}  {verdict}")
-    print("(ms/token: per decode step, which gives every row one token; peak RSS includes the weights; "
-          "decode +MB: peak during decoding over the RSS just before it)")
+                  f"{(f'{ratio:.2f}x' if ratio else '-'):>6} {r['peak_rss_mb']:>11.0f} {delta:>10} "
+                  f"{r['others_cpu']:>6.0%}  {verdict}")
+    print("(ms/token: per decode step, which gives every row one token. peak RSS: during the timed runs, weights "
+          "included; decode +MB: that peak over the RSS before them, i.e. the KV cache and activations. others: "
+          "CPU time other processes took during the timed runs, as a share of the machine; above ~5% the "
+          "timing was disturbed)")
+    busy = [f"{impl} batch {b}" for (impl, b), r in results.items() if r["others_cpu"] > 0.05]
+    if busy:
+        print(f"WARNING: other processes used the CPUs during {', '.join(busy)}; rerun on a quiet machine")
 
     if ("transformers fp32", args.batch_sizes[0]) in results:
         print()

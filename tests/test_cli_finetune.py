@@ -10,26 +10,13 @@ import pytest
 import torch
 
 from gptforge.checkpoint import save_checkpoint
-from gptforge.cli import EXIT_USER_ERROR, main
+from gptforge.cli import main
 from gptforge.config import ModelConfig
 from gptforge.model import GPT
 from gptforge.tokenizer import CharTokenizer
+from tests.cli_utils import assert_one_line_error, run
 
 pytestmark = pytest.mark.integration
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, fragment):
-    assert code == EXIT_USER_ERROR
-    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, err
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 def jsonl(path: Path, records) -> str:

@@ -163,6 +163,18 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return None
 
 
+def find_resume_checkpoint(run_dir: str | Path, required_files: tuple[str, ...] = ()) -> Path:
+    """The checkpoint a resumed run in ``run_dir`` continues from: its latest complete one, which must also
+    hold each of ``required_files`` (the trainer state, the optimizer, ...); CheckpointError if there is none."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise CheckpointError(f"nothing to resume in {run_dir}: it holds no complete checkpoint")
+    for name in required_files:
+        if not (found / name).is_file():
+            raise CheckpointError(f"checkpoint {found} has no {name}, so training cannot resume from it")
+    return found
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (its latest complete checkpoint). Raises CheckpointError."""
     p = Path(path)

@@ -7,30 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.config import ModelConfig
 from gptforge.errors import CheckpointError, ConfigError
 from gptforge.model import GPT
 from gptforge.peft import (Adapter, adapter_state_dict, apply_adapters, apply_lora, load_adapters, load_peft,
                            save_adapters, save_peft)
+from tests.peft.peft_utils import assert_only_peft_trained, lm_steps, tiny_gpt
 
 
 def make(**kw) -> GPT:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=512, block_size=32, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    return GPT(ModelConfig(**cfg)).eval()
-
-
-def lm_steps(model, steps=3, lr=1e-2):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    torch.manual_seed(1)
-    for _ in range(steps):
-        x = torch.randint(0, 512, (4, 12))
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    return tiny_gpt(**{"vocab_size": 512, **kw})
 
 
 def test_fresh_adapters_are_the_identity_and_keep_the_keys():
@@ -77,11 +62,7 @@ def test_training_changes_only_adapters_and_base_stays_bit_identical():
         assert p.requires_grad == is_adapter, name
         if is_adapter:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
-    state = m.state_dict()
-    for k, v in base.items():
-        assert torch.equal(state[k], v), f"base tensor {k} changed"
-    for k, v in adapters_before.items():
-        assert not torch.equal(state[k], v), f"{k} did not train"
+    assert_only_peft_trained(m, base, adapters_before)
 
 
 def test_small_file_loads_onto_a_fresh_base(tmp_path):

@@ -5,34 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from gptforge.config import ModelConfig
 from gptforge.errors import CheckpointError, ConfigError
 from gptforge.heads import TaskModel
-from gptforge.model import GPT
 from gptforge.peft import (LoRALinear, apply_lora, apply_peft, load_lora, load_peft, lora_state_dict,
                            merge_lora, save_lora, save_peft, trainable_parameters)
-
-
-def make(**kw) -> GPT:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    return GPT(ModelConfig(**cfg)).eval()
-
-
-def lm_steps(model, steps=3, lr=1e-2):
-    """A few AdamW steps on random data; the optimizer sees every parameter, frozen ones included."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    torch.manual_seed(1)
-    for _ in range(steps):
-        x = torch.randint(0, 97, (4, 12))
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+from tests.peft.peft_utils import assert_only_peft_trained, lm_steps
+from tests.peft.peft_utils import tiny_gpt as make
 
 
 def test_fresh_lora_keeps_keys_and_logits():
@@ -63,11 +42,7 @@ def test_training_changes_only_lora_and_base_stays_bit_identical():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None and not p.requires_grad, name
-    state = m.state_dict()
-    for k, v in base.items():
-        assert torch.equal(state[k], v), f"base tensor {k} changed"
-    for k, v in lora_before.items():
-        assert not torch.equal(state[k], v), f"{k} did not train"
+    assert_only_peft_trained(m, base, lora_before)
 
 
 def test_merged_model_matches_and_is_a_plain_gpt_again():

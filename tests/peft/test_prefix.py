@@ -4,20 +4,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from gptforge.config import ModelConfig
 from gptforge.errors import CheckpointError, ConfigError
 from gptforge.model import GPT
 from gptforge.peft import (PrefixEncoder, apply_prefix, fold_prefix, load_peft, load_prefix, prefix_state_dict,
                            save_prefix)
-
-
-def make(**kw) -> GPT:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    return GPT(ModelConfig(**cfg)).eval()
+from tests.peft.peft_utils import assert_only_peft_trained, lm_steps
+from tests.peft.peft_utils import tiny_gpt as make
 
 
 def prefixed(prefix_length=4, **kw) -> GPT:
@@ -102,24 +95,12 @@ def test_training_changes_only_the_prefix(reparameterize):
     apply_prefix(m, 4, reparameterize=reparameterize, hidden_size=16)
     before = {k: v.clone() for k, v in prefix_state_dict(m).items()}
     m.train()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
-    torch.manual_seed(1)
-    for _ in range(3):
-        x = torch.randint(0, 97, (4, 12))
-        logits = m(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, 97), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    lm_steps(m)
     for name, p in m.named_parameters():
         assert p.requires_grad == name.startswith("prefix_encoder."), name
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
-    state = m.state_dict()
-    for k, v in base.items():
-        assert torch.equal(state[k], v), f"base tensor {k} changed"
-    for k, v in before.items():
-        assert not torch.equal(state[k], v), f"{k} did not train"
+    assert_only_peft_trained(m, base, before)
 
 
 def test_fold_keeps_the_prefixes():

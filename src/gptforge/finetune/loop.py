@@ -250,11 +250,7 @@ class _Run:
     def _prepare_out_dir(self, resume: bool) -> Optional[Path]:
         out = self.out_dir
         if resume:
-            found = ckpt.latest_checkpoint(out)
-            if found is None:
-                raise CheckpointError(f"nothing to resume in {out}: it holds no complete checkpoint")
-            if not (found / ckpt.TRAINER_STATE_FILE).is_file():
-                raise CheckpointError(f"checkpoint {found} has no {ckpt.TRAINER_STATE_FILE}, so training cannot resume")
+            found = ckpt.find_resume_checkpoint(out, (ckpt.TRAINER_STATE_FILE,))
             saved = ckpt.read_config(found).get("finetune", {})
             for key in ("task", "strategy", "checkpoint", "train_file"):
                 if not _same_setting(saved.get(key), getattr(self.config, key)):

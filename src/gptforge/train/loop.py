@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import checkpoint as ckpt
 from ..config import ModelConfig, RunConfig
 from ..data.tokens import TokenData
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..fsutil import write_json_atomic
 from ..evaluate.lm import evaluate_lm, lm_loss
 from ..model import GPT
@@ -143,12 +143,7 @@ class _Run:
         """The checkpoint to resume from (None for a fresh start), after checking out_dir."""
         out = self.out_dir
         if resume:
-            found = ckpt.latest_checkpoint(out)
-            if found is None:
-                raise CheckpointError(f"nothing to resume in {out}: it holds no complete checkpoint")
-            for name in (ckpt.OPTIMIZER_FILE, ckpt.TRAINER_STATE_FILE):
-                if not (found / name).is_file():
-                    raise CheckpointError(f"checkpoint {found} has no {name}, so training cannot resume from it")
+            found = ckpt.find_resume_checkpoint(out, (ckpt.OPTIMIZER_FILE, ckpt.TRAINER_STATE_FILE))
             # The tokenizer first: another tokenizer usually also means another vocab_size below.
             self.data.check_tokenizer(load_tokenizer(found), what=f"checkpoint {found}", source=found)
             saved = ckpt.read_config(found)["model"]

@@ -73,10 +73,14 @@ def cpu_ticks() -> tuple[int, int]:
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one batch-1 decode step reads: every parameter and buffer once, except the
     embedding tables, of which only a row is read (a tied LM head is counted once, as the head)."""
+    from gptforge.inference import PackedLinear
+
     seen, total = set(), 0
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue
+        if isinstance(module, PackedLinear):  # its packed weight is neither a parameter nor a buffer
+            total += module.in_features * module.out_features * 4
         for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             if t is None or t.data_ptr() in seen or not t.is_floating_point() and t.dtype != torch.int8:
                 continue
@@ -132,11 +136,11 @@ def _load(spec: dict):
     from gptforge.convert import load_hf_folder
     from gptforge.generate import generate_ids
 
-    model = load_hf_folder(folder).model.eval()
-    if spec["impl"].endswith("int8"):
-        from gptforge.quant import quantize_int8
+    from gptforge.inference import prepare_for_inference
 
-        quantize_int8(model)
+    model = load_hf_folder(folder).model
+    # What `gptforge generate` does after loading: int8 if asked, then prepacked float32 CPU linears.
+    prepare_for_inference(model, quantize="int8" if spec["impl"].endswith("int8") else None)
     config = GenerateConfig(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], temperature=0.0)
     eos = 50256  # GPT-2's end-of-text; suppressed for min_new_tokens, as transformers does
 
@@ -211,12 +215,11 @@ def spawn(spec: dict) -> dict:
 def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context: int = 96, steps: int = 50) -> None:
     """One decode step (batch ``batch``, ``context`` cached tokens) timed whole and by parts."""
     from gptforge.convert import load_hf_folder
-    from gptforge.quant import Int8Linear, quantize_int8
+    from gptforge.inference import PackedLinear, prepare_for_inference
+    from gptforge.quant import Int8Linear
 
     torch.set_num_threads(threads)
-    model = load_hf_folder(folder).model.eval()
-    if int8:
-        quantize_int8(model)
+    model = prepare_for_inference(load_hf_folder(folder).model, quantize="int8" if int8 else None)
     cache = model.new_kv_cache(batch, context + 1)
     token = torch.zeros(batch, 1, dtype=torch.long)
 
@@ -241,7 +244,7 @@ def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context:
             cache.length = context
             model(token, kv_cache=cache, position_ids=torch.full((batch, 1), context), last_only=True)
 
-        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, PackedLinear))]
         xs = [torch.randn(batch, 1, m.in_features) for m in linears]
 
         def linears_only():

@@ -6,24 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from gptforge.checkpoint import COMPLETE_MARKER, save_checkpoint
+from gptforge.checkpoint import COMPLETE_MARKER
 from gptforge.cli import EXIT_USER_ERROR
-from gptforge.config import ModelConfig
-from gptforge.model import GPT
-from gptforge.tokenizer import CharTokenizer
-from tests.cli_utils import assert_one_line_error, run
+from tests.cli_utils import assert_one_line_error, make_tiny_checkpoint, run
 
 
 @pytest.fixture()
 def tiny_checkpoint(tmp_path) -> Path:
-    torch.manual_seed(0)
-    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .\n"))
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
-    path = tmp_path / "ckpt"
-    save_checkpoint(path, model, tok, {"model": vars(model.config)})
-    return path
+    return make_tiny_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -84,11 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if args.draft_checkpoint is not None:
         _check_speculative_args(gen, prompts, args)
-    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype)
-    if args.quantize == "int8":
-        from .quant import quantize_int8
-
-        quantize_int8(ckpt.model)
+    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.prepack)
     if args.draft_checkpoint is not None:
         return _generate_speculative(args, gen, prompts[0], ckpt)
 
@@ -122,7 +118,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed).validate()
-    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype)
+    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.prepack)
     from .chat import ChatSession, chat_template_of
 
     session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=_unescape(args.system) if args.system else None,
@@ -197,14 +193,10 @@ def _generate_speculative(args: argparse.Namespace, gen, prompt: str, ckpt) -> i
     from .generate import encode_prompt
     from .generate.speculative import speculative_generate
 
-    draft = _load_for_inference(args.draft_checkpoint, args.device, args.dtype)
+    draft = _load_for_inference(args.draft_checkpoint, args.device, args.dtype, args.quantize, args.prepack)
     if draft.tokenizer.fingerprint != ckpt.tokenizer.fingerprint:
         raise ConfigError(f"the draft model's tokenizer ({draft.tokenizer.fingerprint}) differs from the "
                           f"target's ({ckpt.tokenizer.fingerprint}); speculative decoding needs the same tokenizer")
-    if args.quantize == "int8":
-        from .quant import quantize_int8
-
-        quantize_int8(draft.model)
     generator = None
     if gen.seed is not None:
         generator = torch.Generator(device=ckpt.model.wte.weight.device).manual_seed(gen.seed)
@@ -324,6 +316,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         cors_origins=list(args.cors_origin), request_timeout=args.request_timeout,
         batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
+        quantize=args.quantize, prepack=args.prepack,
     ).validate()
     from .serve import create_app, run_server
 
@@ -401,12 +394,24 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _load_for_inference(source: str, device: str, dtype: str):
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization of the linear layers")
+    p.add_argument("--no-prepack", dest="prepack", action="store_false",
+                   help="keep plain float32 CPU linears (by default their weights are prepacked for oneDNN's faster "
+                        "kernel)")
+
+
+def _load_for_inference(source: str, device: str, dtype: str, quantize: Optional[str] = None,
+                        prepack: bool = True):
+    """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears."""
     from .convert import load_pretrained
+    from .inference import prepare_for_inference
     from .runtime import inference_dtype, resolve_device
 
     dev = resolve_device(device)
-    return load_pretrained(source, device=dev, dtype=inference_dtype(dtype, dev))
+    ckpt = load_pretrained(source, device=dev, dtype=inference_dtype(dtype, dev))
+    prepare_for_inference(ckpt.model, quantize=quantize, prepack=prepack)
+    return ckpt
 
 
 def _int_at_least(minimum: int):
@@ -514,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --json: log-probability of each token and its N most likely alternatives")
     p.add_argument("--json", action="store_true",
                    help="print one JSON line per prompt: tokens, text, log-probs, finish reason")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization of the linear layers")
+    _add_inference_flags(p)
     p.add_argument("--draft-checkpoint", default=None, help="speculative decoding with this smaller model (same tokenizer)")
     p.add_argument("--num-draft-tokens", type=_positive_int, default=4, help="tokens the draft proposes per step")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
@@ -532,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=_float, default=None, help="nucleus sampling: smallest set with this much probability")
     p.add_argument("--seed", type=int, default=None, help="makes the conversation reproducible")
+    _add_inference_flags(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_chat)
@@ -600,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "/health (default: the GPTFORGE_API_KEY environment variable, else no key)")
     p.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
+    _add_inference_flags(p)
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="sequences that may wait for the batch; beyond it 503 + Retry-After (default: 64)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",

@@ -320,6 +320,10 @@ class ServeConfig:
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     dtype: str = "auto"
     """Weights' dtype: auto (bfloat16 on GPUs that have it, else float32), float32, bfloat16 or float16."""
+    quantize: Optional[str] = None
+    """int8: weight-only int8 quantization of the linear layers; null keeps them in `dtype`."""
+    prepack: bool = True
+    """On CPU in float32, reorder linear weights once for oneDNN's faster kernel (gptforge.inference)."""
 
     def validate(self) -> "ServeConfig":
         if not self.checkpoint:
@@ -335,6 +339,8 @@ class ServeConfig:
             raise ConfigError("api_key must not be empty (leave it unset to serve without a key)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in (None, "int8"):
+            raise ConfigError(f"quantize must be int8 or null, got {self.quantize!r}")
         return self
 
 

@@ -427,3 +427,14 @@ def test_classify_checkpoint(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_task"
     finally:
         live.close()
+
+
+# --------------------------------------------------------------------------------------------------
+def test_served_model_is_prepacked_and_decodes_ragged(server):
+    from gptforge.inference import PackedLinear, linears_batch_invariant
+
+    scheduler = server.state.scheduler
+    assert scheduler.batch_invariant is True
+    assert scheduler._ragged is True  # one batched forward with row_starts per decode step
+    assert any(isinstance(m, PackedLinear) for m in server.state.model.modules())
+    assert linears_batch_invariant(server.state.model)

@@ -48,7 +48,12 @@ class CausalSelfAttention(nn.Module):
         if self.prefix is not None:
             k, v, mask = self._prepend_prefix(k, v, mask, T)  # (B, H, P + S, D)
         dropout_p = self.dropout if self.training else 0.0
-        if mask is None:
+        if kv_cache is not None and kv_cache.row_starts is not None:
+            # Ragged decode step (one new token a row): each row attends to its own keys only, with the
+            # very call a lone row makes, so batching leaves every row's result unchanged.
+            y = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])
+                           for i, s in enumerate(kv_cache.row_starts)])
+        elif mask is None:
             # No cache and no padding: the fused causal kernel. With a cache and one new token, the
             # query may see every cached key, so no mask at all.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
@@ -149,6 +154,12 @@ class GPT(nn.Module):
             raise ConfigError(
                 f"context of {start + T} tokens is longer than the model's block_size ({self.config.block_size})"
             )
+        if kv_cache is not None and kv_cache.row_starts is not None:
+            if T != 1 or attention_mask is not None or len(kv_cache.row_starts) != B or position_ids is None:
+                raise ValueError("a ragged KV cache (row_starts) decodes one token a row, with position_ids "
+                                 "and no attention_mask")
+            if any(getattr(block.attn, "prefix", None) is not None for block in self.blocks):
+                raise ValueError("a ragged KV cache does not support prefix-tuned models")
         if position_ids is None:
             if attention_mask is not None:
                 # Left padding: a row's first real token sits at position 0.

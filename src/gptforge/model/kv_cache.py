@@ -8,10 +8,17 @@ different prompt lengths are left-padded and masked).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
 class KVCache:
+    row_starts: Optional[list[int]] = None
+    """Ragged decoding (the server's continuous batching): row i's keys are the columns from
+    ``row_starts[i]`` on, and each row attends to just those, exactly as it would alone. None: every row
+    attends to all ``length`` columns (left padding is then masked by the caller)."""
+
     def __init__(self, *, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_length: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (n_layer, batch_size, n_head, max_length, head_dim)

@@ -194,10 +194,13 @@ def _too_large(limit: int) -> ApiError:
 def load_served_checkpoint(config: ServeConfig):
     """The checkpoint to serve, on the configured device: a language model, or a classifier."""
     from ..checkpoint import load_task_checkpoint
+    from ..inference import prepare_for_inference
     from ..runtime import inference_dtype, resolve_device
 
     device = resolve_device(config.device)
-    return load_task_checkpoint(config.checkpoint, device=device, dtype=inference_dtype(config.dtype, device))
+    checkpoint = load_task_checkpoint(config.checkpoint, device=device, dtype=inference_dtype(config.dtype, device))
+    prepare_for_inference(checkpoint.model, quantize=config.quantize, prepack=config.prepack)
+    return checkpoint
 
 
 def create_app(config: ServeConfig, checkpoint=None) -> FastAPI:

@@ -17,15 +17,21 @@ change): every row's tokens end at the shared length ``L`` and start at its own 
 positions are masked, position ids count the row's real tokens. A prompt longer than ``L`` shifts the
 cache right; when ``L`` reaches the context, the cache is shifted left past the columns no row uses.
 
-Identical results. Float matmuls are not batch-invariant: a GEMM over 16 rows rounds differently from
-a GEMV over one (and the model picks different kernels for different row counts), so a batched step can
-move a logit by an ulp and flip a near-tie argmax. By default (``batch_invariant``) the decode step
-therefore calls the model once per running row, with exactly the arguments the engine uses for a lone
-prompt: the row's own keys as a view of the shared cache (no padding, no mask) and its own position.
-Prefill, the cache, admission, sampling and streaming stay shared, and a greedy answer equals
-``gptforge generate`` for the same prompt bit for bit however many requests share the batch.
-``batch_invariant=False`` runs one batched forward over the padded rows instead (per-row masks and
-position ids): faster where matmuls are wide (GPUs), equal to the engine only up to float rounding.
+Identical results. Float matmuls are usually not batch-invariant: BLAS runs a GEMM over 16 rows with
+other kernels and another summation order than a GEMV over one, so a batched step can move a logit by
+an ulp and flip a near-tie argmax. By default (``batch_invariant``) the decode step avoids that:
+
+* when every linear layer is batch-invariant (the float32 CPU layers that
+  :func:`~gptforge.inference.prepare_for_inference` prepacks for oneDNN, whose inner product reduces in
+  the same order for any row count, or int8 on fbgemm, which is exact integer arithmetic), one forward
+  runs all rows together and only attention goes row by row, each row on its own keys (a view of the
+  shared cache: no padding, no mask), with the very call the engine makes for a lone prompt;
+* otherwise each row runs alone, one forward per row, with exactly the engine's arguments.
+
+Either way a greedy answer equals ``gptforge generate`` for the same prompt bit for bit however many
+requests share the batch. ``batch_invariant=False`` runs one batched forward over the padded rows with
+per-row masks and position ids: fastest where plain matmuls are wide (GPUs), equal to the engine only
+up to float rounding.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ..config import GenerateConfig
 from ..generate.processors import TokenHistory, process_logits
 from ..generate.sampling import choose_tokens, make_generators, token_logprobs
 from ..generate.stopping import TextTracker
+from ..inference import linears_batch_invariant
 from ..model import GPT, KVCache
 from ..tokenizer import Tokenizer
 
@@ -150,6 +157,9 @@ class Scheduler:
         if batch_invariant and _uses_prefix(model):
             log.warning("prefix-tuned model: decoding with plain batched attention (not batch-invariant)")
             self.batch_invariant = False
+        # With batch-invariant linear layers (prepacked float32 or int8 on CPU), one batched forward with
+        # row-by-row attention gives every row the bits it gets alone; otherwise each row runs alone.
+        self._ragged = linears_batch_invariant(model)
         self.stats = SchedulerStats()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -354,7 +364,13 @@ class Scheduler:
         device = self._cache.k.device
         tokens = torch.tensor([[seq.pending] for seq in rows], dtype=torch.long, device=device)  # (n, 1)
         positions = torch.tensor([[seq.length] for seq in rows], dtype=torch.long, device=device)  # (n, 1)
-        if self.batch_invariant:
+        if self.batch_invariant and self._ragged:
+            # One forward for all rows: the linear layers are batch-invariant, and attention runs row by row
+            # on each row's own keys (no padding, no mask), as in a lone prompt's decode step.
+            view = _cache_view(self._cache, slice(0, n), 0, L)
+            view.row_starts = [seq.start for seq in rows]
+            logits = self.model(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
+        elif self.batch_invariant:
             # Each row alone, with exactly the call the engine makes for a lone prompt's decode step: its
             # own keys (a view of the shared cache, no padding), no mask, its own position.
             logits = torch.cat([

@@ -1,0 +1,395 @@
+"""gptforge.inference: prepacked CPU linears, prepare_for_inference, ragged (row_starts) decoding, and the
+CLI / serve flags that turn them on."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptforge.config import GenerateConfig, ModelConfig, ServeConfig
+from gptforge.errors import ConfigError
+from gptforge.generate import generate_ids
+from gptforge.inference import (PackedLinear, linears_batch_invariant, prepack_available, prepack_linears,
+                                prepare_for_inference)
+from gptforge.model import GPT
+from gptforge.quant import Int8Linear, fbgemm_available
+from tests.cli_utils import make_tiny_checkpoint, run
+
+pytestmark = pytest.mark.skipif(not prepack_available(), reason="this PyTorch build has no oneDNN prepacked linears")
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
+
+
+def make_linear(k: int, n: int, bias: bool, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    if bias:
+        nn.init.normal_(lin.bias)  # a non-trivial bias
+    return lin
+
+
+# ------------------------------------------------------------------------------------------------ 1
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (16, 48), (2, 5, 48)])
+@torch.no_grad()
+def test_packed_linear_matches_nn_linear(bias, shape):
+    lin = make_linear(48, 40, bias)
+    packed = PackedLinear(lin)
+    x = torch.randn(*shape)
+    out = packed(x)
+    assert out.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(packed.weight, lin.weight)
+    assert packed.weight.shape == (40, 48) and packed.weight.dtype == torch.float32
+    assert (packed.bias is None) == (not bias)
+    if bias:
+        assert torch.equal(packed.bias, lin.bias)
+    assert list(packed.parameters()) == []
+    assert "in_features=48, out_features=40" in repr(packed)
+
+
+def test_packed_linear_refuses_non_float32_weights():
+    with pytest.raises(ConfigError, match="float32 CPU weight"):
+        PackedLinear(nn.Linear(8, 8).to(torch.bfloat16))
+
+
+def test_packed_linear_does_not_share_the_weight_storage():
+    lin = make_linear(16, 8, True)
+    packed = PackedLinear(lin)
+    before = packed.weight.clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+        lin.bias.add_(1.0)
+        packed.weight.add_(1.0)  # a rebuilt copy: changing it changes nothing
+    assert torch.equal(packed.weight, before)
+    assert not torch.equal(packed.bias, lin.bias)
+
+
+# ------------------------------------------------------------------------------------------------ 2
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_packed_linear_is_batch_invariant(bias):
+    packed = PackedLinear(make_linear(128, 96, bias))
+    torch.manual_seed(1)
+    x = torch.randn(16, 128)
+    alone = [packed(x[i:i + 1]) for i in range(16)]
+    for n in (2, 5, 16):
+        batch = packed(x[:n])
+        for i in range(n):
+            assert torch.equal(batch[i:i + 1], alone[i]), (n, i)
+    # 3-D input: every (b, t) row is one row of the product
+    batch3 = packed(x[:16].view(4, 4, 128))
+    assert torch.equal(batch3.reshape(16, 96), torch.cat(alone))
+
+
+def test_linears_batch_invariant():
+    model = tiny_gpt()
+    assert linears_batch_invariant(model) is False
+    assert linears_batch_invariant(nn.Sequential(nn.LayerNorm(4))) is False  # no linear at all
+    n = prepack_linears(model)
+    assert n == 2 * 4 + 1  # qkv, attn.proj, fc, mlp.proj per block, and the LM head
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert linears_batch_invariant(model) is True
+    # one plain Linear left is enough to lose the property
+    model.blocks[1].mlp.fc = nn.Linear(32, 128)
+    assert linears_batch_invariant(model) is False
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="needs fbgemm (x86 CPU)")
+def test_linears_batch_invariant_after_int8():
+    model = prepare_for_inference(tiny_gpt(), quantize="int8")
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert linears_batch_invariant(model) is True
+
+
+def test_prepack_leaves_other_dtypes_alone():
+    model = tiny_gpt().to(torch.bfloat16)
+    assert prepack_linears(model) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------------ 3
+@torch.no_grad()
+def test_state_dict_of_a_prepacked_model_is_the_plain_one():
+    plain = tiny_gpt()
+    before = plain.state_dict()
+    ref_logits = plain(torch.tensor([[1, 2, 3, 4, 5]]))
+    model = copy.deepcopy(plain)
+    prepack_linears(model)
+    after = model.state_dict()
+    assert list(after.keys()) == list(before.keys())
+    assert "lm_head.weight" in after  # the tied head is saved under both names, as a plain GPT does
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
+    # it loads into a fresh, plain GPT (strict) and gives the same logits
+    fresh = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
+    fresh.load_state_dict(after)
+    assert torch.equal(fresh(torch.tensor([[1, 2, 3, 4, 5]])), ref_logits)
+
+
+@torch.no_grad()
+def test_load_state_dict_into_a_prepacked_model_repacks():
+    idx = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    other = tiny_gpt(seed=7)
+    want = other(idx)
+    model = tiny_gpt(seed=0)
+    prepack_linears(model)
+    assert not torch.allclose(model(idx), want, atol=1e-3)
+    result = model.load_state_dict(other.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(model(idx), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, other.blocks[0].attn.qkv.weight)
+    assert torch.equal(model.lm_head.weight, other.wte.weight)
+    assert isinstance(model.blocks[0].attn.qkv, PackedLinear)
+
+
+def test_load_state_dict_reports_a_shape_mismatch_and_missing_weight():
+    model = tiny_gpt()
+    prepack_linears(model)
+    state = model.state_dict()
+    state["blocks.0.mlp.fc.weight"] = torch.zeros(7, 32)
+    with pytest.raises(RuntimeError, match=r"size mismatch for blocks\.0\.mlp\.fc\.weight"):
+        model.load_state_dict(state)
+    state = model.state_dict()
+    del state["blocks.1.attn.proj.weight"]
+    with pytest.raises(RuntimeError, match=r"blocks\.1\.attn\.proj\.weight"):
+        model.load_state_dict(state)
+    result = model.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["blocks.1.attn.proj.weight"]
+
+
+# ------------------------------------------------------------------------------------------------ 4
+@torch.no_grad()
+def test_prepare_for_inference_keeps_logits_and_greedy_tokens():
+    plain = tiny_gpt()
+    plain.train()
+    model = copy.deepcopy(plain)
+    out = prepare_for_inference(model)
+    assert out is model
+    assert not model.training and all(not m.training for m in model.modules())
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    plain.eval()
+    idx = torch.tensor([[5, 17, 2, 96, 40, 0, 33], [1, 2, 3, 4, 5, 6, 7]])
+    torch.testing.assert_close(model(idx), plain(idx), atol=1e-5, rtol=0)
+    prompts = [[5, 17, 2], [9, 8, 7, 6, 5], [60]]
+    config = GenerateConfig(max_new_tokens=12, temperature=0.0)
+    got = [c[0].token_ids for c in generate_ids(model, prompts, config)]
+    want = [c[0].token_ids for c in generate_ids(plain, prompts, config)]
+    assert got == want and all(len(t) == 12 for t in got)
+
+
+def test_prepare_for_inference_without_prepack():
+    model = prepare_for_inference(tiny_gpt().train(), prepack=False)
+    assert not model.training
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert linears_batch_invariant(model) is False
+
+
+@pytest.mark.parametrize("bad", ["bogus", "int4", "INT8"])
+def test_prepare_for_inference_rejects_unknown_quantize(bad):
+    with pytest.raises(ConfigError, match=rf"quantize must be int8 or None, got '{bad}'"):
+        prepare_for_inference(tiny_gpt(), quantize=bad)
+
+
+@torch.no_grad()
+def test_bf16_input_falls_back_with_one_warning(caplog):
+    lin = make_linear(32, 24, True)
+    packed = PackedLinear(lin)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="gptforge.inference"):
+        y = packed(x)
+        y2 = packed(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y2)
+    want = F.linear(x, lin.weight.to(torch.bfloat16), lin.bias.to(torch.bfloat16))
+    torch.testing.assert_close(y, want)
+    warnings = [r for r in caplog.records if r.name == "gptforge.inference" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "bfloat16" in warnings[0].getMessage()
+    # float32 afterwards goes back to the packed kernel and still matches
+    xf = torch.randn(3, 32)
+    torch.testing.assert_close(packed(xf), lin(xf), atol=1e-5, rtol=1e-5)
+
+
+def test_input_that_needs_grad_falls_back_and_gets_gradients():
+    lin = make_linear(16, 8, True)
+    packed = PackedLinear(lin)
+    x = torch.randn(2, 16, requires_grad=True)
+    packed(x).sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.detach().sum(0).expand(2, 16))
+
+
+# ------------------------------------------------------------------------------------------------ 5
+def _ragged_setup(model, prompts, max_length=64):
+    """Each prompt prefilled alone, its keys/values copied into one shared cache so that every row ends at
+    the same column L (start_i = L - len_i, as the scheduler's _place does)."""
+    lengths = [len(p) for p in prompts]
+    L = max(lengths)
+    big = model.new_kv_cache(len(prompts), max_length)
+    for i, p in enumerate(prompts):
+        own = model.new_kv_cache(1, max_length)
+        model(torch.tensor([p]), kv_cache=own)
+        big.k[:, i, :, L - len(p):L] = own.k[:, 0, :, :len(p)]
+        big.v[:, i, :, L - len(p):L] = own.v[:, 0, :, :len(p)]
+    big.length = L
+    big.row_starts = [L - n for n in lengths]
+    return big, L
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+@torch.no_grad()
+def test_ragged_decode_step_equals_each_row_alone(prepack):
+    model = tiny_gpt()
+    if prepack:
+        prepack_linears(model)
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41, 42]]
+    next_tokens = [11, 22, 33]
+    big, L = _ragged_setup(model, prompts)
+    tokens = torch.tensor([[t] for t in next_tokens])
+    positions = torch.tensor([[len(p)] for p in prompts])
+    batched = model(tokens, kv_cache=big, position_ids=positions)  # (3, 1, V)
+    assert batched.shape == (3, 1, 97) and big.length == L + 1
+    for i, p in enumerate(prompts):
+        own = model.new_kv_cache(1, 64)
+        model(torch.tensor([p]), kv_cache=own)
+        alone = model(tokens[i:i + 1], kv_cache=own, position_ids=positions[i:i + 1])
+        if prepack:  # batch-invariant linears: the very same bits
+            assert torch.equal(batched[i:i + 1], alone), i
+        else:
+            torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        # the step wrote the row's new keys/values at column L of the shared cache
+        torch.testing.assert_close(big.k[:, i, :, L], own.k[:, 0, :, len(p)], atol=1e-6, rtol=0)
+        torch.testing.assert_close(big.v[:, i, :, L], own.v[:, 0, :, len(p)], atol=1e-6, rtol=0)
+        # and the full-sequence forward agrees too
+        full = model(torch.tensor([p + [next_tokens[i]]]))[:, -1:]
+        torch.testing.assert_close(batched[i:i + 1], full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_ragged_decode_differs_from_attending_to_every_column():
+    """Control: without row_starts the short rows see the zero columns before their start, so the logits
+    change; the test above could not pass by accident."""
+    model = tiny_gpt()
+    prepack_linears(model)
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41, 42]]
+    tokens = torch.tensor([[11], [22], [33]])
+    positions = torch.tensor([[5], [9], [3]])
+    ragged, _ = _ragged_setup(model, prompts)
+    a = model(tokens, kv_cache=ragged, position_ids=positions)
+    flat, _ = _ragged_setup(model, prompts)
+    flat.row_starts = None
+    b = model(tokens, kv_cache=flat, position_ids=positions)
+    assert torch.equal(a[1], b[1])  # the longest row starts at column 0 either way
+    assert not torch.allclose(a[0], b[0], atol=1e-4)
+    assert not torch.allclose(a[2], b[2], atol=1e-4)
+
+
+@torch.no_grad()
+def test_ragged_cache_misuse_raises():
+    model = tiny_gpt()
+    prepack_linears(model)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5]]
+    big, L = _ragged_setup(model, prompts)
+    positions = torch.tensor([[3], [5]])
+    with pytest.raises(ValueError, match="row_starts"):  # two new tokens a row
+        model(torch.tensor([[1, 2], [3, 4]]), kv_cache=big, position_ids=torch.tensor([[3, 4], [5, 6]]))
+    with pytest.raises(ValueError, match="row_starts"):  # an attention mask
+        model(torch.tensor([[1], [2]]), kv_cache=big, position_ids=positions,
+              attention_mask=torch.ones(2, L + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="row_starts"):  # no position_ids
+        model(torch.tensor([[1], [2]]), kv_cache=big)
+    big.row_starts = [0, 0, 0]
+    with pytest.raises(ValueError, match="row_starts"):  # three starts for two rows
+        model(torch.tensor([[1], [2]]), kv_cache=big, position_ids=positions)
+    assert big.length == L  # nothing advanced
+    big.row_starts = [2, 0]
+    model.blocks[0].attn.prefix = lambda b: None  # a prefix-tuned model (the check runs before any call)
+    with pytest.raises(ValueError, match="prefix-tuned"):
+        model(torch.tensor([[1], [2]]), kv_cache=big, position_ids=positions)
+
+
+# ------------------------------------------------------------------------------------------------ 6
+@pytest.fixture()
+def tiny_checkpoint(tmp_path) -> Path:
+    return make_tiny_checkpoint(tmp_path)
+
+
+@pytest.fixture()
+def prepared_models(monkeypatch):
+    """Record every model the CLI prepares, and the kinds of its linear layers afterwards."""
+    import gptforge.inference as inference
+
+    real = inference.prepare_for_inference
+    seen = []
+
+    def spy(model, *, quantize=None, prepack=True):
+        out = real(model, quantize=quantize, prepack=prepack)
+        seen.append({"quantize": quantize, "prepack": prepack,
+                     "kinds": {type(m).__name__ for m in model.modules()
+                               if isinstance(m, (nn.Linear, PackedLinear, Int8Linear))}})
+        return out
+
+    monkeypatch.setattr(inference, "prepare_for_inference", spy)
+    return seen
+
+
+def test_generate_cli_prepacks_by_default_and_honours_the_flags(capsys, tiny_checkpoint, prepared_models):
+    base = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab", "--max-new-tokens", "8",
+            "--temperature", "0", "--device", "cpu"]
+    code, packed_out, _ = run(capsys, *base)
+    assert code == 0 and packed_out.startswith("ab") and len(packed_out) > 3
+    assert prepared_models[-1] == {"quantize": None, "prepack": True, "kinds": {"PackedLinear"}}
+
+    code, plain_out, _ = run(capsys, *base, "--no-prepack")
+    assert code == 0
+    assert prepared_models[-1] == {"quantize": None, "prepack": False, "kinds": {"Linear"}}
+    assert plain_out == packed_out  # greedy: prepacking does not change the text
+
+    code, int8_out, _ = run(capsys, *base, "--quantize", "int8")
+    assert code == 0 and int8_out.startswith("ab") and len(int8_out) > 3
+    assert prepared_models[-1]["quantize"] == "int8"
+    assert prepared_models[-1]["kinds"] == {"Int8Linear"}
+
+    code, _, err = run(capsys, *base, "--quantize", "int4")
+    assert code != 0 and "--quantize" in err
+
+
+def test_chat_help_lists_the_inference_flags(capsys):
+    code, out, _ = run(capsys, "chat", "--help")
+    assert code == 0
+    assert "--quantize" in out and "--no-prepack" in out
+    from gptforge.cli import build_parser
+
+    args, _ = build_parser().parse_known_args(["chat", "--checkpoint", "x"])
+    assert args.quantize is None and args.prepack is True
+    args, _ = build_parser().parse_known_args(["serve", "--checkpoint", "x", "--quantize", "int8", "--no-prepack"])
+    assert args.quantize == "int8" and args.prepack is False
+
+
+def test_serve_config_validates_quantize():
+    with pytest.raises(ConfigError, match="quantize"):
+        ServeConfig(checkpoint="x", quantize="int4").validate()
+    ServeConfig(checkpoint="x", quantize="int8").validate()
+    ServeConfig(checkpoint="x", quantize=None, prepack=False).validate()
+
+
+def test_load_served_checkpoint_prepares_the_model(tiny_checkpoint):
+    from gptforge.serve.app import load_served_checkpoint
+    from gptforge.serve.scheduler import Scheduler
+
+    ckpt = load_served_checkpoint(ServeConfig(checkpoint=str(tiny_checkpoint), device="cpu"))
+    assert not ckpt.model.training
+    assert linears_batch_invariant(ckpt.model)
+    assert Scheduler(ckpt.model, ckpt.tokenizer)._ragged is True
+    ckpt = load_served_checkpoint(ServeConfig(checkpoint=str(tiny_checkpoint), device="cpu", prepack=False))
+    assert not any(isinstance(m, PackedLinear) for m in ckpt.model.modules())
+    assert Scheduler(ckpt.model, ckpt.tokenizer)._ragged is False

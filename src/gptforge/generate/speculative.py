@@ -27,7 +27,7 @@ import torch
 from ..config import GenerateConfig
 from ..errors import ConfigError
 from ..model import GPT
-from .sampling import filter_logits
+from .sampling import filter_logits, sample
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def speculative_generate(
                     token = int(logits.argmax())
                 else:
                     q = probs(logits)
-                    token = int(torch.multinomial(q, 1, generator=_on(generator, d_device)))
+                    token = _draw(q, _on(generator, d_device))
                     q_rows.append(q.to(t_device))
                 proposals.append(token)
                 if i + 1 < k:
@@ -148,6 +148,11 @@ def speculative_generate(
     return new, stats
 
 
+def _draw(weights: torch.Tensor, generator: Optional[torch.Generator]) -> int:
+    """One index drawn in proportion to the 1-D ``weights``."""
+    return int(sample(weights.unsqueeze(0), None if generator is None else [generator])[0])
+
+
 def _on(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:
     """``generator`` if it can draw on ``device`` (a draft on another device uses the global RNG)."""
     return generator if generator is None or generator.device.type == device.type else None
@@ -168,7 +173,7 @@ def _accept_sampled(proposals: list[int], q_rows: list[torch.Tensor], p: torch.T
         residual = (p[i] - q_rows[i]).clamp_(min=0)
         if not residual.sum() > 0:  # p == q up to rounding: the rejection was rounding noise
             residual = p[i]
-        kept.append(int(torch.multinomial(residual, 1, generator=generator)))
+        kept.append(_draw(residual, generator))
         return kept
-    kept.append(int(torch.multinomial(p[len(proposals)], 1, generator=generator)))
+    kept.append(_draw(p[len(proposals)], generator))
     return kept

@@ -393,3 +393,18 @@ def test_load_served_checkpoint_prepares_the_model(tiny_checkpoint):
     ckpt = load_served_checkpoint(ServeConfig(checkpoint=str(tiny_checkpoint), device="cpu", prepack=False))
     assert not any(isinstance(m, PackedLinear) for m in ckpt.model.modules())
     assert Scheduler(ckpt.model, ckpt.tokenizer)._ragged is False
+
+
+def test_batch_size_1_layout_is_correct_but_not_counted_as_batch_invariant():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
+    reference = copy.deepcopy(model)
+    idx = torch.randint(0, 97, (3, 9))
+    assert prepack_linears(model, batch_size=1) == 9
+    assert all(m.batch_size == 1 for m in model.modules() if isinstance(m, PackedLinear))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx), atol=1e-5, rtol=1e-5)
+    assert not linears_batch_invariant(model)  # one row takes another kernel than several
+    # A reload keeps the layout it was made with.
+    model.load_state_dict(reference.state_dict())
+    assert all(m.batch_size == 1 for m in model.modules() if isinstance(m, PackedLinear))

@@ -410,6 +410,7 @@ def _load_for_inference(source: str, device: str, dtype: str, quantize: Optional
 
     dev = resolve_device(device)
     ckpt = load_pretrained(source, device=dev, dtype=inference_dtype(dtype, dev))
+    # The general weight layout everywhere, so that `generate`, `chat` and the server round alike.
     prepare_for_inference(ckpt.model, quantize=quantize, prepack=prepack)
     return ckpt
 

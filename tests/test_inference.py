@@ -408,3 +408,31 @@ def test_batch_size_1_layout_is_correct_but_not_counted_as_batch_invariant():
     # A reload keeps the layout it was made with.
     model.load_state_dict(reference.state_dict())
     assert all(m.batch_size == 1 for m in model.modules() if isinstance(m, PackedLinear))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_lora_is_merged_before_quantizing_and_prepacking(quantize):
+    from gptforge.peft import LoRALinear, apply_lora
+
+    if quantize == "int8" and not fbgemm_available():
+        pytest.skip("fbgemm is not available")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97))
+    apply_lora(model, rank=4)
+    for m in model.modules():  # a trained-looking update, so that merging matters
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b.weight, std=0.5)
+    model.eval()
+    assert not linears_batch_invariant(model)  # LoRA's main product is a plain F.linear
+    idx = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        expected = model(idx)
+    prepare_for_inference(model, quantize=quantize)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    kinds = {type(m) for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear, Int8Linear))}
+    assert kinds == ({Int8Linear} if quantize else {PackedLinear})  # no quantized low-rank factors
+    assert all(m.in_features > 4 and m.out_features > 4 for m in model.modules() if type(m) in kinds)
+    with torch.no_grad():
+        got = model(idx)
+    torch.testing.assert_close(got, expected, atol=0.05 if quantize else 1e-5, rtol=0.05 if quantize else 1e-5)
+    assert linears_batch_invariant(model)

@@ -3,8 +3,9 @@
 ``prepare_for_inference(model, quantize=None)`` is what the CLI (generate, chat) and the server run after
 loading a checkpoint. It turns the model into an inference-only one, in place:
 
-1. ``quantize="int8"``: :func:`gptforge.quant.quantize_int8` (weight-only int8 linears).
-2. On CPU in float32, every remaining ``nn.Linear`` becomes a :class:`PackedLinear`: the weight is
+1. LoRA layers are merged into their weights (:func:`gptforge.peft.merge_lora`).
+2. ``quantize="int8"``: :func:`gptforge.quant.quantize_int8` (weight-only int8 linears).
+3. On CPU in float32, every remaining ``nn.Linear`` becomes a :class:`PackedLinear`: the weight is
    reordered once into oneDNN's blocked layout and multiplied with oneDNN's inner-product kernel (the
    path ``torch.compile`` takes on CPU with weight freezing). At decode sizes this matters a lot: for
    1-16 rows, MKL's ``sgemv``/``sgemm`` behind ``F.linear`` runs on one of the two cores and on a slow
@@ -117,11 +118,12 @@ def linears_batch_invariant(model: nn.Module) -> bool:
     int8 layers on the fbgemm kernel (exact integer products; the pinned row fixes the input scale).
     False as soon as one plain ``nn.Linear`` remains: BLAS picks other kernels for other row counts.
     """
+    from .peft.lora import LoRALinear
     from .quant import Int8Linear
 
     found = False
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or isinstance(module, LoRALinear):  # LoRA's main product is F.linear
             return False
         if isinstance(module, Int8Linear):
             if module.resolved_kernel(module.weight.device) != "fbgemm":
@@ -167,6 +169,12 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"quantize must be int8 or None, got {quantize!r}")
+    from .peft.lora import LoRALinear, merge_lora
+
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        # Fold LoRA updates into their weights first: one matrix product a layer instead of three, and
+        # int8 / prepacking then apply to the real weights rather than to the low-rank factors.
+        merge_lora(model)
     if quantize == "int8":
         from .quant import quantize_int8
 

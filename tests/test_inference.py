@@ -436,3 +436,15 @@ def test_lora_is_merged_before_quantizing_and_prepacking(quantize):
         got = model(idx)
     torch.testing.assert_close(got, expected, atol=0.05 if quantize else 1e-5, rtol=0.05 if quantize else 1e-5)
     assert linears_batch_invariant(model)
+
+
+def test_int8_fbgemm_linear_is_batch_invariant():
+    if not fbgemm_available():
+        pytest.skip("fbgemm is not available")
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(96, 200))
+    x = torch.randn(16, 96) * 3
+    with torch.no_grad():
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(16)])
+        for m in (2, 5, 16):
+            assert torch.equal(layer(x[:m]), alone[:m])

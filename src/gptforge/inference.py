@@ -182,6 +182,6 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
     if prepack:
         n = prepack_linears(model, batch_size)
         if n:
-            log.info("prepacked %d float32 Linear layers for oneDNN's CPU kernel", n)
+            log.debug("prepacked %d float32 Linear layers for oneDNN's CPU kernel", n)
     model.eval()  # last: the swapped-in layers are new modules
     return model

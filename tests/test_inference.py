@@ -448,3 +448,15 @@ def test_int8_fbgemm_linear_is_batch_invariant():
         alone = torch.cat([layer(x[i:i + 1]) for i in range(16)])
         for m in (2, 5, 16):
             assert torch.equal(layer(x[:m]), alone[:m])
+
+
+def test_a_prepared_model_can_be_deep_copied():
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)))
+    clone = copy.deepcopy(model)
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(clone(idx), model(idx))
+        layer = clone.blocks[0].mlp.fc
+        layer.load_state_dict({"weight": torch.zeros_like(layer.weight), "bias": layer.bias})
+        assert not torch.equal(clone(idx), model(idx))  # the copy has its own packed weight

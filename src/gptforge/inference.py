@@ -27,6 +27,7 @@ The packed kernel has no backward: prepare only models that will not be trained.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Optional
 
@@ -87,6 +88,16 @@ class PackedLinear(nn.Module):
             self._warned = True
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
         return F.linear(x, self.weight.to(x.device, x.dtype), bias)
+
+    def __deepcopy__(self, memo):
+        # An opaque oneDNN tensor has no storage to copy: copy everything else, then repack a dense copy.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_packed":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._packed = _pack(self._packed.to_dense(), self.batch_size)
+        return new
 
     # state_dict holds the dense weight, so a prepared model still saves and loads like a plain one.
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -326,6 +326,8 @@ class Scheduler:
         big.k[:, seq.slot, :, seq.start:self._length] = cache.k[:, 0, :, :P]
         big.v[:, seq.slot, :, seq.start:self._length] = cache.v[:, 0, :, :P]
         self._running.append(seq)
+        # Counted at once, before the row's first token goes out (the /metrics gauge must not lag it).
+        self.stats.running = len(self._running)
         self.stats.peak_running = max(self.stats.peak_running, len(self._running))
 
     def _remove(self, seq: Sequence) -> None:
@@ -337,6 +339,7 @@ class Scheduler:
             last.slot = seq.slot
             self._running[seq.slot] = last
         self._running.pop()
+        self.stats.running = len(self._running)
         seq.slot = -1
         if not self._running:
             self._length = 0

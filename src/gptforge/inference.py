@@ -60,7 +60,7 @@ class PackedLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         # The layout oneDNN picks depends on the expected number of rows: with 1 it is a matrix-vector
-        # layout (about 15% faster at batch 1, slower at 8 or more); None is the general one.
+        # layout (5-15% faster at batch 1, slower at 8 or more); None is the general one.
         self.batch_size = batch_size
         # Not a buffer: module.to() must not try to move an opaque oneDNN tensor.
         self._packed = _pack(weight, batch_size)

@@ -246,6 +246,7 @@ class Scheduler:
             leftovers = list(self._waiting) + self._running
             self._waiting.clear()
             self._running = []
+            self.stats.running = 0
             jobs = list(self._jobs)
             self._jobs.clear()
         for seq in leftovers:
@@ -259,7 +260,6 @@ class Scheduler:
         self._admit(now)
         if self._running:
             self._decode()
-        self.stats.running = len(self._running)
 
     def _drop_cancelled(self, now: float) -> None:
         for seq in list(self._running):
@@ -267,7 +267,6 @@ class Scheduler:
                 self._remove(seq)
                 self.stats.cancelled += 1
                 self._emit(seq, TokenEvent(seq.index, "", finish_reason="cancelled"))
-        self.stats.running = len(self._running)
 
     def _admit(self, now: float) -> None:
         while len(self._running) < self.max_batch_size:
@@ -326,7 +325,7 @@ class Scheduler:
         big.k[:, seq.slot, :, seq.start:self._length] = cache.k[:, 0, :, :P]
         big.v[:, seq.slot, :, seq.start:self._length] = cache.v[:, 0, :, :P]
         self._running.append(seq)
-        # Counted at once, before the row's first token goes out (the /metrics gauge must not lag it).
+        # The gauge changes with the list itself (here and in _remove), so /metrics never lags a token.
         self.stats.running = len(self._running)
         self.stats.peak_running = max(self.stats.peak_running, len(self._running))
 

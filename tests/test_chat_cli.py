@@ -5,27 +5,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gptforge.chat import ChatSession, chat_template_of
-from gptforge.checkpoint import load_checkpoint, save_checkpoint
-from gptforge.config import GenerateConfig, ModelConfig
+from gptforge.checkpoint import load_checkpoint
+from gptforge.config import GenerateConfig
 from gptforge.data.finetune import DEFAULT_CHAT_TEMPLATE
 from gptforge.errors import ConfigError
-from gptforge.model import GPT
-from gptforge.tokenizer import CharTokenizer
+from tests.model_utils import save_tiny_checkpoint
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,?!\n<>|")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tok = CharTokenizer(CHARS)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=192, n_layer=1, n_head=2, n_embd=16))
-    path = tmp_path_factory.mktemp("chat") / "ckpt"
-    save_checkpoint(path, model, tok, {"model": vars(model.config)})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt", CHARS, block_size=192, n_layer=1,
+                                n_embd=16)
 
 
 @pytest.fixture(scope="module")

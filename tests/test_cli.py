@@ -9,12 +9,13 @@ import pytest
 
 from gptforge.checkpoint import COMPLETE_MARKER
 from gptforge.cli import EXIT_USER_ERROR
-from tests.cli_utils import assert_one_line_error, make_tiny_checkpoint, run
+from tests.cli_utils import assert_one_line_error, run
+from tests.model_utils import save_tiny_checkpoint
 
 
 @pytest.fixture()
 def tiny_checkpoint(tmp_path) -> Path:
-    return make_tiny_checkpoint(tmp_path)
+    return save_tiny_checkpoint(tmp_path / "ckpt", "abcdefghijklmnopqrstuvwxyz .\n", block_size=32, n_layer=1, n_embd=16)
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -19,7 +19,8 @@ from gptforge.inference import (PackedLinear, linears_batch_invariant, prepack_a
                                 prepare_for_inference)
 from gptforge.model import GPT
 from gptforge.quant import Int8Linear, fbgemm_available
-from tests.cli_utils import make_tiny_checkpoint, run
+from tests.cli_utils import run
+from tests.model_utils import save_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not prepack_available(), reason="this PyTorch build has no oneDNN prepacked linears")
 
@@ -320,7 +321,7 @@ def test_ragged_cache_misuse_raises():
 # ------------------------------------------------------------------------------------------------ 6
 @pytest.fixture()
 def tiny_checkpoint(tmp_path) -> Path:
-    return make_tiny_checkpoint(tmp_path)
+    return save_tiny_checkpoint(tmp_path / "ckpt", "abcdefghijklmnopqrstuvwxyz .\n", block_size=32, n_layer=1, n_embd=16)
 
 
 @pytest.fixture()

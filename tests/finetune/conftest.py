@@ -17,12 +17,9 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
-from gptforge.checkpoint import save_checkpoint
-from gptforge.config import FinetuneConfig, ModelConfig
-from gptforge.model import GPT
-from gptforge.tokenizer import CharTokenizer
+from gptforge.config import FinetuneConfig
+from tests.model_utils import save_tiny_checkpoint
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .:<>|\n")
 FILLER = ["the", "movie", "was", "plot", "actors", "scene", "very", "quite", "really"]
@@ -74,12 +71,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def base_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny GPT (2 layers, width 32, context 64) with a character tokenizer."""
-    torch.manual_seed(0)
-    tok = CharTokenizer(CHARS)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
-    path = tmp_path_factory.mktemp("base") / "ckpt"
-    save_checkpoint(path, model, tok, {"model": vars(model.config)})
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", CHARS, block_size=64, n_layer=2, n_embd=32)
 
 
 @pytest.fixture(scope="session")

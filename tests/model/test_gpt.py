@@ -8,6 +8,7 @@ import torch
 from gptforge.config import ModelConfig
 from gptforge.errors import ConfigError
 from gptforge.model import GPT
+from tests.model_utils import assert_left_padding_matches_unpadded
 
 
 def make(**kw) -> GPT:
@@ -56,23 +57,7 @@ def test_kv_cache_matches_full_recompute():
 
 
 def test_left_padding_with_mask_matches_unpadded():
-    m = make()
-    a = torch.randint(0, 97, (1, 9))
-    b = torch.randint(0, 97, (1, 5))
-    pad = 4
-    batch = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], dim=1)])
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :pad] = 0
-    out = m(batch, attention_mask=mask)
-    assert torch.allclose(out[0], m(a)[0], atol=1e-5)
-    assert torch.allclose(out[1, pad:], m(b)[0], atol=1e-5)
-    # and incrementally, with a cache and a growing mask
-    cache = m.new_kv_cache(2)
-    m(batch, kv_cache=cache, attention_mask=mask)
-    nxt = torch.tensor([[5], [6]])
-    step = m(nxt, kv_cache=cache, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1))
-    ref_b = m(torch.cat([b, nxt[1:]], dim=1))[0, -1]
-    assert torch.allclose(step[1, -1], ref_b, atol=1e-5)
+    assert_left_padding_matches_unpadded(make(), 97)
 
 
 def test_context_longer_than_block_size_is_a_clear_error():

@@ -9,6 +9,7 @@ from gptforge.errors import CheckpointError, ConfigError
 from gptforge.model import GPT
 from gptforge.peft import (PrefixEncoder, apply_prefix, fold_prefix, load_peft, load_prefix, prefix_state_dict,
                            save_prefix)
+from tests.model_utils import assert_left_padding_matches_unpadded
 from tests.peft.peft_utils import assert_only_peft_trained, lm_steps
 from tests.peft.peft_utils import tiny_gpt as make
 
@@ -71,21 +72,7 @@ def test_kv_cache_decoding_equals_full_recompute(reparameterize):
 
 
 def test_left_padding_keeps_the_prefix_visible():
-    m = prefixed(4)
-    a = torch.randint(0, 97, (1, 9))
-    b = torch.randint(0, 97, (1, 5))
-    pad = 4
-    batch = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], dim=1)])
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :pad] = 0
-    out = m(batch, attention_mask=mask)
-    assert torch.allclose(out[0], m(a)[0], atol=1e-5)
-    assert torch.allclose(out[1, pad:], m(b)[0], atol=1e-5)
-    cache = m.new_kv_cache(2)
-    m(batch, kv_cache=cache, attention_mask=mask)
-    nxt = torch.tensor([[5], [6]])
-    step = m(nxt, kv_cache=cache, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1))
-    assert torch.allclose(step[1, -1], m(torch.cat([b, nxt[1:]], dim=1))[0, -1], atol=1e-5)
+    assert_left_padding_matches_unpadded(prefixed(4), 97)
 
 
 @pytest.mark.parametrize("reparameterize", [False, True])

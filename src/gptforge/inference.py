@@ -63,13 +63,20 @@ class PackedLinear(nn.Module):
         # layout (5-15% faster at batch 1, slower at 8 or more); None is the general one.
         self.batch_size = batch_size
         # Not a buffer: module.to() must not try to move an opaque oneDNN tensor.
-        self._packed = _pack(weight, batch_size)
+        self._set_packed(_pack(weight, batch_size))
         if linear.bias is not None:
             self.register_buffer("bias", linear.bias.detach().clone())
         else:
             self.bias = None
         self._warned = False
         self.train(linear.training)
+
+    def _set_packed(self, packed: torch.Tensor) -> None:
+        from . import native
+
+        self._packed = packed
+        # The same oneDNN call made from C++ (gptforge.native): ~20 us less per call from Python.
+        self._native = native.packed_linear(packed)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -82,6 +89,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
             bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()
+            if self._native is not None:
+                return self._native(x, bias)
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
         if not self._warned:
             log.warning("prepacked linear got %s input on %s; using the slower unpacked path", x.dtype, x.device)
@@ -94,9 +103,9 @@ class PackedLinear(nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key != "_packed":
+            if key not in ("_packed", "_native"):
                 new.__dict__[key] = copy.deepcopy(value, memo)
-        new._packed = _pack(self._packed.to_dense(), self.batch_size)
+        new._set_packed(_pack(self._packed.to_dense(), self.batch_size))
         return new
 
     # state_dict holds the dense weight, so a prepared model still saves and loads like a plain one.
@@ -113,7 +122,7 @@ class PackedLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: got {tuple(weight.shape)}, expected "
                                   f"{(self.out_features, self.in_features)}")
             else:
-                self._packed = _pack(weight.detach().float().cpu(), self.batch_size)
+                self._set_packed(_pack(weight.detach().float().cpu(), self.batch_size))
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}

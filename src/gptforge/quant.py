@@ -103,6 +103,7 @@ class Int8Linear(nn.Module):
             self.bias = None
         self._packed = None  # fbgemm's packed weight, derived from ``weight``; rebuilt when that changes
         self._pin: Optional[torch.Tensor] = None  # fbgemm's extra input row, see _pin_row
+        self._native = None  # the same product as one C++ call (gptforge.native), when it could be built
         self._resolved: dict[str, str] = {}  # device type → kernel actually used
 
     @classmethod
@@ -127,7 +128,7 @@ class Int8Linear(nn.Module):
 
     # -- keep the derived packed weight in step with the buffers -----------------------------------
     def _apply(self, fn, *args, **kwargs):
-        self._packed = None
+        self._packed = self._native = None
         self._resolved.clear()
         result = super()._apply(fn, *args, **kwargs)
         if self.scales.dtype != torch.float32:  # model.to(bfloat16) must not round the scales
@@ -135,7 +136,7 @@ class Int8Linear(nn.Module):
         return result
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = None
+        self._packed = self._native = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- kernels -----------------------------------------------------------------------------------
@@ -156,6 +157,9 @@ class Int8Linear(nn.Module):
         if self.resolved_kernel(self.weight.device) == "fbgemm" and self._packed is None:
             self._packed = _fbgemm_pack(self.weight, self.scales)
             self._pin = _pin_row(self.in_features)
+            from . import native
+
+            self._native = native.int8_linear(self._packed, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -164,7 +168,10 @@ class Int8Linear(nn.Module):
         if kernel == "fbgemm":
             if self._packed is None:
                 self.prepare()
-            y = _fbgemm_linear(x2, self._packed, self._pin, self.bias)
+            if self._native is not None and x2.dtype == torch.float32:
+                y = self._native(x2, self.bias)
+            else:
+                y = _fbgemm_linear(x2, self._packed, self._pin, self.bias)
         elif kernel == "int8pack":
             try:
                 y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))

@@ -1,0 +1,119 @@
+"""Native CPU kernels for the decode step, compiled on first use; Python fallbacks when they cannot be.
+
+``kernels.cpp`` holds one C++ call per linear layer for the two inference layers that run on CPU:
+the int8 layer on fbgemm (:class:`gptforge.quant.Int8Linear`) and the prepacked float32 layer on oneDNN
+(:class:`gptforge.inference.PackedLinear`). They compute what the Python code computes, in the same
+order; what they remove is the per-op cost of calling torch from Python, which at decode sizes is as
+large as the matrix products (see benchmarks/README.md, "Decoding").
+
+The extension is built with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja; the
+``ninja`` package is a dependency) the first time a layer asks for it, once per machine, torch version
+and source: about 35 s on 2 cores, cached in ``$GPTFORGE_NATIVE_DIR`` (default
+``~/.cache/gptforge/native``). If the build or the import fails, one warning says why and every layer
+keeps its Python path. ``GPTFORGE_NATIVE=0`` skips the kernels altogether.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+_ABI = 1  # must equal m.attr("ABI") in kernels.cpp
+_lock = threading.Lock()
+_state: dict = {}  # "module": the loaded extension or None once tried
+
+
+def enabled() -> bool:
+    """False when ``GPTFORGE_NATIVE`` is set to 0 / false / no / off."""
+    return os.environ.get("GPTFORGE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def build_directory(source: Optional[Path] = None) -> Path:
+    """Where the extension for this source (default :data:`SOURCE`), Python and torch is built and cached."""
+    source = Path(source) if source is not None else SOURCE
+    root = Path(os.environ.get("GPTFORGE_NATIVE_DIR") or Path.home() / ".cache" / "gptforge" / "native")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    torch_tag = torch.__version__.replace("+", "_")
+    return root / f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch_tag}-{digest}"
+
+
+def build(source: Optional[Path] = None, directory: Optional[Path] = None) -> ModuleType:
+    """Compile (or reuse the cached build of) ``source`` (default :data:`SOURCE`) and import it.
+
+    Raises whatever the compiler, ninja or the import raise.
+    """
+    from torch.utils import cpp_extension
+
+    source = Path(source) if source is not None else SOURCE
+    directory = Path(directory) if directory is not None else build_directory(source)
+    directory.mkdir(parents=True, exist_ok=True)
+    # The ninja that pip installs sits next to this interpreter, which need not be on PATH.
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    name = "gptforge_native_" + directory.name.rsplit("-", 1)[-1]
+    cached = any(directory.glob(name + "*.so"))
+    if not cached:
+        log.info("building gptforge's native CPU kernels (once per machine and torch version, ~35 s) in %s",
+                 directory)
+    start = time.perf_counter()
+    module = cpp_extension.load(name=name, sources=[str(source)], build_directory=str(directory),
+                                extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+    if getattr(module, "ABI", None) != _ABI:
+        raise RuntimeError(f"{source.name} reports ABI {getattr(module, 'ABI', None)}, expected {_ABI}")
+    if not cached:
+        log.info("built the native kernels in %.0f s", time.perf_counter() - start)
+    return module
+
+
+def load() -> Optional[ModuleType]:
+    """The native kernels module, or None (disabled, or it could not be built; warned once)."""
+    if not enabled():
+        return None
+    with _lock:
+        if "module" not in _state:
+            try:
+                _state["module"] = build()
+            except Exception as exc:  # no compiler, no ninja, other headers: keep the Python path
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.warning("gptforge's native CPU kernels are unavailable (%s: %s); using the Python "
+                            "path, which is slower at decode sizes. Set GPTFORGE_NATIVE=0 to skip the "
+                            "attempt.", type(exc).__name__, first[:300])
+                _state["module"] = None
+        return _state["module"]
+
+
+def int8_linear(packed, in_features: int):
+    """A native callable ``(x (M, K) float32, bias) -> y`` for an fbgemm-packed int8 weight, or None."""
+    module = load()
+    if module is None:
+        return None
+    try:
+        return module.Int8Linear(packed, in_features)
+    except Exception as exc:
+        log.warning("native int8 kernel refused a layer (%s); using the Python path", exc)
+        return None
+
+
+def packed_linear(packed_weight: torch.Tensor):
+    """A native callable ``(x, bias) -> y`` for a oneDNN-prepacked float32 weight, or None."""
+    module = load()
+    if module is None:
+        return None
+    try:
+        return module.PackedLinear(packed_weight)
+    except Exception as exc:
+        log.warning("native packed-linear kernel refused a layer (%s); using the Python path", exc)
+        return None

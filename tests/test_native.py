@@ -1,0 +1,152 @@
+"""gptforge.native: the C++ decode-step kernels give the Python path's bits, and their absence is survivable."""
+
+import copy
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gptforge import native
+from gptforge.inference import PackedLinear, prepack_available, prepare_for_inference
+from gptforge.quant import Int8Linear, _fbgemm_linear, fbgemm_available
+
+from gptforge.config import ModelConfig
+from gptforge.model import GPT
+
+HAVE_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+needs_native = pytest.mark.skipif(not HAVE_COMPILER or not native.enabled(),
+                                  reason="no C++ compiler here, or GPTFORGE_NATIVE=0")
+needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="needs fbgemm (x86 CPU)")
+# torch's AVX2/AVX-512 kernels use fused multiply-adds where the native epilogue does (std::fma);
+# on a CPU without them the two paths may differ in the last bit.
+FMA = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def hard_input(*shape, k):
+    torch.manual_seed(3)
+    x = torch.randn(*shape, k)
+    x[..., 5] *= 40.0  # an outlier channel
+    x[0] *= 1e-3  # and a row a thousand times smaller than the others
+    return x
+
+
+@pytest.fixture()
+def fresh_state(monkeypatch):
+    """Forget whether the kernels were loaded, so that load() tries again (restored afterwards)."""
+    monkeypatch.setattr(native, "_state", {})
+
+
+@needs_native
+def test_the_kernels_build_here_and_the_layers_use_them():
+    assert native.load() is not None
+    layer = PackedLinear(nn.Linear(16, 8))
+    assert layer._native is not None
+    if fbgemm_available():
+        q = Int8Linear.from_linear(nn.Linear(16, 8))
+        q.prepare()
+        assert q._native is not None
+
+
+@needs_native
+@needs_fbgemm
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 96), (3, 96), (17, 96), (2, 5, 96)])
+def test_native_int8_gives_the_python_paths_result(bias, shape):
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(96, 300, bias=bias))
+    q.prepare()
+    x = hard_input(*shape[:-1], k=shape[-1])
+    y = q(x)
+    x2 = x.reshape(-1, 96)
+    expected = _fbgemm_linear(x2, q._packed, q._pin, q.bias).reshape(*shape[:-1], 300)
+    if FMA:
+        assert torch.equal(y, expected)
+    else:
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    # Each row alone gives the bits it gets in the batch (what the server's batching relies on).
+    rows = x2.shape[0]
+    for i in (0, rows - 1):
+        assert torch.equal(q(x2[i:i + 1])[0], y.reshape(rows, 300)[i])
+
+
+@needs_native
+@needs_fbgemm
+def test_native_int8_propagates_nan_like_the_python_path():
+    q = Int8Linear.from_linear(nn.Linear(32, 12))
+    q.prepare()
+    x = torch.randn(3, 32)
+    x[1, 7] = float("nan")
+    y = q(x)
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(_fbgemm_linear(x, q._packed, q._pin, q.bias)))
+
+
+@needs_native
+@pytest.mark.skipif(not prepack_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_packed_linear_is_the_same_onednn_call(bias):
+    torch.manual_seed(1)
+    layer = PackedLinear(nn.Linear(64, 40, bias=bias))
+    for shape in [(1, 64), (7, 64), (2, 3, 64)]:
+        x = torch.randn(*shape)
+        expected = torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], "")
+        assert torch.equal(layer(x), expected)
+
+
+@needs_native
+def test_prepared_int8_model_deep_copies_with_working_kernels():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
+    model = prepare_for_inference(model, quantize="int8")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        expected = model(ids)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(ids), expected)
+
+
+def test_disabled_by_environment(monkeypatch, fresh_state):
+    monkeypatch.setenv("GPTFORGE_NATIVE", "0")
+    assert not native.enabled() and native.load() is None
+    layer = PackedLinear(nn.Linear(16, 8)) if prepack_available() else None
+    if layer is not None:
+        assert layer._native is None
+        x = torch.randn(2, 16)
+        assert torch.equal(layer(x), torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], ""))
+    if fbgemm_available():
+        q = Int8Linear.from_linear(nn.Linear(16, 8))
+        q.prepare()
+        assert q._native is None
+        assert q(torch.randn(2, 16)).shape == (2, 8)
+
+
+def test_a_failed_build_warns_once_and_keeps_the_python_path(monkeypatch, fresh_state, tmp_path, caplog):
+    bad = tmp_path / "kernels.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setenv("GPTFORGE_NATIVE", "1")
+    monkeypatch.setenv("GPTFORGE_NATIVE_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(native, "SOURCE", bad)
+    with caplog.at_level(logging.WARNING, logger="gptforge.native"):
+        assert native.load() is None
+        assert native.load() is None
+        assert native.packed_linear(torch.zeros(1)) is None
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "GPTFORGE_NATIVE=0" in warnings[0].getMessage()
+    if fbgemm_available():  # a layer built now works, on the Python path
+        q = Int8Linear.from_linear(nn.Linear(16, 8))
+        q.prepare()
+        assert q._native is None and q(torch.randn(1, 16)).shape == (1, 8)
+
+
+def test_build_directory_depends_on_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_NATIVE_DIR", str(tmp_path))
+    a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
+    a.write_text("// one\n")
+    b.write_text("// two\n")
+    assert native.build_directory(a) != native.build_directory(b)
+    assert native.build_directory(a).parent == tmp_path
+    assert torch.__version__.split("+")[0] in native.build_directory(a).name

@@ -21,6 +21,8 @@ server give the same bits for the same prompt; pass ``batch_size=1`` yourself fo
 A packed layer keeps no dense copy of its weight; ``layer.weight`` rebuilds one on demand (for
 inspection and ``state_dict``), so memory stays the same except for the tied LM head, whose packed copy
 sits next to the token embedding (the embedding needs row lookups, which a blocked layout cannot give).
+Each packed layer calls oneDNN from C++ when :mod:`gptforge.native` could be built (the same call, ~20 us
+less per layer than through ``torch.ops`` from Python).
 The packed kernel has no backward: prepare only models that will not be trained. Inputs it cannot take
 (another device or dtype) fall back to ``F.linear`` on the unpacked weight, with one warning.
 """

@@ -18,6 +18,8 @@ Kernels (picked per device by ``kernel="auto"``; all compute the same weight-onl
     scale 1, zero point 64 (lossless for these integers). Products are exact in int32, so the result
     matches the dequantized weight to about 1e-3 relative, well below the weight's own rounding (~1e-2).
     At decode sizes the GEMM is bound by memory bandwidth, so the extra rows are almost free.
+    The split and the recombination run as one C++ call when :mod:`gptforge.native` could be built (the
+    same arithmetic, bit for bit; ~15 torch calls from Python otherwise, as slow as the GEMM at batch 1).
 ``int8pack``
     ``torch._weight_int8pack_mm`` (CUDA; CPUs with AVX-512, where its kernel is vectorized; on AVX2 it
     is scalar and ~10x slower than float32, which is why x86 uses fbgemm).

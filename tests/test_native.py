@@ -150,3 +150,29 @@ def test_build_directory_depends_on_the_source(tmp_path, monkeypatch):
     assert native.build_directory(a) != native.build_directory(b)
     assert native.build_directory(a).parent == tmp_path
     assert torch.__version__.split("+")[0] in native.build_directory(a).name
+
+
+def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_path):
+    # torch's builder waits forever while its `lock` file exists; a killed build leaves one behind.
+    import subprocess
+    import sys
+    import textwrap
+
+    source = tmp_path / "mini.cpp"
+    source.write_text('#include <pybind11/pybind11.h>\n'
+                      f'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.attr("ABI") = {native._ABI}; }}\n')
+    build_dir = tmp_path / "build-0123456789ab"
+    build_dir.mkdir()
+    (build_dir / "lock").write_text("")
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from gptforge import native
+        module = native.build(Path({str(source)!r}), Path({str(build_dir)!r}))
+        print("ABI", module.ABI)
+    """)
+    if not HAVE_COMPILER:
+        pytest.skip("no C++ compiler here")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"ABI {native._ABI}" in done.stdout
+    assert not (build_dir / "lock").exists()

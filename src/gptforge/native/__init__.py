@@ -15,6 +15,7 @@ keeps its Python path. ``GPTFORGE_NATIVE=0`` skips the kernels altogether.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -69,13 +70,40 @@ def build(source: Optional[Path] = None, directory: Optional[Path] = None) -> Mo
         log.info("building gptforge's native CPU kernels (once per machine and torch version, ~35 s) in %s",
                  directory)
     start = time.perf_counter()
-    module = cpp_extension.load(name=name, sources=[str(source)], build_directory=str(directory),
-                                extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+    with _build_lock(directory):
+        module = cpp_extension.load(name=name, sources=[str(source)], build_directory=str(directory),
+                                    extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
     if getattr(module, "ABI", None) != _ABI:
         raise RuntimeError(f"{source.name} reports ABI {getattr(module, 'ABI', None)}, expected {_ABI}")
     if not cached:
         log.info("built the native kernels in %.0f s", time.perf_counter() - start)
     return module
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Hold an OS file lock on ``directory`` while building, and clear a stale torch lock file.
+
+    torch's builder marks a build in progress with a ``lock`` file and waits, forever, while one exists;
+    a build killed midway (Ctrl-C during the first ~35 s) leaves it behind, and every later run would
+    hang. gptforge's builds take this ``flock`` first, which the OS releases when a process dies, so a
+    ``lock`` file found while holding it belongs to no live gptforge build and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: keep torch's own locking
+        yield
+        return
+    with open(directory / ".gptforge-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                log.warning("removing a stale build lock left by an interrupted build: %s", stale)
+                stale.unlink()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load() -> Optional[ModuleType]:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -62,7 +63,7 @@ def build(source: Optional[Path] = None, directory: Optional[Path] = None) -> Mo
     directory.mkdir(parents=True, exist_ok=True)
     # The ninja that pip installs sits next to this interpreter, which need not be on PATH.
     bindir = os.path.dirname(sys.executable)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+    if shutil.which("ninja") is None and shutil.which("ninja", path=bindir) is not None:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     name = "gptforge_native_" + directory.name.rsplit("-", 1)[-1]
     cached = any(directory.glob(name + "*.so"))
@@ -85,8 +86,8 @@ def _build_lock(directory: Path):
     """Hold an OS file lock on ``directory`` while building, and clear a stale torch lock file.
 
     torch's builder marks a build in progress with a ``lock`` file and waits, forever, while one exists;
-    a build killed midway (Ctrl-C during the first ~35 s) leaves it behind, and every later run would
-    hang. gptforge's builds take this ``flock`` first, which the OS releases when a process dies, so a
+    a build killed midway (kill -9, an out-of-memory kill, a machine going down; Ctrl-C cleans up) leaves
+    it behind, and every later run would hang. gptforge's builds take this ``flock`` first, which the OS releases when a process dies, so a
     ``lock`` file found while holding it belongs to no live gptforge build and is removed.
     """
     try:

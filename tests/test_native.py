@@ -176,3 +176,21 @@ def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"ABI {native._ABI}" in done.stdout
     assert not (build_dir / "lock").exists()
+
+
+@needs_fbgemm
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch's own unpickling of fbgemm weights
+def test_an_int8_prepared_model_still_pickles_whole(tmp_path):
+    # torch.save(model) pickles the modules; the native kernel object is rebuilt on load.
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20)).eval()
+    model = prepare_for_inference(model, quantize="int8", prepack=False)
+    ids = torch.randint(0, 20, (2, 5))
+    with torch.inference_mode():
+        expected = model(ids)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    layer = next(m for m in loaded.modules() if isinstance(m, Int8Linear))
+    assert (layer._native is None) == (native.load() is None)
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids), expected)

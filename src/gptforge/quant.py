@@ -141,6 +141,19 @@ class Int8Linear(nn.Module):
         self._packed = self._native = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    # The native kernel object cannot be pickled: drop it, and rebuild it from the packed weight after.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_native"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.__dict__.get("_packed") is not None:
+            from . import native
+
+            self._native = native.int8_linear(self._packed, self.in_features)
+
     # -- kernels -----------------------------------------------------------------------------------
     def resolved_kernel(self, device: torch.device) -> str:
         """The kernel this layer uses on ``device``."""

@@ -194,3 +194,33 @@ def test_an_int8_prepared_model_still_pickles_whole(tmp_path):
     assert (layer._native is None) == (native.load() is None)
     with torch.inference_mode():
         assert torch.equal(loaded(ids), expected)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["packed", "int8"])
+def test_native_calls_release_the_gil(kind):
+    # The server's HTTP thread must run while the scheduler thread computes a layer: a long call in one
+    # thread must leave Python free in another (it is still running when the other thread looks).
+    import threading
+    import time
+
+    if kind == "int8" and not fbgemm_available():
+        pytest.skip("needs fbgemm (x86 CPU)")
+    torch.manual_seed(0)
+    linear = nn.Linear(768, 8192)
+    if kind == "packed":
+        layer = PackedLinear(linear)
+    else:
+        layer = Int8Linear.from_linear(linear)
+        layer.prepare()
+    assert layer._native is not None
+    x = torch.randn(1024, 768)  # ~13 GFLOP: well over 20 ms on any CPU this runs on
+    start = time.perf_counter()
+    layer._native(x, layer.bias)
+    took = time.perf_counter() - start
+    worker = threading.Thread(target=layer._native, args=(x, layer.bias))
+    worker.start()
+    time.sleep(min(0.02, took / 5))
+    still_running = worker.is_alive()  # reached only once this thread holds the GIL again
+    worker.join()
+    assert still_running, f"the native call ({took * 1e3:.0f} ms) held the GIL"

@@ -9,8 +9,8 @@
 // Int8Linear:   the fbgemm weight-only int8 product of gptforge/quant.py (_fbgemm_linear), the same
 //               arithmetic in the same order: per-row step = max|x| / 63, t = x / step, q1 = round(t),
 //               q2 = round((t - q1) * 126), rows [q1; q2; pin] through fbgemm's dynamic linear,
-//               y = (out1 + out2 / 126) * step + bias. Built with -ffp-contract=off, so no fused
-//               multiply-adds change the rounding.
+//               y = (out1 + out2 / 126) * step + bias. Built with -ffp-contract=off, so the compiler
+//               fuses no multiply-adds; the one std::fma is where torch's add(alpha=) fuses too.
 // PackedLinear: oneDNN's prepacked inner product (mkldnn::_linear_pointwise), called through the C++
 //               dispatcher instead of Python's torch.ops.
 #include <torch/extension.h>
@@ -163,14 +163,17 @@ class PackedLinear {
 
 }  // namespace
 
+// The calls release the GIL, as torch's own ops do: the server's HTTP thread runs while a layer computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ABI") = 1;  // bumped when a signature below changes
   py::class_<Int8Linear>(m, "Int8Linear")
       .def(py::init<const torch::jit::Object&, int64_t>())
-      .def("__call__", &Int8Linear::forward, py::arg("x"), py::arg("bias"))
+      .def("__call__", &Int8Linear::forward, py::arg("x"), py::arg("bias"),
+           py::call_guard<py::gil_scoped_release>())
       .def("__deepcopy__", [](const Int8Linear& self, py::dict) { return Int8Linear(self); });
   py::class_<PackedLinear>(m, "PackedLinear")
       .def(py::init<torch::Tensor>())
-      .def("__call__", &PackedLinear::forward, py::arg("x"), py::arg("bias"))
+      .def("__call__", &PackedLinear::forward, py::arg("x"), py::arg("bias"),
+           py::call_guard<py::gil_scoped_release>())
       .def("__deepcopy__", [](const PackedLinear& self, py::dict) { return PackedLinear(self); });
 }

@@ -72,8 +72,10 @@ def build(source: Optional[Path] = None, directory: Optional[Path] = None) -> Mo
                  directory)
     start = time.perf_counter()
     with _build_lock(directory):
+        # No contraction of a*b+c into fused multiply-adds: the kernels must round as torch's ops do.
+        flags = ["/O2", "/fp:precise"] if os.name == "nt" else ["-O3", "-ffp-contract=off"]
         module = cpp_extension.load(name=name, sources=[str(source)], build_directory=str(directory),
-                                    extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+                                    extra_cflags=flags, verbose=False)
     if getattr(module, "ABI", None) != _ABI:
         raise RuntimeError(f"{source.name} reports ABI {getattr(module, 'ABI', None)}, expected {_ABI}")
     if not cached:

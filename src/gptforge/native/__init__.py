@@ -89,8 +89,9 @@ def _build_lock(directory: Path):
 
     torch's builder marks a build in progress with a ``lock`` file and waits, forever, while one exists;
     a build killed midway (kill -9, an out-of-memory kill, a machine going down; Ctrl-C cleans up) leaves
-    it behind, and every later run would hang. gptforge's builds take this ``flock`` first, which the OS releases when a process dies, so a
-    ``lock`` file found while holding it belongs to no live gptforge build and is removed.
+    it behind, and every later run would hang. gptforge's builds take this ``flock`` first, which the OS
+    releases when a process dies, so a ``lock`` file found while holding it belongs to no live gptforge
+    build and is removed.
     """
     try:
         import fcntl

@@ -115,7 +115,8 @@ def test_disabled_by_environment(monkeypatch, fresh_state):
     if layer is not None:
         assert layer._native is None
         x = torch.randn(2, 16)
-        assert torch.equal(layer(x), torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], ""))
+        expected = torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], "")
+        assert torch.equal(layer(x), expected)
     if fbgemm_available():
         q = Int8Linear.from_linear(nn.Linear(16, 8))
         q.prepare()

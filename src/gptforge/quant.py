@@ -150,9 +150,12 @@ class Int8Linear(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         if self.__dict__.get("_packed") is not None:
-            from . import native
+            self._attach_native()
 
-            self._native = native.int8_linear(self._packed, self.in_features)
+    def _attach_native(self) -> None:
+        from . import native
+
+        self._native = native.int8_linear(self._packed, self.in_features)
 
     # -- kernels -----------------------------------------------------------------------------------
     def resolved_kernel(self, device: torch.device) -> str:
@@ -172,9 +175,7 @@ class Int8Linear(nn.Module):
         if self.resolved_kernel(self.weight.device) == "fbgemm" and self._packed is None:
             self._packed = _fbgemm_pack(self.weight, self.scales)
             self._pin = _pin_row(self.in_features)
-            from . import native
-
-            self._native = native.int8_linear(self._packed, self.in_features)
+            self._attach_native()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

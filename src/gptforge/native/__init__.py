@@ -127,25 +127,23 @@ def load() -> Optional[ModuleType]:
         return _state["module"]
 
 
-def int8_linear(packed, in_features: int):
-    """A native callable ``(x (M, K) float32, bias) -> y`` for an fbgemm-packed int8 weight, or None."""
+def _kernel(class_name: str, *args):
+    """An instance of the extension's ``class_name`` for one layer, or None (unavailable, or refused)."""
     module = load()
     if module is None:
         return None
     try:
-        return module.Int8Linear(packed, in_features)
+        return getattr(module, class_name)(*args)
     except Exception as exc:
-        log.warning("native int8 kernel refused a layer (%s); using the Python path", exc)
+        log.warning("native %s kernel refused a layer (%s); using the Python path", class_name, exc)
         return None
+
+
+def int8_linear(packed, in_features: int):
+    """A native callable ``(x (M, K) float32, bias) -> y`` for an fbgemm-packed int8 weight, or None."""
+    return _kernel("Int8Linear", packed, in_features)
 
 
 def packed_linear(packed_weight: torch.Tensor):
     """A native callable ``(x, bias) -> y`` for a oneDNN-prepacked float32 weight, or None."""
-    module = load()
-    if module is None:
-        return None
-    try:
-        return module.PackedLinear(packed_weight)
-    except Exception as exc:
-        log.warning("native packed-linear kernel refused a layer (%s); using the Python path", exc)
-        return None
+    return _kernel("PackedLinear", packed_weight)

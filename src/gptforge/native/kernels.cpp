@@ -169,11 +169,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Int8Linear>(m, "Int8Linear")
       .def(py::init<const torch::jit::Object&, int64_t>())
       .def("__call__", &Int8Linear::forward, py::arg("x"), py::arg("bias"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("__deepcopy__", [](const Int8Linear& self, py::dict) { return Int8Linear(self); });
+           py::call_guard<py::gil_scoped_release>());
   py::class_<PackedLinear>(m, "PackedLinear")
       .def(py::init<torch::Tensor>())
       .def("__call__", &PackedLinear::forward, py::arg("x"), py::arg("bias"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("__deepcopy__", [](const PackedLinear& self, py::dict) { return PackedLinear(self); });
+           py::call_guard<py::gil_scoped_release>());
 }

@@ -1,15 +1,17 @@
 """Greedy decoding speed of gptforge (float32 and int8) against Hugging Face ``transformers``, same weights.
 
-    python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 32] [--batch-sizes 1 8] [--repeats 3]
+    python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 32] [--batch-sizes 1 8] [--repeats 5]
                                 [--skip-transformers] [--threads N] [--profile]
 
 Builds a randomly initialised GPT-2 124M (``GPT2LMHeadModel(GPT2Config())``, fixed seed), saves it with
 ``save_pretrained`` to a temporary folder and loads that folder into gptforge with ``load_hf_folder``, so
 both libraries decode the same weights. Each configuration (library × precision × batch size) runs in a
-fresh subprocess, which loads the model, decodes once untimed, then ``--repeats`` timed times, and reports
-the median tokens/s (new tokens across the batch per second, prefill included) and its peak resident
-memory, read from ``/proc/self/status`` (VmHWM, reset after the warmup), and the CPU time other processes
-took meanwhile (a disturbed timing is flagged). The parent checks that gptforge's
+process of its own, which loads the model and decodes once untimed; then ``--repeats`` rounds each time
+every configuration once, in turn, so that a ratio compares runs seconds apart (the machine's speed
+drifts over minutes). Reported: the median tokens/s (new tokens across the batch per second, prefill
+included), the median of the within-round ratios to transformers, each process's peak resident memory
+(``/proc/self/status`` VmHWM, reset after the warmup) and the CPU time other processes took during its
+runs (a disturbed timing is flagged). The parent checks that gptforge's
 float32 greedy tokens equal transformers' and compares batch-1 speed with the bound the machine's memory
 bandwidth sets: a batch-1 step reads every weight once, so tokens/s ≤ bandwidth / weight bytes.
 ``--profile`` adds a breakdown of one gptforge decode step (linear layers vs. the rest vs. the engine).
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -150,39 +153,79 @@ def _load(spec: dict):
     return model, run
 
 
-def worker(spec: dict) -> dict:
+class _Worker:
+    """One configuration (library × precision × batch size) in a process of its own, loaded and warmed up
+    once, then timed a run at a time on request: :func:`main` interleaves the configurations run by run."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.times: list[float] = []
+        self._ask(None)  # wait until loaded and warmed up
+
+    def _ask(self, command: Optional[str]) -> dict:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            sys.stderr.write(self.proc.stderr.read())
+            raise SystemExit(f"the {self.spec['impl']} worker (batch {self.spec.get('batch')}) failed")
+        return json.loads(line)
+
+    def run(self) -> float:
+        """One timed decode; its tokens/s."""
+        seconds = self._ask("run")["seconds"]
+        self.times.append(seconds)
+        return self.spec["new_tokens"] * self.spec["batch"] / seconds
+
+    def finish(self) -> dict:
+        result = self._ask("stop")
+        self.proc.wait()
+        return result
+
+
+def worker(spec: dict) -> None:
+    """The process behind :class:`_Worker`: load, decode once untimed, then answer ``run`` / ``stop`` lines."""
     torch.set_num_threads(spec["threads"])
-    if spec["impl"] == "bandwidth":
-        return measure_bandwidth(spec["gib"])
     prompts = make_prompts(spec["batch"], spec["prompt_tokens"])
     model, run = _load(spec)
     import gc
+
+    def reply(obj: dict) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
 
     tokens = run(prompts)  # warmup (also the tokens compared across implementations)
     gc.collect()
     resettable = reset_peak_rss()
     rss_before = _status_kb("VmRSS")
-    times = []
-    busy0, own0 = cpu_ticks()
-    for _ in range(spec["repeats"]):
+    times, others = [], 0
+    reply({"ready": True})
+    for command in sys.stdin:
+        if command.strip() != "run":
+            break
+        busy0, own0 = cpu_ticks()
         start = time.perf_counter()
         again = run(prompts)
         times.append(time.perf_counter() - start)
+        busy1, own1 = cpu_ticks()
+        others += max(0, (busy1 - busy0) - (own1 - own0))
         if again != tokens:
             raise RuntimeError(f"{spec['impl']}: greedy decoding gave different tokens on a repeated run")
-    busy1, own1 = cpu_ticks()
+        reply({"seconds": times[-1]})
     ticks = os.sysconf("SC_CLK_TCK") * sum(times) * (os.cpu_count() or 1)
     peak = _status_kb("VmHWM")
-    new = sum(len(t) for t in tokens)
-    return {
-        "impl": spec["impl"], "batch": spec["batch"], "times": times, "new_tokens": new,
-        "tokens_per_s": new / statistics.median(times), "tokens": tokens,
+    reply({
+        "impl": spec["impl"], "batch": spec["batch"], "tokens": tokens,
         "rss_before_mb": rss_before / 1024, "peak_rss_mb": peak / 1024,
         "peak_delta_mb": (peak - rss_before) / 1024 if resettable else None,
         "weight_bytes": weight_bytes_per_token(model), "threads": torch.get_num_threads(),
         "n_params": sum(p.numel() for p in model.parameters()),
-        "others_cpu": max(0.0, (busy1 - busy0) - (own1 - own0)) / ticks,
-    }
+        "others_cpu": others / ticks if ticks else 0.0,
+    })
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict:
@@ -202,11 +245,13 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict:
             "copy_gbs": 2 * n * 4 / min(copy) / 1e9}
 
 
-def spawn(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+def spawn_bandwidth(gib: float, threads: int) -> dict:
+    """:func:`measure_bandwidth` in a fresh process (no model in memory)."""
+    spec = {"impl": "bandwidth", "gib": gib, "threads": threads}
+    proc = subprocess.run([sys.executable, __file__, "--bandwidth", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
-        raise SystemExit(f"the {spec['impl']} worker (batch {spec.get('batch')}) failed")
+        raise SystemExit("the bandwidth measurement failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -294,57 +339,93 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds; each round times every configuration once (medians reported)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per run")
     parser.add_argument("--skip-transformers", action="store_true", help="gptforge only (no ratios, no token check)")
     parser.add_argument("--skip-int8", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also break one gptforge decode step down")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model: checks the script runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--bandwidth", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        worker(json.loads(args.worker))
         return
+    if args.bandwidth:
+        spec = json.loads(args.bandwidth)
+        torch.set_num_threads(spec["threads"])
+        print(json.dumps(measure_bandwidth(spec["gib"])))
+        return
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     impls = [i for i in IMPLS if not (args.skip_transformers and i.startswith("transformers"))
              and not (args.skip_int8 and i.endswith("int8"))]
     with tempfile.TemporaryDirectory(prefix="gptforge-decode-") as tmp:
         make_folder(Path(tmp), tiny=args.tiny)
         base = {"folder": tmp, "threads": args.threads, "new_tokens": args.new_tokens,
-                "prompt_tokens": args.prompt_tokens, "repeats": args.repeats}
-        bw = spawn({**base, "impl": "bandwidth", "gib": 1 / 16 if args.tiny else 1.0})
-        results = {}
-        for b in args.batch_sizes:
-            for impl in impls:
-                results[impl, b] = r = spawn({**base, "impl": impl, "batch": b})
-                print(f"  measured {impl:<18} batch {b}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-        report(args, impls, results, bw)
+                "prompt_tokens": args.prompt_tokens}
+        gib = 1 / 16 if args.tiny else 1.0
+        bandwidth = [spawn_bandwidth(gib, args.threads)]
+        # Every configuration is loaded once in a process of its own; then each round times each of them
+        # once, in turn. This machine's speed drifts by tens of percent over minutes (other tenants of the
+        # host), so a ratio is taken within a round, between runs seconds apart, and the median over rounds
+        # is reported.
+        configs = [(impl, b) for b in args.batch_sizes for impl in impls]
+        workers = {}
+        try:
+            for impl, b in configs:
+                workers[impl, b] = _Worker({**base, "impl": impl, "batch": b})
+            rounds = []
+            for r in range(args.repeats):
+                rounds.append({key: workers[key].run() for key in configs})
+                print(f"  round {r + 1}/{args.repeats}: " + ", ".join(
+                    f"{impl} b{b} {tps:.1f}" for (impl, b), tps in rounds[-1].items()), file=sys.stderr)
+            results = {key: workers[key].finish() for key in configs}
+        finally:
+            for w in workers.values():
+                if w.proc.poll() is None:
+                    w.proc.kill()
+        bandwidth.append(spawn_bandwidth(gib, args.threads))
+        for key, r in results.items():
+            r["tokens_per_s"] = statistics.median(rnd[key] for rnd in rounds)
+            ref = ("transformers fp32", key[1])
+            if ref in results and key != ref:
+                r["ratio"] = statistics.median(rnd[key] / rnd[ref] for rnd in rounds)
+                r["ratio_range"] = (min(rnd[key] / rnd[ref] for rnd in rounds),
+                                    max(rnd[key] / rnd[ref] for rnd in rounds))
+        report(args, impls, results, bandwidth)
         if args.profile:
             profile_step(tmp, args.threads, int8=False)
             if "gptforge int8" in impls:
                 profile_step(tmp, args.threads, int8=True)
 
 
-def report(args, impls, results, bw) -> None:
+def report(args, impls, results, bandwidth: list[dict]) -> None:
     n_params = next(iter(results.values()))["n_params"]
     print(f"\nmachine          {os.cpu_count()} CPUs, {args.threads} torch threads, torch {torch.__version__}")
     print(f"model            GPT-2 {'tiny (--tiny)' if args.tiny else '124M'} shape ({n_params / 1e6:.1f}M parameters), random weights (seed {SEED}), "
           f"float32 unless int8")
     print(f"task             greedy, {args.prompt_tokens}-token random prompts, {args.new_tokens} new tokens "
-          f"(min_new_tokens = max_new_tokens), median of {args.repeats} runs after 1 warmup, one process per row")
-    print(f"bandwidth        {bw['read_gbs']:.1f} GB/s read (sum of {bw['gib']:g} GiB), {bw['copy_gbs']:.1f} GB/s copy "
-          f"(read + write)")
+          f"(min_new_tokens = max_new_tokens), 1 warmup, then {args.repeats} rounds that time every "
+          f"configuration once in turn (one process per configuration); tokens/s: median over rounds; vs HF: "
+          f"median over rounds of the ratio within a round")
+    first, last = bandwidth[0], bandwidth[-1]
+    print(f"bandwidth        {first['read_gbs']:.1f} GB/s read (sum of {first['gib']:g} GiB), "
+          f"{first['copy_gbs']:.1f} GB/s copy (read + write) before the rounds; {last['read_gbs']:.1f} / "
+          f"{last['copy_gbs']:.1f} GB/s after")
     print()
     header = f"{'implementation':<18} {'batch':>5} {'tokens/s':>9} {'ms/token':>9} {'vs HF':>6} " \
-             f"{'peak RSS MB':>11} {'decode +MB':>10} {'others':>6}  target"
+             f"{'HF range':>11} {'peak RSS MB':>11} {'decode +MB':>10} {'others':>6}  target"
     print(header)
     print("-" * len(header))
     verdicts = []
     for b in args.batch_sizes:
-        ref = results.get(("transformers fp32", b))
         for impl in impls:
             r = results[impl, b]
-            ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+            ratio = r.get("ratio", 1.0 if impl.startswith("transformers") else None)
+            spread = "{:.2f}-{:.2f}".format(*r["ratio_range"]) if "ratio_range" in r else "-"
             target = TARGETS.get((impl, b))
             verdict = ""
             if target is not None and ratio is not None:
@@ -354,9 +435,10 @@ def report(args, impls, results, bw) -> None:
             delta = f"{r['peak_delta_mb']:.0f}" if r["peak_delta_mb"] is not None else "n/a"
             ms = 1e3 * b / r["tokens_per_s"]  # per decode step (one token for each row)
             print(f"{impl:<18} {b:>5} {r['tokens_per_s']:>9.1f} {ms:>9.1f} "
-                  f"{(f'{ratio:.2f}x' if ratio else '-'):>6} {r['peak_rss_mb']:>11.0f} {delta:>10} "
+                  f"{(f'{ratio:.2f}x' if ratio else '-'):>6} {spread:>11} {r['peak_rss_mb']:>11.0f} {delta:>10} "
                   f"{r['others_cpu']:>6.0%}  {verdict}")
-    print("(ms/token: per decode step, which gives every row one token. peak RSS: during the timed runs, weights "
+    print("(ms/token: per decode step, which gives every row one token. HF range: lowest and highest ratio to "
+          "transformers over the rounds. peak RSS: during the timed runs, weights "
           "included; decode +MB: that peak over the RSS before them, i.e. the KV cache and activations. others: "
           "CPU time other processes took during the timed runs, as a share of the machine; above ~5% the "
           "timing was disturbed)")
@@ -380,8 +462,9 @@ def report(args, impls, results, bw) -> None:
                       + (f" ({same}/{total} tokens)" if impl.endswith("fp32") and ours != hf else ""))
 
     if 1 in args.batch_sizes:
-        print("\nbatch-1 bound from memory bandwidth (a step reads every weight once; KV cache ignored):")
-        read = bw["read_gbs"] * 1e9
+        print("\nbatch-1 bound from memory bandwidth (a step reads every weight once; KV cache ignored; the higher "
+              "bandwidth figure):")
+        read = max(bw["read_gbs"] for bw in bandwidth) * 1e9
         for impl in impls:
             r = results[impl, 1]
             bound = read / r["weight_bytes"]

@@ -33,3 +33,12 @@ def test_serve_benchmark_runs_against_a_real_server():
                            "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tokens/s" in done.stdout
+
+
+def test_decode_benchmark_interleaves_rounds_and_checks_tokens():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/decode.py"), "--tiny", "--repeats", "2",
+                           "--new-tokens", "8", "--batch-sizes", "1", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("round ") == 2  # each round times every configuration
+    assert "tokens identical (gptforge fp32, batch 2)            yes" in done.stdout
+    assert "bound from memory bandwidth" in done.stdout

@@ -42,3 +42,11 @@ def test_decode_benchmark_interleaves_rounds_and_checks_tokens():
     assert done.stderr.count("round ") == 2  # each round times every configuration
     assert "tokens identical (gptforge fp32, batch 2)            yes" in done.stdout
     assert "bound from memory bandwidth" in done.stdout
+
+
+def test_panel_kernel_benchmark_checks_bit_invariance_before_timing():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/panel_kernel.py"), "--tiny", "--repeats", "2",
+                           "--rows", "1", "3"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "invariance checks: all hold" in done.stdout
+    assert "panel vs oneDNN" in done.stdout

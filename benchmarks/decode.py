@@ -159,8 +159,10 @@ class _Worker:
 
     def __init__(self, spec: dict):
         self.spec = spec
+        # stderr to a file, not a pipe: a worker that logs a lot must never block on a full pipe.
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.times: list[float] = []
         self._ask(None)  # wait until loaded and warmed up
 
@@ -168,12 +170,13 @@ class _Worker:
         if command is not None:
             self.proc.stdin.write(command + "\n")
             self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            sys.stderr.write(self.proc.stderr.read())
-            raise SystemExit(f"the {self.spec['impl']} worker (batch {self.spec.get('batch')}) failed")
-        return json.loads(line)
+        for line in self.proc.stdout:
+            if line.startswith("{"):  # a library may print to stdout too; the replies are JSON objects
+                return json.loads(line)
+        self.proc.wait()
+        self.log.seek(0)
+        sys.stderr.write(self.log.read())
+        raise SystemExit(f"the {self.spec['impl']} worker (batch {self.spec.get('batch')}) failed")
 
     def run(self) -> float:
         """One timed decode; its tokens/s."""

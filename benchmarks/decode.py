@@ -163,7 +163,6 @@ class _Worker:
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.times: list[float] = []
         self._ask(None)  # wait until loaded and warmed up
 
     def _ask(self, command: Optional[str]) -> dict:
@@ -180,9 +179,7 @@ class _Worker:
 
     def run(self) -> float:
         """One timed decode; its tokens/s."""
-        seconds = self._ask("run")["seconds"]
-        self.times.append(seconds)
-        return self.spec["new_tokens"] * self.spec["batch"] / seconds
+        return self.spec["new_tokens"] * self.spec["batch"] / self._ask("run")["seconds"]
 
     def finish(self) -> dict:
         result = self._ask("stop")
@@ -250,7 +247,7 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict:
 
 def spawn_bandwidth(gib: float, threads: int) -> dict:
     """:func:`measure_bandwidth` in a fresh process (no model in memory)."""
-    spec = {"impl": "bandwidth", "gib": gib, "threads": threads}
+    spec = {"gib": gib, "threads": threads}
     proc = subprocess.run([sys.executable, __file__, "--bandwidth", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -395,9 +392,8 @@ def main() -> None:
             r["tokens_per_s"] = statistics.median(rnd[key] for rnd in rounds)
             ref = ("transformers fp32", key[1])
             if ref in results and key != ref:
-                r["ratio"] = statistics.median(rnd[key] / rnd[ref] for rnd in rounds)
-                r["ratio_range"] = (min(rnd[key] / rnd[ref] for rnd in rounds),
-                                    max(rnd[key] / rnd[ref] for rnd in rounds))
+                ratios = [rnd[key] / rnd[ref] for rnd in rounds]
+                r["ratio"], r["ratio_range"] = statistics.median(ratios), (min(ratios), max(ratios))
         report(args, impls, results, bandwidth)
         if args.profile:
             profile_step(tmp, args.threads, int8=False)

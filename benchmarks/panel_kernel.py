@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--tiny", action="store_true", help="small layers: checks that the script runs")
     args = parser.parse_args()
+    if args.repeats < 1 or args.threads < 1 or min(args.rows) < 1 or args.prefetch < 0:
+        parser.error("--repeats, --threads and --rows must be at least 1, --prefetch at least 0")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="gptforge-panel-") as tmp:

@@ -15,14 +15,17 @@ import torch.nn.functional as F
 from gptforge.config import GenerateConfig, ModelConfig, ServeConfig
 from gptforge.errors import ConfigError
 from gptforge.generate import generate_ids
-from gptforge.inference import (PackedLinear, linears_batch_invariant, prepack_available, prepack_linears,
-                                prepare_for_inference)
+from gptforge.inference import (PackedLinear, linears_batch_invariant, onednn_available, pack_panels,
+                                panel_available, prepack_available, prepack_linears, prepare_for_inference,
+                                unpack_panels)
 from gptforge.model import GPT
 from gptforge.quant import Int8Linear, fbgemm_available
 from tests.cli_utils import run
 from tests.model_utils import save_tiny_checkpoint
 
-pytestmark = pytest.mark.skipif(not prepack_available(), reason="this PyTorch build has no oneDNN prepacked linears")
+pytestmark = pytest.mark.skipif(not prepack_available(), reason="no prepacked kernel here (native panel or oneDNN)")
+# The packed kernels this machine has: each test of a layer's behaviour runs on every one of them.
+KERNELS = [k for k, ok in (("panel", panel_available()), ("onednn", onednn_available())) if ok]
 
 
 def tiny_gpt(seed: int = 0) -> GPT:
@@ -39,12 +42,14 @@ def make_linear(k: int, n: int, bias: bool, seed: int = 0) -> nn.Linear:
 
 
 # ------------------------------------------------------------------------------------------------ 1
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (16, 48), (2, 5, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (16, 48), (2, 5, 48), (0, 48)])
 @torch.no_grad()
-def test_packed_linear_matches_nn_linear(bias, shape):
+def test_packed_linear_matches_nn_linear(kernel, bias, shape):
     lin = make_linear(48, 40, bias)
-    packed = PackedLinear(lin)
+    packed = PackedLinear(lin, kernel=kernel)
+    assert packed.kernel == kernel
     x = torch.randn(*shape)
     out = packed(x)
     assert out.shape == (*shape[:-1], 40)
@@ -55,7 +60,29 @@ def test_packed_linear_matches_nn_linear(bias, shape):
     if bias:
         assert torch.equal(packed.bias, lin.bias)
     assert list(packed.parameters()) == []
-    assert "in_features=48, out_features=40" in repr(packed)
+    assert f"in_features=48, out_features=40, bias={bias}, kernel={kernel}" in repr(packed)
+
+
+def test_the_default_kernel_is_panel_where_it_has_vector_code():
+    assert PackedLinear(nn.Linear(8, 8)).kernel == ("panel" if panel_available() else "onednn")
+
+
+def test_unknown_or_unavailable_kernel_is_one_clear_error():
+    with pytest.raises(ConfigError, match="kernel must be one of auto, panel, onednn, got 'mkl'"):
+        PackedLinear(nn.Linear(8, 8), kernel="mkl")
+    if not panel_available():
+        with pytest.raises(ConfigError, match="panel kernel needs"):
+            PackedLinear(nn.Linear(8, 8), kernel="panel")
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
+def test_panel_layout_round_trips(n):
+    w = torch.randn(n, 5)
+    panels = pack_panels(w)
+    assert panels.shape == (-(-n // 64), 5, 64)
+    assert panels[:, 0, :].flatten()[:n].tolist() == w[:, 0].tolist()  # panel p, input k, output j
+    assert torch.count_nonzero(panels.transpose(1, 2).reshape(-1, 5)[n:]) == 0  # padding is zero
+    assert torch.equal(unpack_panels(panels, n), w)
 
 
 def test_packed_linear_refuses_non_float32_weights():
@@ -63,9 +90,10 @@ def test_packed_linear_refuses_non_float32_weights():
         PackedLinear(nn.Linear(8, 8).to(torch.bfloat16))
 
 
-def test_packed_linear_does_not_share_the_weight_storage():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_linear_does_not_share_the_weight_storage(kernel):
     lin = make_linear(16, 8, True)
-    packed = PackedLinear(lin)
+    packed = PackedLinear(lin, kernel=kernel)
     before = packed.weight.clone()
     with torch.no_grad():
         lin.weight.add_(1.0)
@@ -76,10 +104,11 @@ def test_packed_linear_does_not_share_the_weight_storage():
 
 
 # ------------------------------------------------------------------------------------------------ 2
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bias", [True, False])
 @torch.no_grad()
-def test_packed_linear_is_batch_invariant(bias):
-    packed = PackedLinear(make_linear(128, 96, bias))
+def test_packed_linear_is_batch_invariant(kernel, bias):
+    packed = PackedLinear(make_linear(128, 96, bias), kernel=kernel)
     torch.manual_seed(1)
     x = torch.randn(16, 128)
     alone = [packed(x[i:i + 1]) for i in range(16)]
@@ -396,12 +425,13 @@ def test_load_served_checkpoint_prepares_the_model(tiny_checkpoint):
     assert Scheduler(ckpt.model, ckpt.tokenizer)._ragged is False
 
 
-def test_batch_size_1_layout_is_correct_but_not_counted_as_batch_invariant():
+@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN")
+def test_onednn_batch_size_1_layout_is_correct_but_not_counted_as_batch_invariant():
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
     reference = copy.deepcopy(model)
     idx = torch.randint(0, 97, (3, 9))
-    assert prepack_linears(model, batch_size=1) == 9
+    assert prepack_linears(model, batch_size=1, kernel="onednn") == 9
     assert all(m.batch_size == 1 for m in model.modules() if isinstance(m, PackedLinear))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), reference(idx), atol=1e-5, rtol=1e-5)
@@ -409,6 +439,13 @@ def test_batch_size_1_layout_is_correct_but_not_counted_as_batch_invariant():
     # A reload keeps the layout it was made with.
     model.load_state_dict(reference.state_dict())
     assert all(m.batch_size == 1 for m in model.modules() if isinstance(m, PackedLinear))
+
+
+@pytest.mark.skipif(not panel_available(), reason="needs the native panel kernel (x86 with AVX2)")
+def test_panel_kernel_ignores_the_batch_size_hint_and_stays_invariant():
+    model = tiny_gpt()
+    assert prepack_linears(model, batch_size=1, kernel="panel") == 9
+    assert linears_batch_invariant(model)
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from gptforge import native
-from gptforge.inference import PackedLinear, prepack_available, prepare_for_inference
+from gptforge.inference import (PackedLinear, onednn_available, pack_panels, panel_available,
+                                prepare_for_inference)
 from gptforge.quant import Int8Linear, _fbgemm_linear, fbgemm_available
 
 from gptforge.config import ModelConfig
@@ -27,7 +28,7 @@ FMA = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 def hard_input(*shape, k):
     torch.manual_seed(3)
     x = torch.randn(*shape, k)
-    x[..., 5] *= 40.0  # an outlier channel
+    x[..., min(5, k - 1)] *= 40.0  # an outlier channel
     x[0] *= 1e-3  # and a row a thousand times smaller than the others
     return x
 
@@ -43,6 +44,8 @@ def test_the_kernels_build_here_and_the_layers_use_them():
     assert native.load() is not None
     layer = PackedLinear(nn.Linear(16, 8))
     assert layer._native is not None
+    if native.panel_isa() >= 1:
+        assert layer.kernel == "panel"
     if fbgemm_available():
         q = Int8Linear.from_linear(nn.Linear(16, 8))
         q.prepare()
@@ -85,15 +88,82 @@ def test_native_int8_propagates_nan_like_the_python_path():
 
 
 @needs_native
-@pytest.mark.skipif(not prepack_available(), reason="needs oneDNN")
+def test_prepared_float32_model_pickles_and_deep_copies_on_its_kernel(tmp_path):
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16,
+                                                  vocab_size=20)).eval())
+    kernel = model.lm_head.kernel
+    ids = torch.randint(0, 20, (2, 5))
+    with torch.inference_mode():
+        expected = model(ids)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for twin in (loaded, copy.deepcopy(model)):
+        assert twin.lm_head.kernel == kernel and twin.lm_head._native is not None
+        with torch.inference_mode():
+            assert torch.equal(twin(ids), expected)
+
+
+@needs_native
+@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN")
 @pytest.mark.parametrize("bias", [True, False])
 def test_native_packed_linear_is_the_same_onednn_call(bias):
     torch.manual_seed(1)
-    layer = PackedLinear(nn.Linear(64, 40, bias=bias))
+    layer = PackedLinear(nn.Linear(64, 40, bias=bias), kernel="onednn")
+    assert layer._native is not None
     for shape in [(1, 64), (7, 64), (2, 3, 64)]:
         x = torch.randn(*shape)
         expected = torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], "")
         assert torch.equal(layer(x), expected)
+
+
+needs_panel = pytest.mark.skipif(not HAVE_COMPILER or not native.enabled() or native.panel_isa() < 1,
+                                 reason="the panel kernel's vector code needs the native build on x86 with AVX2")
+
+
+@needs_panel
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("k, n", [(300, 130), (5, 7), (1, 64), (96, 1)])
+def test_panel_kernel_is_invariant_by_construction_and_accurate(k, n, bias):
+    # The design's promise: an output's bits do not depend on the instruction set (AVX-512, AVX2, the
+    # scalar reference), on the other rows in the call, or on the thread count; and it is a float32
+    # rounding of the exact product.
+    module = native.load()
+    torch.manual_seed(2)
+    w = torch.randn(n, k) * 0.05
+    b = torch.randn(n) if bias else None
+    x = hard_input(13, k=k)  # two full 6-row tiles and one row
+    panels = pack_panels(w)
+    by_isa = [module.panel_linear(x, panels, n, b, isa) for isa in range(native.panel_isa() + 1)]
+    for level, y in enumerate(by_isa):
+        assert torch.equal(y, by_isa[0]), f"isa level {level} differs from the scalar reference"
+    y = by_isa[-1]
+    for i in range(13):
+        assert torch.equal(module.panel_linear(x[i:i + 1], panels, n, b)[0], y[i])
+        assert torch.equal(module.panel_linear(x[i:i + 1], panels, n, b, prefetch=0)[0], y[i])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(module.panel_linear(x, panels, n, b), y)
+    finally:
+        torch.set_num_threads(threads)
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    scale = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+    assert ((y.double() - exact).abs() <= 2 * k * 2.0 ** -24 * scale + 1e-30).all()  # the textbook bound
+
+
+@needs_panel
+def test_panel_kernel_refuses_mismatched_shapes_with_a_clear_error():
+    module = native.load()
+    panels = pack_panels(torch.randn(70, 16))
+    with pytest.raises(RuntimeError, match=r"expected an input of shape \(\.\.\., 16\)"):
+        module.panel_linear(torch.randn(2, 15), panels, 70, None)
+    with pytest.raises(RuntimeError, match="does not hold 200 outputs"):
+        module.PanelLinear(panels, 200)
+    with pytest.raises(RuntimeError, match="bias must be float32 with 70 values"):
+        module.panel_linear(torch.randn(2, 16), panels, 70, torch.zeros(69))
+    with pytest.raises(RuntimeError, match="float32 CPU input"):
+        module.panel_linear(torch.randn(2, 16).double(), panels, 70, None)
 
 
 @needs_native
@@ -111,9 +181,10 @@ def test_prepared_int8_model_deep_copies_with_working_kernels():
 def test_disabled_by_environment(monkeypatch, fresh_state):
     monkeypatch.setenv("GPTFORGE_NATIVE", "0")
     assert not native.enabled() and native.load() is None
-    layer = PackedLinear(nn.Linear(16, 8)) if prepack_available() else None
+    assert native.panel_isa() == 0 and not panel_available()
+    layer = PackedLinear(nn.Linear(16, 8)) if onednn_available() else None
     if layer is not None:
-        assert layer._native is None
+        assert layer.kernel == "onednn" and layer._native is None
         x = torch.randn(2, 16)
         expected = torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], "")
         assert torch.equal(layer(x), expected)
@@ -198,7 +269,7 @@ def test_an_int8_prepared_model_still_pickles_whole(tmp_path):
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["packed", "int8"])
+@pytest.mark.parametrize("kind", ["panel", "onednn", "int8"])
 def test_native_calls_release_the_gil(kind):
     # The server's HTTP thread must run while the scheduler thread computes a layer: a long call in one
     # thread must leave Python free in another (it is still running when the other thread looks).
@@ -207,10 +278,12 @@ def test_native_calls_release_the_gil(kind):
 
     if kind == "int8" and not fbgemm_available():
         pytest.skip("needs fbgemm (x86 CPU)")
+    if (kind == "panel" and not panel_available()) or (kind == "onednn" and not onednn_available()):
+        pytest.skip(f"no {kind} kernel here")
     torch.manual_seed(0)
     linear = nn.Linear(768, 8192)
-    if kind == "packed":
-        layer = PackedLinear(linear)
+    if kind != "int8":
+        layer = PackedLinear(linear, kernel=kind)
     else:
         layer = Int8Linear.from_linear(linear)
         layer.prepare()

@@ -397,8 +397,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization of the linear layers")
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
-                   help="keep plain float32 CPU linears (by default their weights are prepacked for oneDNN's faster "
-                        "kernel)")
+                   help="keep plain float32 CPU linears (by default their weights are prepacked for a faster, "
+                        "batch-invariant kernel)")
 
 
 def _load_for_inference(source: str, device: str, dtype: str, quantize: Optional[str] = None,

@@ -5,26 +5,29 @@ loading a checkpoint. It turns the model into an inference-only one, in place:
 
 1. LoRA layers are merged into their weights (:func:`gptforge.peft.merge_lora`).
 2. ``quantize="int8"``: :func:`gptforge.quant.quantize_int8` (weight-only int8 linears).
-3. On CPU in float32, every remaining ``nn.Linear`` becomes a :class:`PackedLinear`: the weight is
-   reordered once into oneDNN's blocked layout and multiplied with oneDNN's inner-product kernel (the
-   path ``torch.compile`` takes on CPU with weight freezing). At decode sizes this matters a lot: for
-   1-16 rows, MKL's ``sgemv``/``sgemm`` behind ``F.linear`` runs on one of the two cores and on a slow
-   small-M path, while the prepacked kernel splits the output over all cores. A GPT-2 124M decode step
-   spends about 35% less time in its linear layers at batch 1 and 40-50% less at batch 8 (see
-   benchmarks/README.md, "Decoding").
+3. On CPU in float32, every remaining ``nn.Linear`` becomes a :class:`PackedLinear`, whose weight is
+   reordered once for a kernel made for decode sizes. At 1-16 rows, MKL's ``sgemv``/``sgemm`` behind
+   ``F.linear`` takes slow small-M paths and gives other bits for other row counts; a packed layer splits
+   the outputs over all cores and gives each row the same bits whatever rows share the call.
 
-The layout can be tuned to the rows a step will have: ``batch_size=1`` picks oneDNN's matrix-vector
-layout, 5-15% faster at batch 1 and slower for batches, and it rounds differently from the general
-layout. The CLI and the server keep the general layout (the default), so that `generate`, `chat` and the
-server give the same bits for the same prompt; pass ``batch_size=1`` yourself for single-stream decoding.
+The kernel, by what this machine has:
+
+- ``"panel"`` (x86 with AVX2 or AVX-512, when :mod:`gptforge.native` could be built): gptforge's own. The
+  weight is stored in panels of 64 outputs, ``(ceil(N / 64), K, 64)``; each output is one fused
+  multiply-add chain over ``k = 0 .. K-1`` in order, so its bits do not depend on the row count, the
+  thread count or the instruction set, by construction. On the Intel Xeon CI machine it is 10-25% faster
+  than oneDNN from 2 to 16 rows and on a par at one (benchmarks/panel_kernel.py).
+- ``"onednn"`` elsewhere: oneDNN's blocked layout and inner product (the path ``torch.compile`` takes on
+  CPU with weight freezing), whose reduction order was measured not to depend on the row count.
+  ``batch_size=1`` picks its matrix-vector layout: 5-15% faster at batch 1, slower for batches, and it
+  rounds one row differently from many, so the CLI and the server keep the general layout.
 
 A packed layer keeps no dense copy of its weight; ``layer.weight`` rebuilds one on demand (for
 inspection and ``state_dict``), so memory stays the same except for the tied LM head, whose packed copy
-sits next to the token embedding (the embedding needs row lookups, which a blocked layout cannot give).
-Each packed layer calls oneDNN from C++ when :mod:`gptforge.native` could be built (the same call, ~20 us
-less per layer than through ``torch.ops`` from Python).
-The packed kernel has no backward: prepare only models that will not be trained. Inputs it cannot take
-(another device or dtype) fall back to ``F.linear`` on the unpacked weight, with one warning.
+sits next to the token embedding (the embedding needs row lookups, which a packed layout cannot give).
+The packed kernels have no backward: prepare only models that will not be trained. Inputs they cannot
+take (another device or dtype, or one that needs a gradient) fall back to ``F.linear`` on the unpacked
+weight, with one warning.
 """
 
 from __future__ import annotations
@@ -44,28 +47,70 @@ log = logging.getLogger(__name__)
 QUANTIZE_CHOICES = (None, "int8")
 
 
-def prepack_available() -> bool:
+def onednn_available() -> bool:
     """Whether this PyTorch build has oneDNN's prepacked linear kernels."""
     return (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-class PackedLinear(nn.Module):
-    """An inference-only float32 CPU ``nn.Linear`` whose weight lives in oneDNN's prepacked layout."""
+def panel_available() -> bool:
+    """Whether gptforge's panel kernel runs here with vector code (native kernels built, AVX2 or AVX-512)."""
+    from . import native
 
-    def __init__(self, linear: nn.Linear, batch_size: Optional[int] = None):
+    return native.panel_isa() >= 1
+
+
+def prepack_available() -> bool:
+    """Whether float32 CPU linears can be prepacked here (the panel kernel or oneDNN)."""
+    return panel_available() or onednn_available()
+
+
+KERNELS = ("auto", "panel", "onednn")
+PANEL = 64  # outputs per panel; equals PANEL in gptforge/native/kernels.cpp
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (N, K) as the panel kernel reads it: (ceil(N / 64), K, 64), outputs zero-padded."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = weight.new_zeros(panels * PANEL, k)
+    padded[:n] = weight
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The (N, K) weight back from :func:`pack_panels`' layout (a new tensor)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].clone()
+
+
+class PackedLinear(nn.Module):
+    """An inference-only float32 CPU ``nn.Linear`` whose weight lives in a prepacked layout.
+
+    ``kernel``: ``"panel"`` (gptforge's, batch-invariant by construction), ``"onednn"``, or ``"auto"`` (the
+    default: panel where it has vector code, else oneDNN); see the module docstring. The one used is in
+    ``self.kernel``. ``batch_size`` is a layout hint that only oneDNN uses.
+    """
+
+    def __init__(self, linear: nn.Linear, batch_size: Optional[int] = None, kernel: str = "auto"):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ConfigError(f"PackedLinear kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if kernel == "panel" and not panel_available():
+            raise ConfigError("the panel kernel needs gptforge's native kernels built on an x86 CPU with AVX2")
+        if kernel == "onednn" and not onednn_available():
+            raise ConfigError("this PyTorch build has no oneDNN prepacked linears")
         weight = linear.weight.detach()
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise ConfigError(f"PackedLinear needs a float32 CPU weight, got {weight.dtype} on {weight.device}")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        # The layout oneDNN picks depends on the expected number of rows: with 1 it is a matrix-vector
-        # layout (5-15% faster at batch 1, slower at 8 or more); None is the general one.
+        # oneDNN's layout depends on the expected number of rows: with 1 it is a matrix-vector layout
+        # (5-15% faster at batch 1, slower at 8 or more); None is the general one.
         self.batch_size = batch_size
-        # Not a buffer: module.to() must not try to move an opaque oneDNN tensor.
-        self._set_packed(_pack(weight, batch_size))
+        self.requested_kernel = kernel  # what was asked; self.kernel is what runs (set by _set_weight)
+        # Not a buffer: module.to() must not try to move a packed layout.
+        self._set_weight(weight)
         if linear.bias is not None:
             self.register_buffer("bias", linear.bias.detach().clone())
         else:
@@ -73,20 +118,43 @@ class PackedLinear(nn.Module):
         self._warned = False
         self.train(linear.training)
 
-    def _set_packed(self, packed: torch.Tensor) -> None:
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        """Pack a dense (out_features, in_features) float32 weight for the best kernel here."""
         from . import native
 
-        self._packed = packed
-        # The same oneDNN call made from C++ (gptforge.native): ~20 us less per call from Python.
-        self._native = native.packed_linear(packed)
+        weight = weight.detach().to("cpu", torch.float32).contiguous()
+        wanted = self.requested_kernel
+        if wanted == "panel" or (wanted == "auto" and panel_available()):
+            panels = pack_panels(weight)
+            kernel = native.panel_linear(panels, self.out_features)
+            if kernel is not None:
+                self.kernel, self._packed, self._native = "panel", panels, kernel
+                return
+            if wanted == "panel":
+                raise ConfigError("gptforge's native panel kernel refused the layer (see the warning above)")
+        if not onednn_available():
+            raise ConfigError("PackedLinear needs gptforge's native kernels or a PyTorch build with oneDNN")
+        self.kernel = "onednn"
+        hint = () if self.batch_size is None else (self.batch_size,)
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, *hint)
+        # The same oneDNN call made from C++ (gptforge.native): ~20 us less per call than from Python.
+        self._native = native.packed_linear(self._packed)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense (out_features, in_features) weight, rebuilt from the packed one (a copy)."""
+        if self.kernel == "panel":
+            return unpack_panels(self._packed, self.out_features)
         return self._packed.to_dense()
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether each row gets the same bits whatever the number of rows (see linears_batch_invariant)."""
+        return self.kernel == "panel" or self.batch_size is None
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, kernel={self.kernel}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
@@ -95,20 +163,35 @@ class PackedLinear(nn.Module):
                 return self._native(x, bias)
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
         if not self._warned:
-            log.warning("prepacked linear got %s input on %s; using the slower unpacked path", x.dtype, x.device)
+            log.warning("prepacked linear got %s input on %s%s; using the slower unpacked path", x.dtype,
+                        x.device, " that needs a gradient" if x.requires_grad else "")
             self._warned = True
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
         return F.linear(x, self.weight.to(x.device, x.dtype), bias)
 
     def __deepcopy__(self, memo):
-        # An opaque oneDNN tensor has no storage to copy: copy everything else, then repack a dense copy.
+        # The kernel object cannot be copied (nor can an opaque oneDNN tensor): copy everything else,
+        # then pack a dense copy of the weight again.
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             if key not in ("_packed", "_native"):
                 new.__dict__[key] = copy.deepcopy(value, memo)
-        new._set_packed(_pack(self._packed.to_dense(), self.batch_size))
+        new._set_weight(self.weight)
         return new
+
+    # torch.save(model) pickles modules: keep the dense weight, pack again on load (on the loading
+    # machine's kernel).
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_native")}
+        state["_dense_weight"] = self.weight
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        weight = state.pop("_dense_weight")
+        super().__setstate__(state)
+        self._set_weight(weight)
 
     # state_dict holds the dense weight, so a prepared model still saves and loads like a plain one.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -124,7 +207,7 @@ class PackedLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: got {tuple(weight.shape)}, expected "
                                   f"{(self.out_features, self.in_features)}")
             else:
-                self._set_packed(_pack(weight.detach().float().cpu(), self.batch_size))
+                self._set_weight(weight)
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
@@ -135,10 +218,11 @@ class PackedLinear(nn.Module):
 def linears_batch_invariant(model: nn.Module) -> bool:
     """Whether every linear layer of ``model`` gives each row the same bits whatever the number of rows.
 
-    True for :class:`PackedLinear` in the general layout (oneDNN reduces over K in a fixed order for any
-    row count; not with ``batch_size=1``, whose single rows take a matrix-vector kernel) and for
-    int8 layers on the fbgemm kernel (exact integer products; the pinned row fixes the input scale).
-    False as soon as one plain ``nn.Linear`` remains: BLAS picks other kernels for other row counts.
+    True for :class:`PackedLinear` on the panel kernel (by construction) or on oneDNN in the general
+    layout (oneDNN reduces over K in a fixed order for any row count; not with ``batch_size=1``, whose
+    single rows take a matrix-vector kernel), and for int8 layers on the fbgemm kernel (exact integer
+    products; the pinned row fixes the input scale). False as soon as one plain ``nn.Linear`` remains:
+    BLAS picks other kernels for other row counts.
     """
     from .peft.lora import LoRALinear
     from .quant import Int8Linear
@@ -152,31 +236,27 @@ def linears_batch_invariant(model: nn.Module) -> bool:
                 return False
             found = True
         elif isinstance(module, PackedLinear):
-            if module.batch_size is not None:  # the batch-1 layout runs one row on another kernel than many
+            if not module.batch_invariant:
                 return False
             found = True
     return found
 
 
-def _pack(weight: torch.Tensor, batch_size: Optional[int]) -> torch.Tensor:
-    hint = () if batch_size is None else (batch_size,)
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), *hint)
-
-
 @torch.no_grad()
-def prepack_linears(model: nn.Module, batch_size: Optional[int] = None) -> int:
+def prepack_linears(model: nn.Module, batch_size: Optional[int] = None, kernel: str = "auto") -> int:
     """Swap every float32 CPU ``nn.Linear`` for a :class:`PackedLinear`, in place; returns how many.
 
-    ``batch_size``: the rows a decode step will mostly have, when known (1 for a single prompt).
+    ``batch_size``: the rows a decode step will mostly have, when known (1 for a single prompt); only the
+    oneDNN kernel uses it. ``kernel``: see :class:`PackedLinear`.
     """
-    if not prepack_available():
+    if kernel == "auto" and not prepack_available():
         return 0
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(linear, batch_size))
+        setattr(parent, child, PackedLinear(linear, batch_size, kernel))
     return len(targets)
 
 
@@ -204,6 +284,7 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
     if prepack:
         n = prepack_linears(model, batch_size)
         if n:
-            log.debug("prepacked %d float32 Linear layers for oneDNN's CPU kernel", n)
+            kernel = next(m.kernel for m in model.modules() if isinstance(m, PackedLinear))
+            log.debug("prepacked %d float32 Linear layers for the %s kernel", n, kernel)
     model.eval()  # last: the swapped-in layers are new modules
     return model

@@ -1,16 +1,24 @@
 """Native CPU kernels for the decode step, compiled on first use; Python fallbacks when they cannot be.
 
-``kernels.cpp`` holds one C++ call per linear layer for the two inference layers that run on CPU:
-the int8 layer on fbgemm (:class:`gptforge.quant.Int8Linear`) and the prepacked float32 layer on oneDNN
-(:class:`gptforge.inference.PackedLinear`). They compute what the Python code computes, in the same
-order; what they remove is the per-op cost of calling torch from Python, which at decode sizes is as
+``kernels.cpp`` holds one C++ call per linear layer for the inference layers that run on CPU:
+
+- ``PanelLinear``: gptforge's float32 product for :class:`gptforge.inference.PackedLinear`, written for
+  decode sizes (1-32 rows) and batch-invariant by construction (each output is one fused multiply-add
+  chain over the inputs in order, whatever the rows, threads or instruction set); AVX-512 and AVX2 code,
+  chosen at run time. Where neither exists (ARM, old x86) ``PackedLinear`` keeps oneDNN.
+- ``PackedLinear``: oneDNN's prepacked inner product, the same call as ``torch.ops.mkldnn`` made from C++.
+- ``Int8Linear``: the fbgemm int8 layer of :class:`gptforge.quant.Int8Linear`, the same arithmetic in the
+  same order as its Python code.
+
+What the C++ calls remove is the per-op cost of calling torch from Python, which at decode sizes is as
 large as the matrix products (see benchmarks/README.md, "Decoding").
 
 The extension is built with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja; the
-``ninja`` package is a dependency) the first time a layer asks for it, once per machine, torch version
-and source: about 35 s on 2 cores, cached in ``$GPTFORGE_NATIVE_DIR`` (default
-``~/.cache/gptforge/native``). If the build or the import fails, one warning says why and every layer
-keeps its Python path. ``GPTFORGE_NATIVE=0`` skips the kernels altogether.
+``ninja`` package is a dependency; OpenMP, which GCC has, for the threads) the first time a layer asks for
+it, once per machine, torch version and source: about 40 s on 2 cores, cached in
+``$GPTFORGE_NATIVE_DIR`` (default ``~/.cache/gptforge/native``). If the build or the import fails, one
+warning says why and every layer keeps its Python path. ``GPTFORGE_NATIVE=0`` skips the kernels
+altogether.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-_ABI = 1  # must equal m.attr("ABI") in kernels.cpp
+_ABI = 2  # must equal m.attr("ABI") in kernels.cpp
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded extension or None once tried
 
@@ -46,7 +54,8 @@ def build_directory(source: Optional[Path] = None) -> Path:
     """Where the extension for this source (default :data:`SOURCE`), Python and torch is built and cached."""
     source = Path(source) if source is not None else SOURCE
     root = Path(os.environ.get("GPTFORGE_NATIVE_DIR") or Path.home() / ".cache" / "gptforge" / "native")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    flags = " ".join(_compile_flags() + _link_flags()).encode()
+    digest = hashlib.sha256(source.read_bytes() + b"\0" + flags).hexdigest()[:12]
     torch_tag = torch.__version__.replace("+", "_")
     return root / f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch_tag}-{digest}"
 
@@ -72,15 +81,27 @@ def build(source: Optional[Path] = None, directory: Optional[Path] = None) -> Mo
                  directory)
     start = time.perf_counter()
     with _build_lock(directory):
-        # No contraction of a*b+c into fused multiply-adds: the kernels must round as torch's ops do.
-        flags = ["/O2", "/fp:precise"] if os.name == "nt" else ["-O3", "-ffp-contract=off"]
         module = cpp_extension.load(name=name, sources=[str(source)], build_directory=str(directory),
-                                    extra_cflags=flags, verbose=False)
+                                    extra_cflags=_compile_flags(), extra_ldflags=_link_flags(), verbose=False)
     if getattr(module, "ABI", None) != _ABI:
         raise RuntimeError(f"{source.name} reports ABI {getattr(module, 'ABI', None)}, expected {_ABI}")
     if not cached:
         log.info("built the native kernels in %.0f s", time.perf_counter() - start)
     return module
+
+
+def _compile_flags() -> list[str]:
+    # No contraction of a*b+c into fused multiply-adds: the kernels must round as torch's ops do (the
+    # fused ones they want are written out). OpenMP: ATen's parallel_for is a header template that runs
+    # on one thread unless the caller is compiled with it; the library it links is the libgomp that
+    # torch already loaded (same soname), so there is one thread pool. Apple's clang has no -fopenmp.
+    if os.name == "nt":
+        return ["/O2", "/fp:precise", "/openmp"]
+    return ["-O3", "-ffp-contract=off"] + ([] if sys.platform == "darwin" else ["-fopenmp"])
+
+
+def _link_flags() -> list[str]:
+    return [] if os.name == "nt" or sys.platform == "darwin" else ["-fopenmp"]
 
 
 @contextlib.contextmanager
@@ -147,3 +168,15 @@ def int8_linear(packed, in_features: int):
 def packed_linear(packed_weight: torch.Tensor):
     """A native callable ``(x, bias) -> y`` for a oneDNN-prepacked float32 weight, or None."""
     return _kernel("PackedLinear", packed_weight)
+
+
+def panel_isa() -> int:
+    """The vector code the panel kernel runs here: 2 AVX-512, 1 AVX2 + FMA, 0 none or no native kernels."""
+    module = load()
+    return int(module.panel_isa()) if module is not None else 0
+
+
+def panel_linear(panels: torch.Tensor, out_features: int):
+    """A native callable ``(x (..., K) float32, bias) -> y (..., N)`` for a weight packed by
+    :func:`gptforge.inference.pack_panels`, or None."""
+    return _kernel("PanelLinear", panels, out_features)

@@ -11,8 +11,18 @@
 //               q2 = round((t - q1) * 126), rows [q1; q2; pin] through fbgemm's dynamic linear,
 //               y = (out1 + out2 / 126) * step + bias. Built with -ffp-contract=off, so the compiler
 //               fuses no multiply-adds; the one std::fma is where torch's add(alpha=) fuses too.
+// PanelLinear:  gptforge's own float32 product for the prepacked layers (gptforge/inference.py), made
+//               for decode sizes (1-32 rows) and batch-invariant by construction. The weight is packed
+//               once into panels of 64 outputs, (ceil(N / 64), K, 64), zero-padded; a register tile of
+//               up to 6 rows x 64 outputs runs down a panel (AVX-512: 24 accumulators; AVX2: four
+//               16-wide strips; a scalar loop elsewhere), and each output is one fused multiply-add chain
+//               over k = 0 .. K-1 in order, then + bias. So an output has the same bits at any row count,
+//               thread count and instruction set: what lets the server batch requests and still return
+//               what `gptforge generate` returns. Panels are split across threads (OpenMP), and the
+//               weight stream is prefetched 32 k-rows ahead, without which it is no faster than oneDNN
+//               beyond 2 rows (benchmarks/panel_kernel.py).
 // PackedLinear: oneDNN's prepacked inner product (mkldnn::_linear_pointwise), called through the C++
-//               dispatcher instead of Python's torch.ops.
+//               dispatcher instead of Python's torch.ops; used where PanelLinear has no vector code.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/quantized/PackedParams.h>
@@ -21,6 +31,9 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -161,11 +174,188 @@ class PackedLinear {
   c10::OperatorHandle op_;
 };
 
+
+// ---- PanelLinear --------------------------------------------------------------------------------------
+
+constexpr int64_t kPanel = 64;    // outputs per panel
+constexpr int64_t kTileRows = 6;  // rows per register tile
+constexpr int64_t kPrefetch = 32; // k-rows of weights prefetched ahead
+
+struct TileArgs {
+  const float* x;     // first row of the tile; rows are ldx apart
+  int64_t ldx;
+  const float* w;     // the panel: K rows of 64 weights
+  int64_t k;
+  const float* bias;  // this panel's bias, or null
+  float* y;           // first output of the tile; rows are ldy apart
+  int64_t ldy;
+  int64_t valid;      // outputs of this panel that exist (the last panel may be partial)
+  int64_t prefetch;
+};
+
+// The reference: what every vector tile below must equal bit for bit.
+void tile_scalar(int rows, const TileArgs& a) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < a.valid; ++j) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < a.k; ++k) acc = std::fma(a.x[r * a.ldx + k], a.w[k * kPanel + j], acc);
+      a.y[r * a.ldy + j] = a.bias != nullptr ? acc + a.bias[j] : acc;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <int R>
+__attribute__((target("avx512f"))) void tile_avx512(const TileArgs& a) {
+  __m512 acc[R][4];
+  __mmask16 mask[4];
+  for (int s = 0; s < 4; ++s) {
+    const int64_t left = a.valid - s * 16;
+    mask[s] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                         : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < a.k; ++k) {
+    const float* wk = a.w + k * kPanel;
+    if (a.prefetch > 0) {  // a prefetch past the panel's end is harmless: it never faults
+      const char* ahead = reinterpret_cast<const char*>(wk + a.prefetch * kPanel);
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      _mm_prefetch(ahead + 128, _MM_HINT_T0);
+      _mm_prefetch(ahead + 192, _MM_HINT_T0);
+    }
+    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
+    const __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 b = _mm512_set1_ps(a.x[r * a.ldx + k]);
+      acc[r][0] = _mm512_fmadd_ps(b, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(b, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(b, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(b, w3, acc[r][3]);
+    }
+  }
+  for (int s = 0; s < 4 && mask[s]; ++s) {
+    const __m512 b = a.bias != nullptr ? _mm512_maskz_loadu_ps(mask[s], a.bias + s * 16) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const __m512 out = a.bias != nullptr ? _mm512_add_ps(acc[r][s], b) : acc[r][s];
+      _mm512_mask_storeu_ps(a.y + r * a.ldy + s * 16, mask[s], out);
+    }
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs& a) {
+  for (int s = 0; s < 4 && a.valid > s * 16; ++s) {  // the panel as four 16-wide strips
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const float* ws = a.w + s * 16;
+    for (int64_t k = 0; k < a.k; ++k) {
+      if (a.prefetch > 0) _mm_prefetch(reinterpret_cast<const char*>(ws + (k + a.prefetch) * kPanel), _MM_HINT_T0);
+      const __m256 w0 = _mm256_loadu_ps(ws + k * kPanel), w1 = _mm256_loadu_ps(ws + k * kPanel + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 b = _mm256_broadcast_ss(a.x + r * a.ldx + k);
+        acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
+      }
+    }
+    float tmp[16];
+    const int64_t n = std::min<int64_t>(16, a.valid - s * 16);
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(tmp, acc[r][0]);
+      _mm256_storeu_ps(tmp + 8, acc[r][1]);
+      float* yr = a.y + r * a.ldy + s * 16;
+      for (int64_t j = 0; j < n; ++j) yr[j] = a.bias != nullptr ? tmp[j] + a.bias[s * 16 + j] : tmp[j];
+    }
+  }
+}
+
+using Tile = void (*)(const TileArgs&);
+const Tile kAvx512Tiles[kTileRows] = {tile_avx512<1>, tile_avx512<2>, tile_avx512<3>,
+                                      tile_avx512<4>, tile_avx512<5>, tile_avx512<6>};
+const Tile kAvx2Tiles[kTileRows] = {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
+                                    tile_avx2<4>, tile_avx2<5>, tile_avx2<6>};
+#endif
+
+// 2: AVX-512, 1: AVX2 + FMA, 0: neither (the scalar loop: correct, slow; Python keeps oneDNN then).
+int64_t panel_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx512f")) return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+  return 0;
+}
+
+// y (..., N) = x (..., K) @ W.T + bias for W packed as (ceil(N / 64), K, 64). isa: -1 the best this CPU
+// has, else at most that level (the tests compare levels); prefetch: k-rows ahead, 0 for none.
+torch::Tensor panel_forward(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n,
+                            const c10::optional<torch::Tensor>& bias, int64_t isa, int64_t prefetch) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
+                  packed.scalar_type() == torch::kFloat && packed.device().is_cpu(),
+              "expected a contiguous float32 CPU weight packed as (panels, K, 64)");
+  const int64_t k = packed.size(1), panels = packed.size(0);
+  TORCH_CHECK(n >= 1 && panels * kPanel >= n && (panels - 1) * kPanel < n, "packed weight does not hold ", n,
+              " outputs");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == k, "expected an input of shape (..., ", k, ")");
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.device().is_cpu(), "expected a float32 CPU input");
+  const float* bp = nullptr;
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == torch::kFloat && b.numel() == n, "bias must be float32 with ", n, " values");
+    bp = b.data_ptr<float>();
+  }
+  const torch::Tensor x = x_in.reshape({-1, k}).contiguous();
+  const int64_t m = x.size(0);
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = n;
+  torch::Tensor y = torch::empty({m, n}, x.options());
+  if (m == 0) return y.view(shape);
+  const int level = static_cast<int>(isa < 0 ? panel_isa() : std::min<int64_t>(isa, panel_isa()));
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t r0 = 0; r0 < m; r0 += kTileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - r0));
+        const TileArgs a{xp + r0 * k, k, wp + p * k * kPanel, k, bp != nullptr ? bp + p * kPanel : nullptr,
+                         yp + r0 * n + p * kPanel, n, std::min<int64_t>(kPanel, n - p * kPanel), prefetch};
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (level == 2) { kAvx512Tiles[rows - 1](a); continue; }
+        if (level == 1) { kAvx2Tiles[rows - 1](a); continue; }
+#endif
+        tile_scalar(rows, a);
+      }
+  });
+  return y.view(shape);
+}
+
+class PanelLinear {
+ public:
+  PanelLinear(torch::Tensor packed, int64_t out_features) : packed_(std::move(packed)), n_(out_features) {
+    TORCH_CHECK(packed_.dim() == 3 && packed_.size(2) == kPanel && packed_.is_contiguous() &&
+                    packed_.scalar_type() == torch::kFloat && packed_.device().is_cpu(),
+                "expected a contiguous float32 CPU weight packed as (panels, K, 64)");
+    TORCH_CHECK(out_features >= 1 && packed_.size(0) == (out_features + kPanel - 1) / kPanel,
+                "packed weight does not hold ", out_features, " outputs");
+  }
+
+  torch::Tensor forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) const {
+    return panel_forward(x, packed_, n_, bias, -1, kPrefetch);
+  }
+
+ private:
+  torch::Tensor packed_;
+  int64_t n_;
+};
+
 }  // namespace
 
 // The calls release the GIL, as torch's own ops do: the server's HTTP thread runs while a layer computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI") = 1;  // bumped when a signature below changes
+  m.attr("ABI") = 2;  // bumped when a signature below changes
+  m.attr("PANEL") = kPanel;
+  m.attr("PREFETCH") = kPrefetch;
   py::class_<Int8Linear>(m, "Int8Linear")
       .def(py::init<const torch::jit::Object&, int64_t>())
       .def("__call__", &Int8Linear::forward, py::arg("x"), py::arg("bias"),
@@ -174,4 +364,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<torch::Tensor>())
       .def("__call__", &PackedLinear::forward, py::arg("x"), py::arg("bias"),
            py::call_guard<py::gil_scoped_release>());
+  py::class_<PanelLinear>(m, "PanelLinear")
+      .def(py::init<torch::Tensor, int64_t>())
+      .def("__call__", &PanelLinear::forward, py::arg("x"), py::arg("bias"),
+           py::call_guard<py::gil_scoped_release>());
+  m.def("panel_linear", &panel_forward, py::arg("x"), py::arg("packed"), py::arg("out_features"),
+        py::arg("bias"), py::arg("isa") = -1, py::arg("prefetch") = kPrefetch,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("panel_isa", &panel_isa);
 }

@@ -22,8 +22,8 @@ other kernels and another summation order than a GEMV over one, so a batched ste
 an ulp and flip a near-tie argmax. By default (``batch_invariant``) the decode step avoids that:
 
 * when every linear layer is batch-invariant (the float32 CPU layers that
-  :func:`~gptforge.inference.prepare_for_inference` prepacks for oneDNN, whose inner product reduces in
-  the same order for any row count, or int8 on fbgemm, which is exact integer arithmetic), one forward
+  :func:`~gptforge.inference.prepare_for_inference` prepacks, whose kernel reduces each output in the
+  same order for any row count, or int8 on fbgemm, which is exact integer arithmetic), one forward
   runs all rows together and only attention goes row by row, each row on its own keys (a view of the
   shared cache: no padding, no mask), with the very call the engine makes for a lone prompt;
 * otherwise each row runs alone, one forward per row, with exactly the engine's arguments.

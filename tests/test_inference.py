@@ -476,11 +476,15 @@ def test_lora_is_merged_before_quantizing_and_prepacking(quantize):
     assert linears_batch_invariant(model)
 
 
-def test_int8_fbgemm_linear_is_batch_invariant():
-    if not fbgemm_available():
+@pytest.mark.parametrize("kernel", ["fbgemm", "panel"])
+def test_int8_cpu_linear_is_batch_invariant(kernel):
+    if kernel == "fbgemm" and not fbgemm_available():
         pytest.skip("fbgemm is not available")
+    if kernel == "panel" and not panel_available():
+        pytest.skip("the native panel kernel is not available")
     torch.manual_seed(0)
-    layer = Int8Linear.from_linear(nn.Linear(96, 200))
+    layer = Int8Linear.from_linear(nn.Linear(96, 200), kernel=kernel)
+    assert layer.resolved_kernel(torch.device("cpu")) == kernel
     x = torch.randn(16, 96) * 3
     with torch.no_grad():
         alone = torch.cat([layer(x[i:i + 1]) for i in range(16)])

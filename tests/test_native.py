@@ -11,7 +11,7 @@ import torch.nn as nn
 from gptforge import native
 from gptforge.inference import (PackedLinear, onednn_available, pack_panels, panel_available,
                                 prepare_for_inference)
-from gptforge.quant import Int8Linear, _fbgemm_linear, fbgemm_available
+from gptforge.quant import Int8Linear, _fbgemm_linear, fbgemm_available, quantize_int8, quantize_weight
 
 from gptforge.config import ModelConfig
 from gptforge.model import GPT
@@ -46,10 +46,11 @@ def test_the_kernels_build_here_and_the_layers_use_them():
     assert layer._native is not None
     if native.panel_isa() >= 1:
         assert layer.kernel == "panel"
-    if fbgemm_available():
-        q = Int8Linear.from_linear(nn.Linear(16, 8))
-        q.prepare()
-        assert q._native is not None
+    for kernel in ("panel", "fbgemm"):
+        if (kernel == "panel" and native.panel_isa() >= 1) or (kernel == "fbgemm" and fbgemm_available()):
+            q = Int8Linear.from_linear(nn.Linear(16, 8), kernel=kernel)
+            q.prepare()
+            assert q._native is not None and q.resolved_kernel(q.weight.device) == kernel
 
 
 @needs_native
@@ -58,7 +59,7 @@ def test_the_kernels_build_here_and_the_layers_use_them():
 @pytest.mark.parametrize("shape", [(1, 96), (3, 96), (17, 96), (2, 5, 96)])
 def test_native_int8_gives_the_python_paths_result(bias, shape):
     torch.manual_seed(0)
-    q = Int8Linear.from_linear(nn.Linear(96, 300, bias=bias))
+    q = Int8Linear.from_linear(nn.Linear(96, 300, bias=bias), kernel="fbgemm")
     q.prepare()
     x = hard_input(*shape[:-1], k=shape[-1])
     y = q(x)
@@ -77,7 +78,7 @@ def test_native_int8_gives_the_python_paths_result(bias, shape):
 @needs_native
 @needs_fbgemm
 def test_native_int8_propagates_nan_like_the_python_path():
-    q = Int8Linear.from_linear(nn.Linear(32, 12))
+    q = Int8Linear.from_linear(nn.Linear(32, 12), kernel="fbgemm")
     q.prepare()
     x = torch.randn(3, 32)
     x[1, 7] = float("nan")
@@ -153,6 +154,33 @@ def test_panel_kernel_is_invariant_by_construction_and_accurate(k, n, bias):
 
 
 @needs_panel
+@pytest.mark.parametrize("k, n", [(300, 130), (5, 7), (96, 1)])
+def test_int8_panel_kernel_is_invariant_and_computes_the_dequantized_product(k, n):
+    module = native.load()
+    torch.manual_seed(4)
+    q, scales = quantize_weight(torch.randn(n, k))
+    panels = pack_panels(q)
+    padded = torch.zeros(panels.shape[0] * 64)
+    padded[:n] = scales
+    b = torch.randn(n)
+    x = hard_input(13, k=k)
+    by_isa = [module.panel_int8_linear(x, panels, padded, n, b, isa) for isa in range(native.panel_isa() + 1)]
+    for level, y in enumerate(by_isa):
+        assert torch.equal(y, by_isa[0]), f"isa level {level} differs from the scalar reference"
+    y = by_isa[-1]
+    for i in range(13):
+        assert torch.equal(module.panel_int8_linear(x[i:i + 1], panels, padded, n, b)[0], y[i])
+    # Activations are not rounded: the float64 product with the dequantized weight, to float32 rounding.
+    exact = x.double() @ (q.double() * scales.double()[:, None]).T + b.double()
+    scale = x.double().abs() @ (q.double().abs() * scales.double()[:, None]).T + b.double().abs()
+    assert ((y.double() - exact).abs() <= (2 * k + 4) * 2.0 ** -24 * scale).all()
+    with pytest.raises(RuntimeError, match="scales must be contiguous float32"):
+        module.panel_int8_linear(x, panels, scales[:n - 1] if n > 1 else torch.zeros(3), n, b)
+    with pytest.raises(RuntimeError, match="expected a contiguous Char CPU weight"):
+        module.panel_int8_linear(x, panels.float(), padded, n, b)
+
+
+@needs_panel
 def test_panel_kernel_refuses_mismatched_shapes_with_a_clear_error():
     module = native.load()
     panels = pack_panels(torch.randn(70, 16))
@@ -167,10 +195,14 @@ def test_panel_kernel_refuses_mismatched_shapes_with_a_clear_error():
 
 
 @needs_native
-def test_prepared_int8_model_deep_copies_with_working_kernels():
+@pytest.mark.parametrize("kernel", ["panel", "fbgemm"])
+def test_prepared_int8_model_deep_copies_with_working_kernels(kernel):
+    if (kernel == "panel" and not panel_available()) or (kernel == "fbgemm" and not fbgemm_available()):
+        pytest.skip(f"no {kernel} kernel here")
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
-    model = prepare_for_inference(model, quantize="int8")
+    model = quantize_int8(model, kernel=kernel)
+    assert all(m._native is not None for m in model.modules() if isinstance(m, Int8Linear))
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.inference_mode():
         expected = model(ids)
@@ -188,11 +220,10 @@ def test_disabled_by_environment(monkeypatch, fresh_state):
         x = torch.randn(2, 16)
         expected = torch.ops.mkldnn._linear_pointwise(x, layer._packed, layer.bias, "none", [], "")
         assert torch.equal(layer(x), expected)
-    if fbgemm_available():
-        q = Int8Linear.from_linear(nn.Linear(16, 8))
-        q.prepare()
-        assert q._native is None
-        assert q(torch.randn(2, 16)).shape == (2, 8)
+    q = Int8Linear.from_linear(nn.Linear(16, 8))
+    q.prepare()
+    assert q._native is None and q.resolved_kernel(q.weight.device) != "panel"
+    assert q(torch.randn(2, 16)).shape == (2, 8)
 
 
 def test_a_failed_build_warns_once_and_keeps_the_python_path(monkeypatch, fresh_state, tmp_path, caplog):
@@ -208,10 +239,11 @@ def test_a_failed_build_warns_once_and_keeps_the_python_path(monkeypatch, fresh_
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 1
     assert "GPTFORGE_NATIVE=0" in warnings[0].getMessage()
-    if fbgemm_available():  # a layer built now works, on the Python path
-        q = Int8Linear.from_linear(nn.Linear(16, 8))
-        q.prepare()
-        assert q._native is None and q(torch.randn(1, 16)).shape == (1, 8)
+    # a layer built now works, on a Python path (the panel kernel needs the native module)
+    q = Int8Linear.from_linear(nn.Linear(16, 8))
+    q.prepare()
+    assert q._native is None and q.resolved_kernel(q.weight.device) != "panel"
+    assert q(torch.randn(1, 16)).shape == (1, 8)
 
 
 def test_build_directory_depends_on_the_source(tmp_path, monkeypatch):
@@ -250,13 +282,16 @@ def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_p
     assert not (build_dir / "lock").exists()
 
 
-@needs_fbgemm
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch's own unpickling of fbgemm weights
-def test_an_int8_prepared_model_still_pickles_whole(tmp_path):
+@pytest.mark.parametrize("kernel", ["panel", "fbgemm"])
+def test_an_int8_prepared_model_still_pickles_whole(tmp_path, kernel):
     # torch.save(model) pickles the modules; the native kernel object is rebuilt on load.
+    if (kernel == "panel" and not panel_available()) or (kernel == "fbgemm" and not fbgemm_available()):
+        pytest.skip(f"no {kernel} kernel here")
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20)).eval()
-    model = prepare_for_inference(model, quantize="int8", prepack=False)
+    model = quantize_int8(model, kernel=kernel)
+    assert model.lm_head.resolved_kernel(torch.device("cpu")) == kernel
     ids = torch.randint(0, 20, (2, 5))
     with torch.inference_mode():
         expected = model(ids)
@@ -269,7 +304,7 @@ def test_an_int8_prepared_model_still_pickles_whole(tmp_path):
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["panel", "onednn", "int8"])
+@pytest.mark.parametrize("kind", ["panel", "onednn", "int8", "int8-panel"])
 def test_native_calls_release_the_gil(kind):
     # The server's HTTP thread must run while the scheduler thread computes a layer: a long call in one
     # thread must leave Python free in another (it is still running when the other thread looks).
@@ -278,14 +313,14 @@ def test_native_calls_release_the_gil(kind):
 
     if kind == "int8" and not fbgemm_available():
         pytest.skip("needs fbgemm (x86 CPU)")
-    if (kind == "panel" and not panel_available()) or (kind == "onednn" and not onednn_available()):
+    if (kind in ("panel", "int8-panel") and not panel_available()) or (kind == "onednn" and not onednn_available()):
         pytest.skip(f"no {kind} kernel here")
     torch.manual_seed(0)
     linear = nn.Linear(768, 8192)
-    if kind != "int8":
+    if kind in ("panel", "onednn"):
         layer = PackedLinear(linear, kernel=kind)
     else:
-        layer = Int8Linear.from_linear(linear)
+        layer = Int8Linear.from_linear(linear, kernel="fbgemm" if kind == "int8" else "panel")
         layer.prepare()
     assert layer._native is not None
     x = torch.randn(1024, 768)  # ~13 GFLOP: well over 20 ms on any CPU this runs on

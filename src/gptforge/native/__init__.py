@@ -40,7 +40,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-_ABI = 2  # must equal m.attr("ABI") in kernels.cpp
+_ABI = 3  # must equal m.attr("ABI") in kernels.cpp
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded extension or None once tried
 
@@ -180,3 +180,9 @@ def panel_linear(panels: torch.Tensor, out_features: int):
     """A native callable ``(x (..., K) float32, bias) -> y (..., N)`` for a weight packed by
     :func:`gptforge.inference.pack_panels`, or None."""
     return _kernel("PanelLinear", panels, out_features)
+
+
+def panel_int8_linear(panels: torch.Tensor, scales: torch.Tensor, out_features: int):
+    """A native callable ``(x (..., K) float32, bias) -> y (..., N)`` for an int8 weight packed by
+    :func:`gptforge.inference.pack_panels` with its per-output scales padded to whole panels, or None."""
+    return _kernel("PanelInt8Linear", panels, scales, out_features)

@@ -175,37 +175,59 @@ class PackedLinear {
 };
 
 
-// ---- PanelLinear --------------------------------------------------------------------------------------
+// ---- PanelLinear, PanelInt8Linear ------------------------------------------------------------------
+// The same panel layout and tiles for float32 weights and for int8 weights with one float32 scale per
+// output (weight-only int8: activations stay float32). An int8 weight is widened to float32 in registers
+// (exact), so every output is acc = fma chain of x[k] * w[k] over k in order; then, for int8, acc * scale;
+// then + bias: two separate roundings in every code path.
 
 constexpr int64_t kPanel = 64;    // outputs per panel
 constexpr int64_t kTileRows = 6;  // rows per register tile
 constexpr int64_t kPrefetch = 32; // k-rows of weights prefetched ahead
 
+template <typename W>
 struct TileArgs {
-  const float* x;     // first row of the tile; rows are ldx apart
+  const float* x;      // first row of the tile; rows are ldx apart
   int64_t ldx;
-  const float* w;     // the panel: K rows of 64 weights
+  const W* w;          // the panel: K rows of 64 weights
   int64_t k;
-  const float* bias;  // this panel's bias, or null
-  float* y;           // first output of the tile; rows are ldy apart
+  const float* scale;  // this panel's per-output scales (int8), or null
+  const float* bias;   // this panel's bias, or null
+  float* y;            // first output of the tile; rows are ldy apart
   int64_t ldy;
-  int64_t valid;      // outputs of this panel that exist (the last panel may be partial)
+  int64_t valid;       // outputs of this panel that exist (the last panel may be partial)
   int64_t prefetch;
 };
 
 // The reference: what every vector tile below must equal bit for bit.
-void tile_scalar(int rows, const TileArgs& a) {
+template <typename W>
+void tile_scalar(int rows, const TileArgs<W>& a) {
   for (int r = 0; r < rows; ++r)
     for (int64_t j = 0; j < a.valid; ++j) {
       float acc = 0.0f;
-      for (int64_t k = 0; k < a.k; ++k) acc = std::fma(a.x[r * a.ldx + k], a.w[k * kPanel + j], acc);
+      for (int64_t k = 0; k < a.k; ++k)
+        acc = std::fma(a.x[r * a.ldx + k], static_cast<float>(a.w[k * kPanel + j]), acc);
+      if (a.scale != nullptr) acc = acc * a.scale[j];
       a.y[r * a.ldy + j] = a.bias != nullptr ? acc + a.bias[j] : acc;
     }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-template <int R>
-__attribute__((target("avx512f"))) void tile_avx512(const TileArgs& a) {
+// One k-row of a panel as four 16-wide float vectors.
+__attribute__((target("avx512f"))) inline void load_row16x4(const float* w, __m512 out[4]) {
+  out[0] = _mm512_loadu_ps(w);
+  out[1] = _mm512_loadu_ps(w + 16);
+  out[2] = _mm512_loadu_ps(w + 32);
+  out[3] = _mm512_loadu_ps(w + 48);
+}
+__attribute__((target("avx512f"))) inline void load_row16x4(const int8_t* w, __m512 out[4]) {
+  for (int s = 0; s < 4; ++s)
+    out[s] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * s))));
+}
+
+template <typename W, int R>
+__attribute__((target("avx512f"))) void tile_avx512(const TileArgs<W>& a) {
+  constexpr int64_t kRowBytes = kPanel * sizeof(W);
   __m512 acc[R][4];
   __mmask16 mask[4];
   for (int s = 0; s < 4; ++s) {
@@ -216,42 +238,48 @@ __attribute__((target("avx512f"))) void tile_avx512(const TileArgs& a) {
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_setzero_ps();
   for (int64_t k = 0; k < a.k; ++k) {
-    const float* wk = a.w + k * kPanel;
+    const W* wk = a.w + k * kPanel;
     if (a.prefetch > 0) {  // a prefetch past the panel's end is harmless: it never faults
-      const char* ahead = reinterpret_cast<const char*>(wk + a.prefetch * kPanel);
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      _mm_prefetch(ahead + 64, _MM_HINT_T0);
-      _mm_prefetch(ahead + 128, _MM_HINT_T0);
-      _mm_prefetch(ahead + 192, _MM_HINT_T0);
+      const char* ahead = reinterpret_cast<const char*>(wk) + a.prefetch * kRowBytes;
+      for (int64_t line = 0; line < kRowBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     }
-    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
-    const __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
+    __m512 w[4];
+    load_row16x4(wk, w);
     for (int r = 0; r < R; ++r) {
       const __m512 b = _mm512_set1_ps(a.x[r * a.ldx + k]);
-      acc[r][0] = _mm512_fmadd_ps(b, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(b, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(b, w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(b, w3, acc[r][3]);
+      acc[r][0] = _mm512_fmadd_ps(b, w[0], acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(b, w[1], acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(b, w[2], acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(b, w[3], acc[r][3]);
     }
   }
   for (int s = 0; s < 4 && mask[s]; ++s) {
+    const __m512 sc = a.scale != nullptr ? _mm512_maskz_loadu_ps(mask[s], a.scale + s * 16) : _mm512_setzero_ps();
     const __m512 b = a.bias != nullptr ? _mm512_maskz_loadu_ps(mask[s], a.bias + s * 16) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      const __m512 out = a.bias != nullptr ? _mm512_add_ps(acc[r][s], b) : acc[r][s];
+      __m512 out = acc[r][s];
+      if (a.scale != nullptr) out = _mm512_mul_ps(out, sc);
+      if (a.bias != nullptr) out = _mm512_add_ps(out, b);
       _mm512_mask_storeu_ps(a.y + r * a.ldy + s * 16, mask[s], out);
     }
   }
 }
 
-template <int R>
-__attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs& a) {
+// Eight weights of a k-row as one float vector.
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+
+template <typename W, int R>
+__attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs<W>& a) {
   for (int s = 0; s < 4 && a.valid > s * 16; ++s) {  // the panel as four 16-wide strips
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    const float* ws = a.w + s * 16;
+    const W* ws = a.w + s * 16;
     for (int64_t k = 0; k < a.k; ++k) {
       if (a.prefetch > 0) _mm_prefetch(reinterpret_cast<const char*>(ws + (k + a.prefetch) * kPanel), _MM_HINT_T0);
-      const __m256 w0 = _mm256_loadu_ps(ws + k * kPanel), w1 = _mm256_loadu_ps(ws + k * kPanel + 8);
+      const __m256 w0 = load8(ws + k * kPanel), w1 = load8(ws + k * kPanel + 8);
       for (int r = 0; r < R; ++r) {
         const __m256 b = _mm256_broadcast_ss(a.x + r * a.ldx + k);
         acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
@@ -264,19 +292,26 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs& a) {
       _mm256_storeu_ps(tmp, acc[r][0]);
       _mm256_storeu_ps(tmp + 8, acc[r][1]);
       float* yr = a.y + r * a.ldy + s * 16;
-      for (int64_t j = 0; j < n; ++j) yr[j] = a.bias != nullptr ? tmp[j] + a.bias[s * 16 + j] : tmp[j];
+      for (int64_t j = 0; j < n; ++j) {
+        float v = tmp[j];
+        if (a.scale != nullptr) v = v * a.scale[s * 16 + j];
+        yr[j] = a.bias != nullptr ? v + a.bias[s * 16 + j] : v;
+      }
     }
   }
 }
 
-using Tile = void (*)(const TileArgs&);
-const Tile kAvx512Tiles[kTileRows] = {tile_avx512<1>, tile_avx512<2>, tile_avx512<3>,
-                                      tile_avx512<4>, tile_avx512<5>, tile_avx512<6>};
-const Tile kAvx2Tiles[kTileRows] = {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
-                                    tile_avx2<4>, tile_avx2<5>, tile_avx2<6>};
+template <typename W>
+struct Tiles {
+  using Tile = void (*)(const TileArgs<W>&);
+  static constexpr Tile avx512[kTileRows] = {tile_avx512<W, 1>, tile_avx512<W, 2>, tile_avx512<W, 3>,
+                                             tile_avx512<W, 4>, tile_avx512<W, 5>, tile_avx512<W, 6>};
+  static constexpr Tile avx2[kTileRows] = {tile_avx2<W, 1>, tile_avx2<W, 2>, tile_avx2<W, 3>,
+                                           tile_avx2<W, 4>, tile_avx2<W, 5>, tile_avx2<W, 6>};
+};
 #endif
 
-// 2: AVX-512, 1: AVX2 + FMA, 0: neither (the scalar loop: correct, slow; Python keeps oneDNN then).
+// 2: AVX-512, 1: AVX2 + FMA, 0: neither (the scalar loop: correct, slow; Python keeps other kernels then).
 int64_t panel_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (__builtin_cpu_supports("avx512f")) return 2;
@@ -285,25 +320,33 @@ int64_t panel_isa() {
   return 0;
 }
 
-// y (..., N) = x (..., K) @ W.T + bias for W packed as (ceil(N / 64), K, 64). isa: -1 the best this CPU
-// has, else at most that level (the tests compare levels); prefetch: k-rows ahead, 0 for none.
-torch::Tensor panel_forward(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n,
-                            const c10::optional<torch::Tensor>& bias, int64_t isa, int64_t prefetch) {
+void check_panels(const torch::Tensor& packed, c10::ScalarType dtype, int64_t n) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
-                  packed.scalar_type() == torch::kFloat && packed.device().is_cpu(),
-              "expected a contiguous float32 CPU weight packed as (panels, K, 64)");
-  const int64_t k = packed.size(1), panels = packed.size(0);
-  TORCH_CHECK(n >= 1 && panels * kPanel >= n && (panels - 1) * kPanel < n, "packed weight does not hold ", n,
+                  packed.scalar_type() == dtype && packed.device().is_cpu(),
+              "expected a contiguous ", c10::toString(dtype), " CPU weight packed as (panels, K, 64)");
+  TORCH_CHECK(n >= 1 && packed.size(0) == (n + kPanel - 1) / kPanel, "packed weight does not hold ", n,
               " outputs");
+}
+
+const float* per_output(const c10::optional<torch::Tensor>& t, int64_t n, const char* what, torch::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  keep = t->contiguous();
+  TORCH_CHECK(keep.scalar_type() == torch::kFloat && keep.device().is_cpu() && keep.numel() == n, what,
+              " must be float32 with ", n, " values");
+  return keep.data_ptr<float>();
+}
+
+// y (..., N) = x (..., K) @ W.T (* scale) (+ bias) for W packed as (ceil(N / 64), K, 64). isa: -1 the
+// best this CPU has, else at most that level (the tests compare levels); prefetch: k-rows ahead, 0: none.
+template <typename W>
+torch::Tensor panel_forward(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n,
+                            const float* scale, const c10::optional<torch::Tensor>& bias, int64_t isa,
+                            int64_t prefetch) {
+  const int64_t k = packed.size(1), panels = packed.size(0);
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == k, "expected an input of shape (..., ", k, ")");
   TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.device().is_cpu(), "expected a float32 CPU input");
-  const float* bp = nullptr;
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == torch::kFloat && b.numel() == n, "bias must be float32 with ", n, " values");
-    bp = b.data_ptr<float>();
-  }
+  torch::Tensor b_keep;
+  const float* bp = per_output(bias, n, "bias", b_keep);
   const torch::Tensor x = x_in.reshape({-1, k}).contiguous();
   const int64_t m = x.size(0);
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
@@ -312,36 +355,49 @@ torch::Tensor panel_forward(const torch::Tensor& x_in, const torch::Tensor& pack
   if (m == 0) return y.view(shape);
   const int level = static_cast<int>(isa < 0 ? panel_isa() : std::min<int64_t>(isa, panel_isa()));
   const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
+  const W* wp = packed.data_ptr<W>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t r0 = 0; r0 < m; r0 += kTileRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - r0));
-        const TileArgs a{xp + r0 * k, k, wp + p * k * kPanel, k, bp != nullptr ? bp + p * kPanel : nullptr,
-                         yp + r0 * n + p * kPanel, n, std::min<int64_t>(kPanel, n - p * kPanel), prefetch};
+        const TileArgs<W> a{xp + r0 * k, k, wp + p * k * kPanel, k,
+                            scale != nullptr ? scale + p * kPanel : nullptr,
+                            bp != nullptr ? bp + p * kPanel : nullptr, yp + r0 * n + p * kPanel, n,
+                            std::min<int64_t>(kPanel, n - p * kPanel), prefetch};
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (level == 2) { kAvx512Tiles[rows - 1](a); continue; }
-        if (level == 1) { kAvx2Tiles[rows - 1](a); continue; }
+        if (level == 2) { Tiles<W>::avx512[rows - 1](a); continue; }
+        if (level == 1) { Tiles<W>::avx2[rows - 1](a); continue; }
 #endif
-        tile_scalar(rows, a);
+        tile_scalar<W>(rows, a);
       }
   });
   return y.view(shape);
 }
 
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                           const c10::optional<torch::Tensor>& bias, int64_t isa, int64_t prefetch) {
+  check_panels(packed, torch::kFloat, n);
+  return panel_forward<float>(x, packed, n, nullptr, bias, isa, prefetch);
+}
+
+torch::Tensor panel_int8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                                int64_t n, const c10::optional<torch::Tensor>& bias, int64_t isa, int64_t prefetch) {
+  check_panels(packed, torch::kChar, n);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.device().is_cpu() &&
+                  scales.numel() == packed.size(0) * kPanel,
+              "scales must be contiguous float32 with one value per packed output (", packed.size(0) * kPanel, ")");
+  return panel_forward<int8_t>(x, packed, n, scales.data_ptr<float>(), bias, isa, prefetch);
+}
+
 class PanelLinear {
  public:
   PanelLinear(torch::Tensor packed, int64_t out_features) : packed_(std::move(packed)), n_(out_features) {
-    TORCH_CHECK(packed_.dim() == 3 && packed_.size(2) == kPanel && packed_.is_contiguous() &&
-                    packed_.scalar_type() == torch::kFloat && packed_.device().is_cpu(),
-                "expected a contiguous float32 CPU weight packed as (panels, K, 64)");
-    TORCH_CHECK(out_features >= 1 && packed_.size(0) == (out_features + kPanel - 1) / kPanel,
-                "packed weight does not hold ", out_features, " outputs");
+    check_panels(packed_, torch::kFloat, n_);
   }
 
   torch::Tensor forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) const {
-    return panel_forward(x, packed_, n_, bias, -1, kPrefetch);
+    return panel_forward<float>(x, packed_, n_, nullptr, bias, -1, kPrefetch);
   }
 
  private:
@@ -349,11 +405,31 @@ class PanelLinear {
   int64_t n_;
 };
 
+// Weight-only int8: the weight's int8 panels and its per-output scales, padded to whole panels.
+class PanelInt8Linear {
+ public:
+  PanelInt8Linear(torch::Tensor packed, torch::Tensor scales, int64_t out_features)
+      : packed_(std::move(packed)), scales_(std::move(scales)), n_(out_features) {
+    check_panels(packed_, torch::kChar, n_);
+    TORCH_CHECK(scales_.scalar_type() == torch::kFloat && scales_.is_contiguous() &&
+                    scales_.numel() == packed_.size(0) * kPanel,
+                "scales must be contiguous float32 with one value per packed output");
+  }
+
+  torch::Tensor forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) const {
+    return panel_forward<int8_t>(x, packed_, n_, scales_.data_ptr<float>(), bias, -1, 2 * kPrefetch);
+  }
+
+ private:
+  torch::Tensor packed_, scales_;
+  int64_t n_;
+};
+
 }  // namespace
 
 // The calls release the GIL, as torch's own ops do: the server's HTTP thread runs while a layer computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI") = 2;  // bumped when a signature below changes
+  m.attr("ABI") = 3;  // bumped when a signature below changes
   m.attr("PANEL") = kPanel;
   m.attr("PREFETCH") = kPrefetch;
   py::class_<Int8Linear>(m, "Int8Linear")
@@ -368,8 +444,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<torch::Tensor, int64_t>())
       .def("__call__", &PanelLinear::forward, py::arg("x"), py::arg("bias"),
            py::call_guard<py::gil_scoped_release>());
-  m.def("panel_linear", &panel_forward, py::arg("x"), py::arg("packed"), py::arg("out_features"),
+  py::class_<PanelInt8Linear>(m, "PanelInt8Linear")
+      .def(py::init<torch::Tensor, torch::Tensor, int64_t>())
+      .def("__call__", &PanelInt8Linear::forward, py::arg("x"), py::arg("bias"),
+           py::call_guard<py::gil_scoped_release>());
+  m.def("panel_linear", &panel_linear, py::arg("x"), py::arg("packed"), py::arg("out_features"),
         py::arg("bias"), py::arg("isa") = -1, py::arg("prefetch") = kPrefetch,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("panel_int8_linear", &panel_int8_linear, py::arg("x"), py::arg("packed"), py::arg("scales"),
+        py::arg("out_features"), py::arg("bias"), py::arg("isa") = -1, py::arg("prefetch") = 2 * kPrefetch,
         py::call_guard<py::gil_scoped_release>());
   m.def("panel_isa", &panel_isa);
 }

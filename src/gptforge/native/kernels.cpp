@@ -183,6 +183,7 @@ class PackedLinear {
 
 constexpr int64_t kPanel = 64;    // outputs per panel
 constexpr int64_t kTileRows = 6;  // rows per register tile
+constexpr int64_t kWideTileRows = 12;  // rows per tile on AVX-512 (see tile_avx512)
 constexpr int64_t kPrefetch = 32; // k-rows of weights prefetched ahead
 
 template <typename W>
@@ -213,54 +214,54 @@ void tile_scalar(int rows, const TileArgs<W>& a) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// One k-row of a panel as four 16-wide float vectors.
-__attribute__((target("avx512f"))) inline void load_row16x4(const float* w, __m512 out[4]) {
-  out[0] = _mm512_loadu_ps(w);
-  out[1] = _mm512_loadu_ps(w + 16);
-  out[2] = _mm512_loadu_ps(w + 32);
-  out[3] = _mm512_loadu_ps(w + 48);
-}
-__attribute__((target("avx512f"))) inline void load_row16x4(const int8_t* w, __m512 out[4]) {
-  for (int s = 0; s < 4; ++s)
-    out[s] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * s))));
+// Sixteen weights of a k-row as one float vector (int8 widened exactly).
+__attribute__((target("avx512f"))) inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+__attribute__((target("avx512f"))) inline __m512 load16(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
 }
 
-template <typename W, int R>
+// A tile of R rows on AVX-512, run as 4 / S passes down the panel, each over S 16-output strips with all
+// R rows (R x S accumulators): S = 4 (one pass) for up to 6 rows, S = 2 (two passes) for 7-12. Each pass
+// reads its weights once; the 6-row tiles used before for 8 rows (6 + 2) re-read the panel for the
+// second tile, bound by L2 bandwidth: 8 rows took longer than 12 (benchmarks/README.md). S = 1 with
+// 13-24 rows was slower still (one broadcast load per fma). Same chains in every case, same bits.
+template <typename W, int R, int S>
 __attribute__((target("avx512f"))) void tile_avx512(const TileArgs<W>& a) {
-  constexpr int64_t kRowBytes = kPanel * sizeof(W);
-  __m512 acc[R][4];
-  __mmask16 mask[4];
-  for (int s = 0; s < 4; ++s) {
-    const int64_t left = a.valid - s * 16;
-    mask[s] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                         : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
-  }
-  for (int r = 0; r < R; ++r)
-    for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < a.k; ++k) {
-    const W* wk = a.w + k * kPanel;
-    if (a.prefetch > 0) {  // a prefetch past the panel's end is harmless: it never faults
-      const char* ahead = reinterpret_cast<const char*>(wk) + a.prefetch * kRowBytes;
-      for (int64_t line = 0; line < kRowBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+  for (int h = 0; h < 4 / S && a.valid > h * S * 16; ++h) {
+    __m512 acc[R][S];
+    __mmask16 mask[S];
+    for (int s = 0; s < S; ++s) {
+      const int64_t left = a.valid - (h * S + s) * 16;
+      mask[s] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                           : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
     }
-    __m512 w[4];
-    load_row16x4(wk, w);
-    for (int r = 0; r < R; ++r) {
-      const __m512 b = _mm512_set1_ps(a.x[r * a.ldx + k]);
-      acc[r][0] = _mm512_fmadd_ps(b, w[0], acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(b, w[1], acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(b, w[2], acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(b, w[3], acc[r][3]);
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
+    const W* wh = a.w + h * S * 16;
+    for (int64_t k = 0; k < a.k; ++k) {
+      const W* wk = wh + k * kPanel;
+      if (a.prefetch > 0) {  // a prefetch past the panel's end is harmless: it never faults
+        const char* ahead = reinterpret_cast<const char*>(wk + a.prefetch * kPanel);
+        for (int64_t line = 0; line < static_cast<int64_t>(S * 16 * sizeof(W)); line += 64)
+          _mm_prefetch(ahead + line, _MM_HINT_T0);
+      }
+      __m512 w[S];
+      for (int s = 0; s < S; ++s) w[s] = load16(wk + 16 * s);
+      for (int r = 0; r < R; ++r) {
+        const __m512 b = _mm512_set1_ps(a.x[r * a.ldx + k]);
+        for (int s = 0; s < S; ++s) acc[r][s] = _mm512_fmadd_ps(b, w[s], acc[r][s]);
+      }
     }
-  }
-  for (int s = 0; s < 4 && mask[s]; ++s) {
-    const __m512 sc = a.scale != nullptr ? _mm512_maskz_loadu_ps(mask[s], a.scale + s * 16) : _mm512_setzero_ps();
-    const __m512 b = a.bias != nullptr ? _mm512_maskz_loadu_ps(mask[s], a.bias + s * 16) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      __m512 out = acc[r][s];
-      if (a.scale != nullptr) out = _mm512_mul_ps(out, sc);
-      if (a.bias != nullptr) out = _mm512_add_ps(out, b);
-      _mm512_mask_storeu_ps(a.y + r * a.ldy + s * 16, mask[s], out);
+    for (int s = 0; s < S && mask[s]; ++s) {
+      const int64_t o = (h * S + s) * 16;
+      const __m512 sc = a.scale != nullptr ? _mm512_maskz_loadu_ps(mask[s], a.scale + o) : _mm512_setzero_ps();
+      const __m512 b = a.bias != nullptr ? _mm512_maskz_loadu_ps(mask[s], a.bias + o) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        __m512 out = acc[r][s];
+        if (a.scale != nullptr) out = _mm512_mul_ps(out, sc);
+        if (a.bias != nullptr) out = _mm512_add_ps(out, b);
+        _mm512_mask_storeu_ps(a.y + r * a.ldy + o, mask[s], out);
+      }
     }
   }
 }
@@ -304,8 +305,10 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs<W>& a) {
 template <typename W>
 struct Tiles {
   using Tile = void (*)(const TileArgs<W>&);
-  static constexpr Tile avx512[kTileRows] = {tile_avx512<W, 1>, tile_avx512<W, 2>, tile_avx512<W, 3>,
-                                             tile_avx512<W, 4>, tile_avx512<W, 5>, tile_avx512<W, 6>};
+  static constexpr Tile avx512[kWideTileRows] = {
+      tile_avx512<W, 1, 4>, tile_avx512<W, 2, 4>, tile_avx512<W, 3, 4>, tile_avx512<W, 4, 4>,
+      tile_avx512<W, 5, 4>, tile_avx512<W, 6, 4>, tile_avx512<W, 7, 2>, tile_avx512<W, 8, 2>,
+      tile_avx512<W, 9, 2>, tile_avx512<W, 10, 2>, tile_avx512<W, 11, 2>, tile_avx512<W, 12, 2>};
   static constexpr Tile avx2[kTileRows] = {tile_avx2<W, 1>, tile_avx2<W, 2>, tile_avx2<W, 3>,
                                            tile_avx2<W, 4>, tile_avx2<W, 5>, tile_avx2<W, 6>};
 };
@@ -357,14 +360,18 @@ torch::Tensor panel_forward(const torch::Tensor& x_in, const torch::Tensor& pack
   const float* xp = x.data_ptr<float>();
   const W* wp = packed.data_ptr<W>();
   float* yp = y.data_ptr<float>();
+  // Rows go in balanced groups of at most 6 (12 on AVX-512): 8 rows on AVX2 as 4 + 4, not 6 + 2.
+  const int64_t most = level == 2 ? kWideTileRows : kTileRows;
+  const int64_t groups = (m + most - 1) / most, base = m / groups, extra = m % groups;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t r0 = 0; r0 < m; r0 += kTileRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - r0));
+      for (int64_t g = 0, r0 = 0; g < groups; ++g) {
+        const int rows = static_cast<int>(base + (g < extra ? 1 : 0));
         const TileArgs<W> a{xp + r0 * k, k, wp + p * k * kPanel, k,
                             scale != nullptr ? scale + p * kPanel : nullptr,
                             bp != nullptr ? bp + p * kPanel : nullptr, yp + r0 * n + p * kPanel, n,
                             std::min<int64_t>(kPanel, n - p * kPanel), prefetch};
+        r0 += rows;
 #if defined(__x86_64__) && defined(__GNUC__)
         if (level == 2) { Tiles<W>::avx512[rows - 1](a); continue; }
         if (level == 1) { Tiles<W>::avx2[rows - 1](a); continue; }

@@ -7,6 +7,8 @@
   chain over the inputs in order, whatever the rows, threads or instruction set); AVX-512 and AVX2 code,
   chosen at run time. Where neither exists (ARM, old x86) ``PackedLinear`` keeps oneDNN.
 - ``PackedLinear``: oneDNN's prepacked inner product, the same call as ``torch.ops.mkldnn`` made from C++.
+- ``PanelInt8Linear``: the same kernel on int8 weights with per-output scales, for
+  :class:`gptforge.quant.Int8Linear` (kernel ``"panel"``, the CPU default where it has vector code).
 - ``Int8Linear``: the fbgemm int8 layer of :class:`gptforge.quant.Int8Linear`, the same arithmetic in the
   same order as its Python code.
 
@@ -15,7 +17,7 @@ large as the matrix products (see benchmarks/README.md, "Decoding").
 
 The extension is built with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja; the
 ``ninja`` package is a dependency; OpenMP, which GCC has, for the threads) the first time a layer asks for
-it, once per machine, torch version and source: about 40 s on 2 cores, cached in
+it, once per machine, torch version and source: about 35 s on 2 cores, cached in
 ``$GPTFORGE_NATIVE_DIR`` (default ``~/.cache/gptforge/native``). If the build or the import fails, one
 warning says why and every layer keeps its Python path. ``GPTFORGE_NATIVE=0`` skips the kernels
 altogether.

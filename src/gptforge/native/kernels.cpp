@@ -21,6 +21,8 @@
 //               what `gptforge generate` returns. Panels are split across threads (OpenMP), and the
 //               weight stream is prefetched 32 k-rows ahead, without which it is no faster than oneDNN
 //               beyond 2 rows (benchmarks/panel_kernel.py).
+// PanelInt8Linear: the same kernel on int8 panels with one float32 scale per output (gptforge/quant.py,
+//               kernel "panel"): weights widened to float32 in registers (exact), activations not rounded.
 // PackedLinear: oneDNN's prepacked inner product (mkldnn::_linear_pointwise), called through the C++
 //               dispatcher instead of Python's torch.ops; used where PanelLinear has no vector code.
 #include <torch/extension.h>

@@ -17,6 +17,20 @@ from ..errors import ConfigError
 from .kv_cache import KVCache
 
 
+def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """gptforge.native's decode-step attention when it can take these tensors (float32 CPU, no gradient,
+    each row's keys one contiguous block per head, as a KV cache holds them), else None."""
+    if (q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1] or v.stride(-1) != 1
+            or v.stride(-2) != v.shape[-1]):
+        return None
+    from .. import native
+
+    module = native.load()
+    return None if module is None else module.decode_attention
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -48,7 +62,13 @@ class CausalSelfAttention(nn.Module):
         if self.prefix is not None:
             k, v, mask = self._prepend_prefix(k, v, mask, T)  # (B, H, P + S, D)
         dropout_p = self.dropout if self.training else 0.0
-        if kv_cache is not None and kv_cache.row_starts is not None:
+        decode = native_decode_attention(q, k, v) if kv_cache is not None and T == 1 and mask is None else None
+        if decode is not None:
+            # One new token a row on CPU: gptforge's native kernel, one call for all rows and heads, each row
+            # over its own keys (row_starts) and computed alone, so batching leaves every row's result
+            # unchanged; 2-3x faster than SDPA here (see gptforge.native).
+            y = decode(q, k, v, kv_cache.row_starts or [], 1.0 / math.sqrt(self.head_dim))
+        elif kv_cache is not None and kv_cache.row_starts is not None:
             # Ragged decode step (one new token a row): each row attends to its own keys only, with the
             # very call a lone row makes, so batching leaves every row's result unchanged.
             y = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])

@@ -434,11 +434,152 @@ class PanelInt8Linear {
   int64_t n_;
 };
 
+
+// ---- decode_attention ---------------------------------------------------------------------------------
+// Attention for one new token a row over that row's cached keys (a decode step), all rows and heads in
+// one call. Row b's query attends to positions starts[b] .. S-1 of its keys; each (row, head) is computed
+// start to end by one thread with the same code whatever else is in the call, so a row's result does
+// not depend on the other rows (what the server's batching needs; before, it ran one SDPA call per
+// row). scores = q.k * scale (a 16- or 8-lane fma dot, then a fixed-order lane sum), softmax with the
+// max subtracted, out = sum_j p_j v_j (fma chains in j order) / sum_j p_j.
+
+struct AttnArgs {
+  const float* q;  // D values
+  const float* k;  // n keys, D apart
+  const float* v;  // n values, D apart
+  int64_t n, d;
+  float scale;
+  float* scores;   // n scratch values
+  float* out;      // D values
+};
+
+void attend_scalar(const AttnArgs& a) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < a.n; ++j) {
+    float dot = 0.0f;
+    for (int64_t t = 0; t < a.d; ++t) dot = std::fma(a.q[t], a.k[j * a.d + t], dot);
+    a.scores[j] = dot * a.scale;
+    m = std::max(m, a.scores[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < a.n; ++j) {
+    a.scores[j] = std::exp(a.scores[j] - m);
+    sum += a.scores[j];
+  }
+  for (int64_t t = 0; t < a.d; ++t) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < a.n; ++j) acc = std::fma(a.scores[j], a.v[j * a.d + t], acc);
+    a.out[t] = acc / sum;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// D a multiple of 16, at most 256 (16 vectors).
+__attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a) {
+  const int64_t nv = a.d / 16;
+  __m512 qv[16];
+  for (int64_t t = 0; t < nv; ++t) qv[t] = _mm512_loadu_ps(a.q + 16 * t);
+  float m = -INFINITY;
+  for (int64_t j = 0; j < a.n; ++j) {
+    const float* kj = a.k + j * a.d;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+    for (int64_t t = 1; t < nv; ++t) acc = _mm512_fmadd_ps(qv[t], _mm512_loadu_ps(kj + 16 * t), acc);
+    a.scores[j] = _mm512_reduce_add_ps(acc) * a.scale;
+    m = std::max(m, a.scores[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < a.n; ++j) {
+    a.scores[j] = std::exp(a.scores[j] - m);
+    sum += a.scores[j];
+  }
+  __m512 out[16];
+  for (int64_t t = 0; t < nv; ++t) out[t] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < a.n; ++j) {
+    const __m512 p = _mm512_set1_ps(a.scores[j]);
+    const float* vj = a.v + j * a.d;
+    for (int64_t t = 0; t < nv; ++t) out[t] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * t), out[t]);
+  }
+  const __m512 total = _mm512_set1_ps(sum);
+  for (int64_t t = 0; t < nv; ++t) _mm512_storeu_ps(a.out + 16 * t, _mm512_div_ps(out[t], total));
+}
+
+// D a multiple of 8, at most 128 (16 vectors).
+__attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a) {
+  const int64_t nv = a.d / 8;
+  __m256 qv[16];
+  for (int64_t t = 0; t < nv; ++t) qv[t] = _mm256_loadu_ps(a.q + 8 * t);
+  float m = -INFINITY;
+  for (int64_t j = 0; j < a.n; ++j) {
+    const float* kj = a.k + j * a.d;
+    __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj));
+    for (int64_t t = 1; t < nv; ++t) acc = _mm256_fmadd_ps(qv[t], _mm256_loadu_ps(kj + 8 * t), acc);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    a.scores[j] = (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))) * a.scale;
+    m = std::max(m, a.scores[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < a.n; ++j) {
+    a.scores[j] = std::exp(a.scores[j] - m);
+    sum += a.scores[j];
+  }
+  __m256 out[16];
+  for (int64_t t = 0; t < nv; ++t) out[t] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < a.n; ++j) {
+    const __m256 p = _mm256_broadcast_ss(a.scores + j);
+    const float* vj = a.v + j * a.d;
+    for (int64_t t = 0; t < nv; ++t) out[t] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * t), out[t]);
+  }
+  const __m256 total = _mm256_set1_ps(sum);
+  for (int64_t t = 0; t < nv; ++t) _mm256_storeu_ps(a.out + 8 * t, _mm256_div_ps(out[t], total));
+}
+#endif
+
+// q (B, H, 1, D); k, v (B, H, S, D), each (b, h) block of S x D contiguous (a view of a KV cache);
+// starts: B first positions (empty: all 0). Returns (B, H, 1, D), a view of a contiguous (B, 1, H, D).
+torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
+                               std::vector<int64_t> starts, double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4, "expected 4-d q, k, v");
+  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3), S = k.size(2);
+  TORCH_CHECK(q_in.size(2) == 1, "decode attention takes one query a row");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D,
+              "k and v must be (", B, ", ", H, ", S, ", D, ")");
+  for (const torch::Tensor* t : {&q_in, &k, &v})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->device().is_cpu(), "expected float32 CPU tensors");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 && v.stride(2) == D,
+              "each row and head of k and v must be one contiguous (S, D) block");
+  if (starts.empty()) starts.assign(B, 0);
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == B, "expected ", B, " starts");
+  for (int64_t s : starts) TORCH_CHECK(s >= 0 && s < S, "a start outside the ", S, " keys");
+  const torch::Tensor q = q_in.contiguous();
+  torch::Tensor y = torch::empty({B, 1, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int level = static_cast<int>(panel_isa());
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, s0 = starts[b];
+      const AttnArgs a{qp + (b * H + h) * D, kp + b * k.stride(0) + h * k.stride(1) + s0 * D,
+                       vp + b * v.stride(0) + h * v.stride(1) + s0 * D, S - s0, D, static_cast<float>(scale),
+                       scores.data(), yp + (b * H + h) * D};
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (level == 2 && D % 16 == 0 && D <= 256) { attend_avx512(a); continue; }
+      if (level >= 1 && D % 8 == 0 && D <= 128) { attend_avx2(a); continue; }
+#endif
+      attend_scalar(a);
+    }
+  });
+  return y.permute({0, 2, 1, 3});
+}
+
 }  // namespace
 
 // The calls release the GIL, as torch's own ops do: the server's HTTP thread runs while a layer computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI") = 3;  // bumped when a signature below changes
+  m.attr("ABI") = 4;  // bumped when a signature below changes
   m.attr("PANEL") = kPanel;
   m.attr("PREFETCH") = kPrefetch;
   py::class_<Int8Linear>(m, "Int8Linear")
@@ -464,4 +605,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_features"), py::arg("bias"), py::arg("isa") = -1, py::arg("prefetch") = 2 * kPrefetch,
         py::call_guard<py::gil_scoped_release>());
   m.def("panel_isa", &panel_isa);
+  m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("starts"),
+        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
 }

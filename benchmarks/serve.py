@@ -2,7 +2,7 @@
 Hugging Face ``transformers``' batched ``generate`` on the same weights.
 
     python benchmarks/serve.py [--concurrency 1 4 16] [--max-tokens 128] [--prompt-tokens 32]
-                               [--hf-batch 8] [--target 4.0] [--server-args='FLAGS'] [--tiny]
+                               [--hf-batch 8] [--repeats 3] [--target 4.0] [--server-args='FLAGS'] [--tiny]
 
 Builds a seeded random GPT-2 124M (``GPT2LMHeadModel(GPT2Config())``) saved as a Hugging Face folder with a
 byte-level BPE tokenizer of about GPT-2's size trained on random words (gptforge loads such a folder
@@ -18,9 +18,12 @@ per level:
 - **TTFT p50 / p99**: time from sending a request to its first streamed text;
 - **ITL p50 / p99**: time between consecutive streamed chunks of a request (all requests pooled).
 
-The server is then stopped and ``transformers`` decodes ``--hf-batch`` copies of the prompts with
-``generate`` (greedy, ``min_new_tokens = max_new_tokens``), one untimed run then a timed one, giving its
-tokens/s. PASS when the server at the highest concurrency reaches ``--target`` × that rate.
+The reference is ``transformers`` decoding ``--hf-batch`` copies of the prompt with ``generate`` (greedy,
+``min_new_tokens = max_new_tokens``) in this process, loaded and warmed up once, timed while the server
+idles. The machine's speed drifts by tens of percent over minutes, so ``--repeats`` rounds each run every
+concurrency level and then transformers once, in turn; a level's figures are the median over rounds, and
+the ratio is the median of the within-round ratios (highest concurrency / transformers), with its range.
+PASS when that ratio reaches ``--target``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import random
 import shlex
 import socket
+import statistics
 import string
 import subprocess
 import sys
@@ -172,22 +176,29 @@ async def run_level(url: str, prompt: str, concurrency: int, max_tokens: int) ->
 
 # --------------------------------------------------------------------------------------------------
 # The reference: transformers' batched generate
-def transformers_tokens_per_s(folder: Path, prompt_ids: list[int], batch: int, max_new_tokens: int) -> dict:
-    from transformers import GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
+class Transformers:
+    """transformers' batched greedy ``generate`` on the same weights, loaded and warmed up once."""
 
-    hf_logging.set_verbosity_error()
-    model = GPT2LMHeadModel.from_pretrained(folder).eval()
-    idx = torch.tensor([prompt_ids] * batch)
-    kwargs = dict(attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                  do_sample=False, pad_token_id=model.config.eos_token_id)
-    with torch.inference_mode():
-        model.generate(idx, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
-        start = time.perf_counter()
-        out = model.generate(idx, **kwargs)
-        wall = time.perf_counter() - start
-    new = (out.shape[1] - idx.shape[1]) * batch
-    return {"batch": batch, "tokens": new, "wall_s": wall, "tokens_per_s": new / wall}
+    def __init__(self, folder: Path, prompt_ids: list[int], batch: int, max_new_tokens: int):
+        from transformers import GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        self.model = GPT2LMHeadModel.from_pretrained(folder).eval()
+        self.batch = batch
+        self.idx = torch.tensor([prompt_ids] * batch)
+        self.kwargs = dict(attention_mask=torch.ones_like(self.idx), max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.model.config.eos_token_id)
+        with torch.inference_mode():
+            self.model.generate(self.idx, **{**self.kwargs, "max_new_tokens": 8, "min_new_tokens": 8})
+
+    def run(self) -> dict:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model.generate(self.idx, **self.kwargs)
+            wall = time.perf_counter() - start
+        new = (out.shape[1] - self.idx.shape[1]) * self.batch
+        return {"batch": self.batch, "tokens": new, "wall_s": wall, "tokens_per_s": new / wall}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +208,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--hf-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (every level, then transformers)")
     parser.add_argument("--target", type=float, default=4.0,
                         help="PASS when the server at the highest concurrency reaches this × transformers' tokens/s")
     parser.add_argument("--server-args", default="", metavar="'FLAGS'",
@@ -204,6 +216,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a quick smoke run")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this file")
     args = parser.parse_args()
+    if args.repeats < 1 or args.max_tokens < 1 or args.hf_batch < 1 or min(args.concurrency) < 1:
+        parser.error("--repeats, --max-tokens, --hf-batch and --concurrency must be at least 1")
 
     from gptforge.tokenizer import load_tokenizer
 
@@ -219,32 +233,51 @@ def main() -> None:
         print(f"model: random GPT-2 {'tiny' if args.tiny else '124M'}; prompt {len(prompt_ids)} tokens; "
               f"{args.max_tokens} new tokens per request; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
               flush=True)
+        hf_model = Transformers(folder, prompt_ids, args.hf_batch, args.max_tokens)
         proc = start_server(folder, port, log_path, shlex.split(args.server_args))
-        levels = []
+        rounds: list[dict] = []
         try:
             wait_ready(proc, url, log_path)
             asyncio.run(run_level(url, prompt, 1, 8))  # warm-up: first-call costs stay out of the figures
-            for n in args.concurrency:
-                level = asyncio.run(run_level(url, prompt, n, args.max_tokens))
-                levels.append(level)
-                print(f"server  concurrency {n:>3}: {level['tokens']:>5} tokens in {level['wall_s']:6.2f} s = "
-                      f"{level['tokens_per_s']:7.1f} tokens/s | TTFT p50 {level['ttft_p50_ms']:7.1f} ms "
-                      f"p99 {level['ttft_p99_ms']:7.1f} ms | ITL p50 {level['itl_p50_ms']:6.1f} ms "
-                      f"p99 {level['itl_p99_ms']:6.1f} ms ({level['counted_by']})", flush=True)
+            for r in range(args.repeats):
+                levels = [asyncio.run(run_level(url, prompt, n, args.max_tokens)) for n in args.concurrency]
+                hf = hf_model.run()
+                rounds.append({"levels": levels, "transformers": hf,
+                               "ratio": levels[-1]["tokens_per_s"] / hf["tokens_per_s"]})
+                print(f"round {r + 1}/{args.repeats}: " + ", ".join(
+                    f"c{lv['concurrency']} {lv['tokens_per_s']:.1f}" for lv in levels)
+                    + f", transformers b{hf['batch']} {hf['tokens_per_s']:.1f} tokens/s", flush=True)
         finally:
             stop_server(proc)
-        hf = transformers_tokens_per_s(folder, prompt_ids, args.hf_batch, args.max_tokens)
-        print(f"transformers generate batch {hf['batch']}: {hf['tokens']} tokens in {hf['wall_s']:.2f} s = "
-              f"{hf['tokens_per_s']:.1f} tokens/s")
 
-    top = levels[-1]
-    ratio = top["tokens_per_s"] / hf["tokens_per_s"]
+    def median(values):
+        return statistics.median(values)
+
+    print()
+    summary = []
+    for i, n in enumerate(args.concurrency):
+        runs = [rd["levels"][i] for rd in rounds]
+        level = {"concurrency": n, "tokens": round(median([x["tokens"] for x in runs])),
+                 "wall_s": median([x["wall_s"] for x in runs]),
+                 "counted_by": "usage" if all(x["counted_by"] == "usage" for x in runs) else "chunks"}
+        for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
+            level[key] = median([x[key] for x in runs])
+        summary.append(level)
+        print(f"server  concurrency {n:>3}: {level['tokens']:>5} tokens in {level['wall_s']:6.2f} s = "
+              f"{level['tokens_per_s']:7.1f} tokens/s | TTFT p50 {level['ttft_p50_ms']:7.1f} ms "
+              f"p99 {level['ttft_p99_ms']:7.1f} ms | ITL p50 {level['itl_p50_ms']:6.1f} ms "
+              f"p99 {level['itl_p99_ms']:6.1f} ms ({level['counted_by']})")
+    hf_rate = median([rd["transformers"]["tokens_per_s"] for rd in rounds])
+    print(f"transformers generate batch {args.hf_batch}: {hf_rate:.1f} tokens/s")
+    print(f"(medians over {args.repeats} rounds; each round runs every level, then transformers)")
+    ratios = [rd["ratio"] for rd in rounds]
+    ratio = median(ratios)
     verdict = "PASS" if ratio >= args.target else "FAIL"
-    print(f"{verdict}: server at concurrency {top['concurrency']} = {ratio:.2f}x transformers batch {hf['batch']} "
-          f"(target {args.target}x)")
+    print(f"{verdict}: server at concurrency {args.concurrency[-1]} = {ratio:.2f}x transformers batch "
+          f"{args.hf_batch} (range over rounds {min(ratios):.2f}-{max(ratios):.2f}; target {args.target}x)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"levels": levels, "transformers": hf, "ratio": ratio,
-                                               "verdict": verdict}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"levels": summary, "rounds": rounds, "transformers_tokens_per_s": hf_rate,
+                                               "ratio": ratio, "verdict": verdict}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

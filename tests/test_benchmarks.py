@@ -30,9 +30,11 @@ def test_finetune_benchmark_compares_full_and_lora():
 
 def test_serve_benchmark_runs_against_a_real_server():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/serve.py"), "--tiny", "--concurrency", "1", "2",
-                           "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
+                           "--max-tokens", "8", "--repeats", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "tokens/s" in done.stdout
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2 and all("c2 " in r and "transformers b8" in r for r in rounds)
+    assert "server  concurrency   2:" in done.stdout and "range over rounds" in done.stdout
 
 
 def test_decode_benchmark_interleaves_rounds_and_checks_tokens():

@@ -23,9 +23,10 @@ an ulp and flip a near-tie argmax. By default (``batch_invariant``) the decode s
 
 * when every linear layer is batch-invariant (the float32 CPU layers that
   :func:`~gptforge.inference.prepare_for_inference` prepacks, whose kernel reduces each output in the
-  same order for any row count, or int8 on fbgemm, which is exact integer arithmetic), one forward
-  runs all rows together and only attention goes row by row, each row on its own keys (a view of the
-  shared cache: no padding, no mask), with the very call the engine makes for a lone prompt;
+  same order for any row count, or int8 on the panel kernel or fbgemm), one forward runs all rows
+  together and attention computes each row on its own keys (the shared cache from the row's start: no
+  padding, no mask) as the engine does for a lone prompt: on CPU in float32 gptforge.native's decode
+  attention, one call for all rows that computes each (row, head) alone; otherwise one SDPA call a row;
 * otherwise each row runs alone, one forward per row, with exactly the engine's arguments.
 
 Either way a greedy answer equals ``gptforge generate`` for the same prompt bit for bit however many

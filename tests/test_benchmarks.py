@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from gptforge import native
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration
@@ -46,6 +48,8 @@ def test_decode_benchmark_interleaves_rounds_and_checks_tokens():
     assert "bound from memory bandwidth" in done.stdout
 
 
+@pytest.mark.skipif(not native.enabled() or native.panel_isa() < 1,
+                    reason="the panel kernel needs the native build (a C++ compiler) on x86 with AVX2")
 def test_panel_kernel_benchmark_checks_bit_invariance_before_timing():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/panel_kernel.py"), "--tiny", "--repeats", "2",
                            "--rows", "1", "3"], capture_output=True, text=True, timeout=600)

@@ -333,3 +333,59 @@ def test_native_calls_release_the_gil(kind):
     still_running = worker.is_alive()  # reached only once this thread holds the GIL again
     worker.join()
     assert still_running, f"the native call ({took * 1e3:.0f} ms) held the GIL"
+
+
+@needs_native
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_one_call_decode_step_gives_the_python_loops_bits(monkeypatch, quantize, ragged):
+    # GPT runs a prepared model's decode step as one native call (decode_blocks); it must compute what
+    # the per-block Python loop computes: the same logits and the same cached keys/values, bit for bit.
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=64,
+                                                  vocab_size=97)).eval(), quantize=quantize)
+    prompt = torch.randint(0, 97, (3, 9))
+    steps = torch.randint(0, 97, (4, 3, 1))
+
+    def decode():
+        cache = model.new_kv_cache(3, 32)
+        with torch.inference_mode():
+            model(prompt, kv_cache=cache)
+            if ragged:  # rows starting at different columns, as the server's shared cache holds them
+                cache.row_starts = [0, 3, 5]
+            logits = [model(tok, kv_cache=cache, position_ids=torch.full((3, 1), cache.length)) for tok in steps]
+        return torch.stack(logits), cache.k.clone(), cache.v.clone()
+
+    with torch.inference_mode():
+        assert model._decode_plan(torch.zeros(3, 1, 64)) is not None
+    fused = decode()
+    monkeypatch.setattr(GPT, "_decode_plan", lambda self, x: None)
+    loop = decode()
+    for a, b in zip(fused, loop):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_one_call_decode_step_steps_aside_for_hooks_training_and_gradients():
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32,
+                                                  vocab_size=50)).eval())
+    x = torch.zeros(1, 1, 32)
+    with torch.inference_mode():
+        assert model._decode_plan(x) is not None
+        seen = []
+        handle = model.blocks[1].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert model._decode_plan(x) is None  # a hook must run, so the Python loop does
+        cache = model.new_kv_cache(1, 8)
+        model(torch.tensor([[1, 2]]), kv_cache=cache)
+        model(torch.tensor([[3]]), kv_cache=cache)
+        assert seen[-1] == (1, 1, 128)
+        handle.remove()
+        assert model._decode_plan(x.double()) is None
+    assert model._decode_plan(x) is None  # gradients enabled
+    with torch.inference_mode():
+        model.train()
+        assert model._decode_plan(x) is None
+        model.eval()
+        model.blocks[0].mlp.fc = nn.Linear(32, 128)  # a plain layer: no native kernel to call
+        assert model._decode_plan(x) is None

@@ -148,6 +148,13 @@ class PackedLinear(nn.Module):
             return unpack_panels(self._packed, self.out_features)
         return self._packed.to_dense()
 
+    def native_decode_kernel(self):
+        """(C++ kernel, bias) that forward calls for float32 CPU input, or None: what GPT's one-call decode
+        step (gptforge.model.gpt) runs instead of this module."""
+        if self._native is None:
+            return None
+        return self._native, (self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float())
+
     @property
     def batch_invariant(self) -> bool:
         """Whether each row gets the same bits whatever the number of rows (see linears_batch_invariant)."""

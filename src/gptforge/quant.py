@@ -183,6 +183,19 @@ class Int8Linear(nn.Module):
         else:
             self._native = native.int8_linear(self._packed, self.in_features)
 
+    def native_decode_kernel(self):
+        """(C++ kernel, bias) that forward calls for float32 CPU input, or None: what GPT's one-call decode
+        step (gptforge.model.gpt) runs instead of this module."""
+        native = self.__dict__.get("_native")
+        if native is None or self.weight.device.type != "cpu":
+            return None
+        kernel = self.resolved_kernel(self.weight.device)
+        if kernel == "panel":
+            return native, None if self.bias is None else self.bias.float()
+        if kernel == "fbgemm":
+            return native, self.bias
+        return None
+
     # -- kernels -----------------------------------------------------------------------------------
     def resolved_kernel(self, device: torch.device) -> str:
         """The kernel this layer uses on ``device``."""

@@ -47,7 +47,8 @@ def long_checkpoint(tmp_path) -> Path:
     tok = CharTokenizer(list("abcdefghij "))
     for seed in range(20):
         torch.manual_seed(seed)
-        model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=512, n_layer=2, n_head=2, n_embd=64)).eval()
+        # Big enough that 450 tokens take a while even with the native decode step (~1 s on 2 cores).
+        model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=512, n_layer=4, n_head=4, n_embd=256)).eval()
         out = generate(model, tok, "a", GenerateConfig(max_new_tokens=MAX_TOKENS, temperature=0))[0][0]
         if out.finish_reason == "length":
             return save_checkpoint(tmp_path / "long", model, tok, {"model": vars(model.config)})
@@ -87,9 +88,12 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(long_checkpoin
         reader.start()
         assert first.wait(30)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        refused = httpx.post(url + "/v1/completions", json={"model": "long", "prompt": "a", "max_tokens": 2},
-                             timeout=10)
+        for _ in range(200):  # until the server has seen the signal (a request before that is served)
+            refused = httpx.post(url + "/v1/completions", json={"model": "long", "prompt": "a", "max_tokens": 2},
+                                 timeout=10)
+            if refused.status_code == 503:
+                break
+            time.sleep(0.01)
         streaming_when_refused = reader.is_alive()
         reader.join(60)
         assert proc.wait(30) == 0, log_path.read_text()

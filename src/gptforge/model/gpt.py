@@ -95,6 +95,30 @@ class CausalSelfAttention(nn.Module):
                 torch.cat([visible, mask], dim=-1))
 
 
+def _has_hooks() -> bool:
+    """Whether global module hooks are registered (a fused decode step would skip them)."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def _native_linear(layer: nn.Module):
+    """(native kernel, bias) of a layer that offers one (``native_decode_kernel``: the prepared inference
+    layers of gptforge.inference and gptforge.quant), or None."""
+    offer = getattr(layer, "native_decode_kernel", None)
+    if offer is None or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    return offer()
+
+
+def _plain_layer_norm(norm: nn.Module):
+    """(weight, bias, eps) of an affine float32 LayerNorm over the last dimension, or None."""
+    if (type(norm) is not nn.LayerNorm or norm.weight is None or norm.weight.dtype != torch.float32
+            or len(norm.normalized_shape) != 1 or norm._forward_hooks or norm._forward_pre_hooks):
+        return None
+    return norm.weight, norm.bias, norm.eps
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -188,11 +212,51 @@ class GPT(nn.Module):
                 position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
         mask = self._attention_mask(B, T, start, attention_mask, kv_cache is not None, idx.device)
         x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, mask, kv_cache)
+        plan = self._decode_plan(x) if kv_cache is not None and T == 1 and mask is None else None
+        if plan is not None:
+            # A CPU decode step: every block in one native call, the same ops and bits as the loop below.
+            module, blocks = plan
+            if kv_cache.length + 1 > kv_cache.max_length:
+                raise ValueError(f"KV cache holds {kv_cache.max_length} positions; {kv_cache.length + 1} were asked for")
+            x = module.decode_blocks(x, blocks, self.config.n_head, kv_cache.k, kv_cache.v, kv_cache.length,
+                                     kv_cache.row_starts or [])
+        else:
+            for block in self.blocks:
+                x = block(x, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.ln_f(x)
+
+    def _decode_plan(self, x: torch.Tensor):
+        """(gptforge.native module, one tuple a block) when a decode step can run all blocks natively: CPU,
+        float32, no gradient, evaluation mode, plain blocks whose linear layers have native kernels (the
+        prepared inference layers), no prefix, no hooks; else None, and the Python loop runs."""
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() or self.training
+                or self.config.n_embd % self.config.n_head):
+            return None
+        from .. import native
+
+        module = native.load()
+        if module is None or _has_hooks():
+            return None
+        plan = []
+        for block in self.blocks:
+            if type(block) is not Block or block._forward_hooks or block._forward_pre_hooks:
+                return None
+            attn, mlp = block.attn, block.mlp
+            if (type(attn) is not CausalSelfAttention or attn.prefix is not None or type(mlp) is not MLP
+                    or type(mlp.act) is not nn.GELU):
+                return None
+            layers = [_native_linear(m) for m in (attn.qkv, attn.proj, mlp.fc, mlp.proj)]
+            norms = [_plain_layer_norm(m) for m in (block.ln_1, block.ln_2)]
+            if any(layer is None for layer in layers) or any(norm is None for norm in norms):
+                return None
+            if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp, mlp.act, mlp.dropout,
+                                                                         attn.resid_dropout)):
+                return None
+            (qkv, qkv_b), (proj, proj_b), (fc, fc_b), (out, out_b) = layers
+            plan.append((*norms[0], qkv, qkv_b, proj, proj_b, *norms[1], fc, fc_b, out, out_b, mlp.act.approximate))
+        return module, plan
 
     def forward(
         self,

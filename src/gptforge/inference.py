@@ -151,9 +151,10 @@ class PackedLinear(nn.Module):
     def native_decode_kernel(self):
         """(C++ kernel, bias) that forward calls for float32 CPU input, or None: what GPT's one-call decode
         step (gptforge.model.gpt) runs instead of this module."""
-        if self._native is None:
+        native, bias = self.__dict__.get("_native"), self._buffers.get("bias")  # (runs every decode step)
+        if native is None:
             return None
-        return self._native, (self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float())
+        return native, bias if bias is None or bias.dtype == torch.float32 else bias.float()
 
     @property
     def batch_invariant(self) -> bool:

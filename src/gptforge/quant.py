@@ -186,14 +186,14 @@ class Int8Linear(nn.Module):
     def native_decode_kernel(self):
         """(C++ kernel, bias) that forward calls for float32 CPU input, or None: what GPT's one-call decode
         step (gptforge.model.gpt) runs instead of this module."""
-        native = self.__dict__.get("_native")
-        if native is None or self.weight.device.type != "cpu":
+        native = self.__dict__.get("_native")  # set by prepare() on CPU only; dropped by .to()
+        if native is None:
             return None
-        kernel = self.resolved_kernel(self.weight.device)
+        kernel, bias = self._resolved.get("cpu"), self._buffers.get("bias")  # (runs every decode step)
         if kernel == "panel":
-            return native, None if self.bias is None else self.bias.float()
+            return native, bias if bias is None or bias.dtype == torch.float32 else bias.float()
         if kernel == "fbgemm":
-            return native, self.bias
+            return native, bias
         return None
 
     # -- kernels -----------------------------------------------------------------------------------

@@ -113,10 +113,12 @@ def _native_linear(layer: nn.Module):
 
 def _plain_layer_norm(norm: nn.Module):
     """(weight, bias, eps) of an affine float32 LayerNorm over the last dimension, or None."""
-    if (type(norm) is not nn.LayerNorm or norm.weight is None or norm.weight.dtype != torch.float32
-            or len(norm.normalized_shape) != 1 or norm._forward_hooks or norm._forward_pre_hooks):
+    if type(norm) is not nn.LayerNorm or norm._forward_hooks or norm._forward_pre_hooks:
         return None
-    return norm.weight, norm.bias, norm.eps
+    weight = norm._parameters.get("weight")
+    if weight is None or weight.dtype != torch.float32 or len(norm.normalized_shape) != 1:
+        return None
+    return weight, norm._parameters.get("bias"), norm.eps
 
 
 class MLP(nn.Module):
@@ -239,23 +241,27 @@ class GPT(nn.Module):
         module = native.load()
         if module is None or _has_hooks():
             return None
+        # Read submodules and parameters from the modules' own dicts: nn.Module.__getattr__ would cost more
+        # than the whole plan (this runs every step).
         plan = []
-        for block in self.blocks:
+        for block in self.blocks._modules.values():
             if type(block) is not Block or block._forward_hooks or block._forward_pre_hooks:
                 return None
-            attn, mlp = block.attn, block.mlp
-            if (type(attn) is not CausalSelfAttention or attn.prefix is not None or type(mlp) is not MLP
-                    or type(mlp.act) is not nn.GELU):
+            parts = block._modules
+            attn, mlp = parts["attn"], parts["mlp"]
+            if type(attn) is not CausalSelfAttention or attn.prefix is not None or type(mlp) is not MLP:
                 return None
-            layers = [_native_linear(m) for m in (attn.qkv, attn.proj, mlp.fc, mlp.proj)]
-            norms = [_plain_layer_norm(m) for m in (block.ln_1, block.ln_2)]
-            if any(layer is None for layer in layers) or any(norm is None for norm in norms):
+            a, m = attn._modules, mlp._modules
+            act = m["act"]
+            if type(act) is not nn.GELU or any(x._forward_hooks or x._forward_pre_hooks for x in (
+                    attn, mlp, act, m["dropout"], a["resid_dropout"])):
                 return None
-            if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp, mlp.act, mlp.dropout,
-                                                                         attn.resid_dropout)):
+            qkv, proj, fc, out = (_native_linear(a["qkv"]), _native_linear(a["proj"]), _native_linear(m["fc"]),
+                                  _native_linear(m["proj"]))
+            ln_1, ln_2 = _plain_layer_norm(parts["ln_1"]), _plain_layer_norm(parts["ln_2"])
+            if qkv is None or proj is None or fc is None or out is None or ln_1 is None or ln_2 is None:
                 return None
-            (qkv, qkv_b), (proj, proj_b), (fc, fc_b), (out, out_b) = layers
-            plan.append((*norms[0], qkv, qkv_b, proj, proj_b, *norms[1], fc, fc_b, out, out_b, mlp.act.approximate))
+            plan.append((*ln_1, *qkv, *proj, *ln_2, *fc, *out, act.approximate))
         return module, plan
 
     def forward(

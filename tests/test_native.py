@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gptforge import native
 from gptforge.inference import (PackedLinear, onednn_available, pack_panels, panel_available,
@@ -389,3 +390,30 @@ def test_one_call_decode_step_steps_aside_for_hooks_training_and_gradients():
         model.eval()
         model.blocks[0].mlp.fc = nn.Linear(32, 128)  # a plain layer: no native kernel to call
         assert model._decode_plan(x) is None
+
+
+@needs_native
+@pytest.mark.parametrize("head_dim", [64, 24, 20])  # AVX-512 (16 | D), AVX2 (8 | D), the scalar loop
+def test_decode_attention_matches_sdpa_and_each_row_is_computed_alone(head_dim):
+    module = native.load()
+    torch.manual_seed(5)
+    B, H, S = 5, 3, 40
+    cache_k, cache_v = torch.randn(2, B, H, 64, head_dim), torch.randn(2, B, H, 64, head_dim)
+    k, v = cache_k[1, :, :, :S], cache_v[1, :, :, :S]  # views of a cache, as the model passes them
+    q = torch.randn(B, 1, H * head_dim).view(B, 1, H, head_dim).transpose(1, 2)
+    starts = [0, 7, 39, 12, 3]
+    scale = head_dim ** -0.5
+    y = module.decode_attention(q, k, v, starts, scale)
+    assert y.shape == (B, H, 1, head_dim)
+    for i, s in enumerate(starts):
+        want = F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])
+        torch.testing.assert_close(y[i:i + 1], want, rtol=1e-5, atol=1e-6)
+        # the same row alone, on its own keys only: the same bits
+        assert torch.equal(module.decode_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:], [], scale),
+                           y[i:i + 1])
+    with pytest.raises(RuntimeError, match="a start outside the 40 keys"):
+        module.decode_attention(q, k, v, [0, 0, 40, 0, 0], scale)
+    with pytest.raises(RuntimeError, match="expected 5 starts"):
+        module.decode_attention(q, k, v, [0], scale)
+    with pytest.raises(RuntimeError, match="one contiguous"):  # every other key: not one (S, D) block
+        module.decode_attention(q, k[..., ::2, :], v[..., ::2, :], [], scale)

@@ -470,6 +470,16 @@ struct AttnArgs {
   float* out;      // D values
 };
 
+// scores[j] = exp(scores[j] - m) in place; returns their sum, added in j order.
+float exponentiate(float* scores, int64_t n, float m) {
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - m);
+    sum += scores[j];
+  }
+  return sum;
+}
+
 void attend_scalar(const AttnArgs& a) {
   float m = -INFINITY;
   for (int64_t j = 0; j < a.n; ++j) {
@@ -478,11 +488,7 @@ void attend_scalar(const AttnArgs& a) {
     a.scores[j] = dot * a.scale;
     m = std::max(m, a.scores[j]);
   }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < a.n; ++j) {
-    a.scores[j] = std::exp(a.scores[j] - m);
-    sum += a.scores[j];
-  }
+  const float sum = exponentiate(a.scores, a.n, m);
   for (int64_t t = 0; t < a.d; ++t) {
     float acc = 0.0f;
     for (int64_t j = 0; j < a.n; ++j) acc = std::fma(a.scores[j], a.v[j * a.d + t], acc);
@@ -504,11 +510,7 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a) {
     a.scores[j] = _mm512_reduce_add_ps(acc) * a.scale;
     m = std::max(m, a.scores[j]);
   }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < a.n; ++j) {
-    a.scores[j] = std::exp(a.scores[j] - m);
-    sum += a.scores[j];
-  }
+  const float sum = exponentiate(a.scores, a.n, m);
   __m512 out[16];
   for (int64_t t = 0; t < nv; ++t) out[t] = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.n; ++j) {
@@ -535,11 +537,7 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a) {
     a.scores[j] = (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))) * a.scale;
     m = std::max(m, a.scores[j]);
   }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < a.n; ++j) {
-    a.scores[j] = std::exp(a.scores[j] - m);
-    sum += a.scores[j];
-  }
+  const float sum = exponentiate(a.scores, a.n, m);
   __m256 out[16];
   for (int64_t t = 0; t < nv; ++t) out[t] = _mm256_setzero_ps();
   for (int64_t j = 0; j < a.n; ++j) {

@@ -253,7 +253,7 @@ class GPT(nn.Module):
                 return None
             a, m = attn._modules, mlp._modules
             act = m["act"]
-            if type(act) is not nn.GELU or any(x._forward_hooks or x._forward_pre_hooks for x in (
+            if type(act) is not nn.GELU or any(sub._forward_hooks or sub._forward_pre_hooks for sub in (
                     attn, mlp, act, m["dropout"], a["resid_dropout"])):
                 return None
             qkv, proj, fc, out = (_native_linear(a["qkv"]), _native_linear(a["proj"]), _native_linear(m["fc"]),

@@ -294,6 +294,11 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
         n = prepack_linears(model, batch_size)
         if n:
             kernel = next(m.kernel for m in model.modules() if isinstance(m, PackedLinear))
-            log.debug("prepacked %d float32 Linear layers for the %s kernel", n, kernel)
+            isa = ""
+            if kernel == "panel":
+                from . import native
+
+                isa = " (AVX-512)" if native.panel_isa() >= 2 else " (AVX2)"
+            log.info("prepacked %d float32 linear layers for the %s kernel%s", n, kernel, isa)
     model.eval()  # last: the swapped-in layers are new modules
     return model

@@ -34,6 +34,12 @@ def hard_input(*shape, k):
     return x
 
 
+def skip_unless_int8_kernel(kernel: str) -> None:
+    """Skip the test where this CPU int8 kernel ("panel" or "fbgemm") cannot run."""
+    if not {"panel": panel_available, "fbgemm": fbgemm_available}[kernel]():
+        pytest.skip(f"no {kernel} kernel here")
+
+
 @pytest.fixture()
 def fresh_state(monkeypatch):
     """Forget whether the kernels were loaded, so that load() tries again (restored afterwards)."""
@@ -198,8 +204,7 @@ def test_panel_kernel_refuses_mismatched_shapes_with_a_clear_error():
 @needs_native
 @pytest.mark.parametrize("kernel", ["panel", "fbgemm"])
 def test_prepared_int8_model_deep_copies_with_working_kernels(kernel):
-    if (kernel == "panel" and not panel_available()) or (kernel == "fbgemm" and not fbgemm_available()):
-        pytest.skip(f"no {kernel} kernel here")
+    skip_unless_int8_kernel(kernel)
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97)).eval()
     model = quantize_int8(model, kernel=kernel)
@@ -287,8 +292,7 @@ def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_p
 @pytest.mark.parametrize("kernel", ["panel", "fbgemm"])
 def test_an_int8_prepared_model_still_pickles_whole(tmp_path, kernel):
     # torch.save(model) pickles the modules; the native kernel object is rebuilt on load.
-    if (kernel == "panel" and not panel_available()) or (kernel == "fbgemm" and not fbgemm_available()):
-        pytest.skip(f"no {kernel} kernel here")
+    skip_unless_int8_kernel(kernel)
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20)).eval()
     model = quantize_int8(model, kernel=kernel)

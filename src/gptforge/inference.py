@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .native import panel_available
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,6 @@ def onednn_available() -> bool:
     return (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def panel_available() -> bool:
-    """Whether gptforge's panel kernel runs here with vector code (native kernels built, AVX2 or AVX-512)."""
-    from . import native
-
-    return native.panel_isa() >= 1
 
 
 def prepack_available() -> bool:
@@ -151,10 +145,12 @@ class PackedLinear(nn.Module):
     def native_decode_kernel(self):
         """(C++ kernel, bias) that forward calls for float32 CPU input, or None: what GPT's one-call decode
         step (gptforge.model.gpt) runs instead of this module."""
-        native, bias = self.__dict__.get("_native"), self._buffers.get("bias")  # (runs every decode step)
-        if native is None:
-            return None
-        return native, bias if bias is None or bias.dtype == torch.float32 else bias.float()
+        native = self.__dict__.get("_native")
+        return None if native is None else (native, self._float32_bias())
+
+    def _float32_bias(self) -> Optional[torch.Tensor]:
+        bias = self._buffers.get("bias")  # not self.bias: nn.Module.__getattr__ is slow (every decode step)
+        return bias if bias is None or bias.dtype == torch.float32 else bias.float()
 
     @property
     def batch_invariant(self) -> bool:
@@ -167,10 +163,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
-            bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()
-            if self._native is not None:
-                return self._native(x, bias)
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+            offer = self.native_decode_kernel()
+            if offer is not None:
+                kernel, bias = offer
+                return kernel(x, bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self._float32_bias(), "none", [], "")
         if not self._warned:
             log.warning("prepacked linear got %s input on %s%s; using the slower unpacked path", x.dtype,
                         x.device, " that needs a gradient" if x.requires_grad else "")

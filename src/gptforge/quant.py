@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .native import panel_available
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,6 @@ def _cpu_has_avx512() -> bool:
         return "AVX512" in torch.backends.cpu.get_cpu_capability()
     except Exception:  # older builds
         return False
-
-
-def panel_available() -> bool:
-    """Whether gptforge's native panel kernel runs here with vector code (x86 with AVX2 or AVX-512)."""
-    from . import native
-
-    return native.panel_isa() >= 1
 
 
 def default_kernel(device: torch.device) -> str:
@@ -241,8 +235,8 @@ class Int8Linear(nn.Module):
             if self._packed is None:
                 self.prepare()
                 return self.forward(x)  # the kernel may have changed (a refused layer)
-            bias = None if self.bias is None else self.bias.float()
-            y = self._native(x2.float(), bias)
+            native, bias = self.native_decode_kernel()
+            y = native(x2.float(), bias)
         elif kernel == "fbgemm":
             if self._packed is None:
                 self.prepare()

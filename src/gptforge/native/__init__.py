@@ -182,6 +182,12 @@ def panel_isa() -> int:
     return int(module.panel_isa()) if module is not None else 0
 
 
+def panel_available() -> bool:
+    """Whether the panel kernel runs here with vector code (native kernels built; x86 with AVX2 or AVX-512).
+    Both its users (gptforge.inference for float32, gptforge.quant for int8) pick it only then."""
+    return panel_isa() >= 1
+
+
 def panel_linear(panels: torch.Tensor, out_features: int):
     """A native callable ``(x (..., K) float32, bias) -> y (..., N)`` for a weight packed by
     :func:`gptforge.inference.pack_panels`, or None."""

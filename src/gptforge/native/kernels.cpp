@@ -203,7 +203,8 @@ class PackedLinear : public LinearKernel {
 constexpr int64_t kPanel = 64;    // outputs per panel
 constexpr int64_t kTileRows = 6;  // rows per register tile
 constexpr int64_t kWideTileRows = 12;  // rows per tile on AVX-512 (see tile_avx512)
-constexpr int64_t kPrefetch = 32; // k-rows of weights prefetched ahead
+constexpr int64_t kPrefetch = 32; // k-rows of weights prefetched ahead (float32: 8 KB)
+constexpr int64_t kPrefetchInt8 = 2 * kPrefetch;  // int8 rows are a quarter as long: 4 KB ahead
 
 template <typename W>
 struct TileArgs {
@@ -350,6 +351,13 @@ void check_panels(const torch::Tensor& packed, c10::ScalarType dtype, int64_t n)
               " outputs");
 }
 
+// Per-output scales of int8 panels: float32, one value per packed output (padded to whole panels).
+void check_scales(const torch::Tensor& scales, const torch::Tensor& packed) {
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.device().is_cpu() &&
+                  scales.numel() == packed.size(0) * kPanel,
+              "scales must be contiguous float32 with one value per packed output (", packed.size(0) * kPanel, ")");
+}
+
 const float* per_output(const c10::optional<torch::Tensor>& t, int64_t n, const char* what, torch::Tensor& keep) {
   if (!t.has_value() || !t->defined()) return nullptr;
   keep = t->contiguous();
@@ -410,9 +418,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed, 
 torch::Tensor panel_int8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                                 int64_t n, const c10::optional<torch::Tensor>& bias, int64_t isa, int64_t prefetch) {
   check_panels(packed, torch::kChar, n);
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.device().is_cpu() &&
-                  scales.numel() == packed.size(0) * kPanel,
-              "scales must be contiguous float32 with one value per packed output (", packed.size(0) * kPanel, ")");
+  check_scales(scales, packed);
   return panel_forward<int8_t>(x, packed, n, scales.data_ptr<float>(), bias, isa, prefetch);
 }
 
@@ -437,13 +443,11 @@ class PanelInt8Linear : public LinearKernel {
   PanelInt8Linear(torch::Tensor packed, torch::Tensor scales, int64_t out_features)
       : packed_(std::move(packed)), scales_(std::move(scales)), n_(out_features) {
     check_panels(packed_, torch::kChar, n_);
-    TORCH_CHECK(scales_.scalar_type() == torch::kFloat && scales_.is_contiguous() &&
-                    scales_.numel() == packed_.size(0) * kPanel,
-                "scales must be contiguous float32 with one value per packed output");
+    check_scales(scales_, packed_);
   }
 
   torch::Tensor forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) const override {
-    return panel_forward<int8_t>(x, packed_, n_, scales_.data_ptr<float>(), bias, -1, 2 * kPrefetch);
+    return panel_forward<int8_t>(x, packed_, n_, scales_.data_ptr<float>(), bias, -1, kPrefetchInt8);
   }
 
  private:
@@ -694,7 +698,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("isa") = -1, py::arg("prefetch") = kPrefetch,
         py::call_guard<py::gil_scoped_release>());
   m.def("panel_int8_linear", &panel_int8_linear, py::arg("x"), py::arg("packed"), py::arg("scales"),
-        py::arg("out_features"), py::arg("bias"), py::arg("isa") = -1, py::arg("prefetch") = 2 * kPrefetch,
+        py::arg("out_features"), py::arg("bias"), py::arg("isa") = -1, py::arg("prefetch") = kPrefetchInt8,
         py::call_guard<py::gil_scoped_release>());
   m.def("panel_isa", &panel_isa);
   // decode_blocks releases the GIL itself, once it has read the plan.

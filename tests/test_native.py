@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from gptforge import native
 from gptforge.inference import (PackedLinear, onednn_available, pack_panels, panel_available,
                                 prepare_for_inference)
-from gptforge.quant import Int8Linear, _fbgemm_linear, fbgemm_available, quantize_int8, quantize_weight
+from gptforge.quant import (Int8Linear, _fbgemm_linear, amx_available, fbgemm_available, pack_amx, quantize_int8,
+                            quantize_weight)
 
 from gptforge.config import ModelConfig
 from gptforge.model import GPT
@@ -35,8 +36,8 @@ def hard_input(*shape, k):
 
 
 def skip_unless_int8_kernel(kernel: str) -> None:
-    """Skip the test where this CPU int8 kernel ("panel" or "fbgemm") cannot run."""
-    if not {"panel": panel_available, "fbgemm": fbgemm_available}[kernel]():
+    """Skip the test where this CPU int8 kernel ("amx", "panel" or "fbgemm") cannot run."""
+    if not {"amx": amx_available, "panel": panel_available, "fbgemm": fbgemm_available}[kernel]():
         pytest.skip(f"no {kernel} kernel here")
 
 
@@ -53,8 +54,8 @@ def test_the_kernels_build_here_and_the_layers_use_them():
     assert layer._native is not None
     if native.panel_isa() >= 1:
         assert layer.kernel == "panel"
-    for kernel in ("panel", "fbgemm"):
-        if (kernel == "panel" and native.panel_isa() >= 1) or (kernel == "fbgemm" and fbgemm_available()):
+    for kernel in ("amx", "panel", "fbgemm"):
+        if {"amx": amx_available, "panel": panel_available, "fbgemm": fbgemm_available}[kernel]():
             q = Int8Linear.from_linear(nn.Linear(16, 8), kernel=kernel)
             q.prepare()
             assert q._native is not None and q.resolved_kernel(q.weight.device) == kernel
@@ -187,6 +188,54 @@ def test_int8_panel_kernel_is_invariant_and_computes_the_dequantized_product(k, 
         module.panel_int8_linear(x, panels.float(), padded, n, b)
 
 
+needs_amx = pytest.mark.skipif(not HAVE_COMPILER or not native.enabled() or not amx_available(),
+                               reason="needs the native kernels on a CPU with AMX-INT8")
+
+
+@needs_amx
+@pytest.mark.parametrize("k, n", [(300, 130), (5, 7), (64, 16), (96, 1)])
+def test_amx_kernel_equals_its_reference_is_invariant_and_keeps_16_bit_activations(k, n):
+    module = native.load()
+    torch.manual_seed(4)
+    q, scales = quantize_weight(torch.randn(n, k))
+    packed = pack_amx(q)
+    padded = torch.zeros(packed.shape[0] * 16)
+    padded[:n] = scales
+    b = torch.randn(n)
+    x = hard_input(37, k=k)  # 37 rows: 74 A rows, two full 32-row groups and a part-filled one
+    y = module.amx_int8_linear(x, packed, padded, n, k, b)
+    assert torch.equal(y, module.amx_int8_linear(x, packed, padded, n, k, b, 0)), "AMX differs from the reference"
+    for i in (0, 1, 16, 36):
+        assert torch.equal(module.amx_int8_linear(x[i:i + 1], packed, padded, n, k, b)[0], y[i])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(module.amx_int8_linear(x, packed, padded, n, k, b), y)
+    finally:
+        torch.set_num_threads(threads)
+    # Each activation is off by at most step / 508 (step = the row's max / 127); then float32 roundings.
+    exact = x.double() @ (q.double() * scales.double()[:, None]).T + b.double()
+    wsum = (q.double().abs() * scales.double()[:, None]).sum(1)
+    step = x.double().abs().amax(1, keepdim=True) / 127
+    bound = step / 508 * wsum + 1e-6 * (x.double().abs() @ (q.double().abs() * scales.double()[:, None]).T
+                                        + b.double().abs())
+    assert ((y.double() - exact).abs() <= bound).all()
+    # A row with an infinity or a NaN gives NaN, and leaves the other rows alone.
+    bad = x.clone()
+    bad[2, 0], bad[5, k - 1] = float("inf"), float("nan")
+    out = module.amx_int8_linear(bad, packed, padded, n, k, b)
+    assert out[2].isnan().all() and out[5].isnan().all()
+    keep = [i for i in range(37) if i not in (2, 5)]
+    assert torch.equal(out[keep], y[keep])
+    assert torch.equal(out.nan_to_num(), module.amx_int8_linear(bad, packed, padded, n, k, b, 0).nan_to_num())
+    with pytest.raises(RuntimeError, match="scales must be contiguous float32"):
+        module.amx_int8_linear(x, packed, padded[:-1], n, k, b)
+    with pytest.raises(RuntimeError, match="does not hold"):
+        module.AmxInt8Linear(packed, padded, n, k + 64)
+    with pytest.raises(RuntimeError, match=r"expected an input of shape \(\.\.\., "):
+        module.amx_int8_linear(x[:, :-1], packed, padded, n, k, b)
+
+
 @needs_panel
 def test_panel_kernel_refuses_mismatched_shapes_with_a_clear_error():
     module = native.load()
@@ -202,7 +251,7 @@ def test_panel_kernel_refuses_mismatched_shapes_with_a_clear_error():
 
 
 @needs_native
-@pytest.mark.parametrize("kernel", ["panel", "fbgemm"])
+@pytest.mark.parametrize("kernel", ["amx", "panel", "fbgemm"])
 def test_prepared_int8_model_deep_copies_with_working_kernels(kernel):
     skip_unless_int8_kernel(kernel)
     torch.manual_seed(0)
@@ -289,7 +338,7 @@ def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_p
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch's own unpickling of fbgemm weights
-@pytest.mark.parametrize("kernel", ["panel", "fbgemm"])
+@pytest.mark.parametrize("kernel", ["amx", "panel", "fbgemm"])
 def test_an_int8_prepared_model_still_pickles_whole(tmp_path, kernel):
     # torch.save(model) pickles the modules; the native kernel object is rebuilt on load.
     skip_unless_int8_kernel(kernel)
@@ -309,7 +358,7 @@ def test_an_int8_prepared_model_still_pickles_whole(tmp_path, kernel):
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["panel", "onednn", "int8", "int8-panel"])
+@pytest.mark.parametrize("kind", ["panel", "onednn", "int8", "int8-panel", "int8-amx"])
 def test_native_calls_release_the_gil(kind):
     # The server's HTTP thread must run while the scheduler thread computes a layer: a long call in one
     # thread must leave Python free in another (it is still running when the other thread looks).
@@ -320,12 +369,14 @@ def test_native_calls_release_the_gil(kind):
         pytest.skip("needs fbgemm (x86 CPU)")
     if (kind in ("panel", "int8-panel") and not panel_available()) or (kind == "onednn" and not onednn_available()):
         pytest.skip(f"no {kind} kernel here")
+    if kind == "int8-amx" and not amx_available():
+        pytest.skip("no AMX-INT8 here")
     torch.manual_seed(0)
     linear = nn.Linear(768, 8192)
     if kind in ("panel", "onednn"):
         layer = PackedLinear(linear, kernel=kind)
     else:
-        layer = Int8Linear.from_linear(linear, kernel="fbgemm" if kind == "int8" else "panel")
+        layer = Int8Linear.from_linear(linear, kernel={"int8": "fbgemm", "int8-panel": "panel", "int8-amx": "amx"}[kind])
         layer.prepare()
     assert layer._native is not None
     x = torch.randn(1024, 768)  # ~13 GFLOP: well over 20 ms on any CPU this runs on

@@ -11,10 +11,10 @@ from gptforge.errors import ConfigError
 from gptforge.evaluate import evaluate_lm
 from gptforge.generate import generate_tokens
 from gptforge.model import GPT
-from gptforge.quant import (Int8Linear, default_kernel, fbgemm_available, panel_available, quantize_int8,
-                            quantize_weight)
+from gptforge.quant import (Int8Linear, amx_available, default_kernel, fbgemm_available, pack_amx,
+                            panel_available, quantize_int8, quantize_weight, unpack_amx)
 
-KERNELS = ["dequant", "int8pack", "fbgemm", "panel"]
+KERNELS = ["dequant", "int8pack", "fbgemm", "panel", "amx"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,6 +49,8 @@ def test_each_kernel_computes_the_dequantized_product(kernel):
         pytest.skip("fbgemm is not available on this machine")
     if kernel == "panel" and not panel_available():
         pytest.skip("the native panel kernel is not available on this machine")
+    if kernel == "amx" and not amx_available():
+        pytest.skip("this CPU has no AMX-INT8 (or the native kernels are unavailable)")
     torch.manual_seed(1)
     linear = nn.Linear(96, 200)
     module = Int8Linear.from_linear(linear, kernel=kernel)
@@ -57,10 +59,22 @@ def test_each_kernel_computes_the_dequantized_product(kernel):
     y = module(x)
     reference = F.linear(x, module.dequantized_weight(), module.bias)
     assert y.shape == (3, 5, 200) and y.dtype == torch.float32
-    # Weight-only: the activations are not rounded (fbgemm's split keeps ~14 bits, even for the 1e-3 row).
+    # Weight-only: the activations are not rounded (fbgemm's split keeps ~14 bits, amx's ~16, even for the
+    # 1e-3 row and the outlier channel).
+    bound = {"panel": 1e-5, "amx": 3e-4}.get(kernel, 2e-3)  # panel: float x
     for row in range(3):
-        assert rel_err(y[row], reference[row]) < (1e-5 if kernel == "panel" else 2e-3)  # panel: float x
+        assert rel_err(y[row], reference[row]) < bound
     assert rel_err(y, linear(x)) < 2e-2  # what is left is the weight's own rounding
+
+
+def test_pack_amx_is_the_b_tile_layout_and_round_trips():
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (37, 70), dtype=torch.int8)
+    packed = pack_amx(w)
+    assert packed.shape == (3, 32, 64) and packed.dtype == torch.int8  # 37 -> 3 strips, 70 -> 128 inputs
+    assert int(packed[1, 5, 4 * 3 + 2]) == int(w[16 + 3, 4 * 5 + 2])  # strip 1, k-group 5, output 3, byte 2
+    assert torch.equal(unpack_amx(packed, 37, 70), w)
+    assert int(packed[2, :, 4 * 5:].abs().sum()) == 0 and int(packed[:, 18:].abs().sum()) == 0  # zero padding
 
 
 def test_quantize_int8_swaps_only_linear_layers():
@@ -94,7 +108,9 @@ def test_unknown_kernel_is_a_config_error():
 def test_cpu_default_kernel_is_a_fast_one():
     kernel = default_kernel(torch.device("cpu"))
     assert kernel in KERNELS
-    if panel_available():
+    if amx_available():
+        assert kernel == "amx"  # int8 tiles: weight-bandwidth-bound at every decode size
+    elif panel_available():
         assert kernel == "panel"  # gptforge's own: faster than fbgemm at decode sizes, batch-invariant
     elif fbgemm_available():
         assert kernel == "fbgemm"  # _weight_int8pack_mm is scalar (10x slower than fp32) on AVX2

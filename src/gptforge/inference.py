@@ -226,8 +226,8 @@ def linears_batch_invariant(model: nn.Module) -> bool:
 
     True for :class:`PackedLinear` on the panel kernel (by construction) or on oneDNN in the general
     layout (oneDNN reduces over K in a fixed order for any row count; not with ``batch_size=1``, whose
-    single rows take a matrix-vector kernel), and for int8 layers on the panel kernel (by construction)
-    or on fbgemm (exact integer products; the pinned row fixes the input scale). False as soon as one
+    single rows take a matrix-vector kernel), and for int8 layers on the amx or panel kernel (by
+    construction) or on fbgemm (exact integer products; the pinned row fixes the input scale). False as soon as one
     plain ``nn.Linear`` remains: BLAS picks other kernels for other row counts.
     """
     from .peft.lora import LoRALinear
@@ -238,7 +238,7 @@ def linears_batch_invariant(model: nn.Module) -> bool:
         if type(module) is nn.Linear or isinstance(module, LoRALinear):  # LoRA's main product is F.linear
             return False
         if isinstance(module, Int8Linear):
-            if module.resolved_kernel(module.weight.device) not in ("fbgemm", "panel"):
+            if module.resolved_kernel(module.weight.device) not in ("amx", "fbgemm", "panel"):
                 return False
             found = True
         elif isinstance(module, PackedLinear):

@@ -9,6 +9,9 @@
 - ``PackedLinear``: oneDNN's prepacked inner product, the same call as ``torch.ops.mkldnn`` made from C++.
 - ``PanelInt8Linear``: the same kernel on int8 weights with per-output scales, for
   :class:`gptforge.quant.Int8Linear` (kernel ``"panel"``, the CPU default where it has vector code).
+- ``AmxInt8Linear``: int8 weights times int8 activations on Intel AMX tiles, for
+  :class:`gptforge.quant.Int8Linear` (kernel ``"amx"``, the CPU default where AMX-INT8 exists): each
+  activation row split into two int8 parts (~16 bits), exact int32 sums, batch-invariant by construction.
 - ``Int8Linear``: the fbgemm int8 layer of :class:`gptforge.quant.Int8Linear`, the same arithmetic in the
   same order as its Python code.
 - ``decode_attention``: a decode step's attention (one new token a row over its cached keys, each row
@@ -46,7 +49,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-_ABI = 5  # must equal m.attr("ABI") in kernels.cpp
+_ABI = 6  # must equal m.attr("ABI") in kernels.cpp
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded extension or None once tried
 
@@ -186,6 +189,19 @@ def panel_available() -> bool:
     """Whether the panel kernel runs here with vector code (native kernels built; x86 with AVX2 or AVX-512).
     Both its users (gptforge.inference for float32, gptforge.quant for int8) pick it only then."""
     return panel_isa() >= 1
+
+
+def amx_available() -> bool:
+    """Whether the AMX int8 kernel runs here (native kernels built; an x86 CPU with AMX-INT8, Intel
+    Sapphire Rapids or later, on an OS that lets this process use it)."""
+    module = load()
+    return module is not None and int(module.amx_isa()) >= 1
+
+
+def amx_int8_linear(packed: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int):
+    """A native callable ``(x (..., K) float32, bias) -> y (..., N)`` for an int8 weight packed by
+    :func:`gptforge.quant.pack_amx` with its per-output scales padded to whole strips, or None."""
+    return _kernel("AmxInt8Linear", packed, scales, out_features, in_features)
 
 
 def panel_linear(panels: torch.Tensor, out_features: int):

@@ -415,6 +415,50 @@ class _Cancelled(Exception):
         self.reason = reason  # "timeout" | "disconnected" | "server"
 
 
+class _EventPump:
+    """Hands token events from the scheduler thread to the event loop, one loop wake-up a burst.
+
+    ``loop.call_soon_threadsafe`` writes to the loop's wake-up pipe every call; with 16 streams that was
+    16 writes (and 16 wake-ups) a decode step, paid on the scheduler thread. Here the first event of a burst
+    schedules one drain and the rest join it; the drain runs on the loop and delivers them in order.
+    """
+
+    _pumps: "dict[asyncio.AbstractEventLoop, _EventPump]" = {}
+    _pumps_lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_EventPump":
+        with cls._pumps_lock:
+            for old in [other for other in cls._pumps if other.is_closed()]:
+                del cls._pumps[old]
+            pump = cls._pumps.get(loop)
+            if pump is None:
+                pump = cls._pumps[loop] = cls(loop)
+            return pump
+
+    def put(self, queue: asyncio.Queue, event: TokenEvent) -> None:  # scheduler thread
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:  # a drain is already scheduled and has not run yet
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the event loop is gone (server stopped)
+            with self._lock:
+                self._pending.clear()
+
+    def _drain(self) -> None:  # event loop
+        with self._lock:
+            items, self._pending = self._pending, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class _Job:
     """One completion or chat request: its sequences, their events, and the response built from them."""
 
@@ -447,6 +491,7 @@ class _Job:
             self.max_tokens.append(limit)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.pump = _EventPump.of(self.loop)
         self.deadline = time.monotonic() + config.request_timeout
         self.sequences = []
         for p, ids in enumerate(prompts_ids):
@@ -469,16 +514,15 @@ class _Job:
             raise _bad(str(exc)) from None
 
     def _sink(self, event: TokenEvent) -> None:  # scheduler thread
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (server stopped)
-            pass
+        self.pump.put(self.events, event)
 
     def _cancel_all(self) -> None:
         for seq in self.sequences:
             seq.cancel()
 
     async def _next_event(self) -> TokenEvent:
+        if not self.events.empty():  # already here: no wait_for (which makes a task and a timer each call)
+            return self.events.get_nowait()
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:

@@ -1,0 +1,119 @@
+"""The scheduler's batched token choice: every row gets what it gets alone, whatever shares the step."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from gptforge.config import GenerateConfig, ModelConfig
+from gptforge.inference import prepare_for_inference
+from gptforge.model import GPT
+from gptforge.serve.scheduler import Scheduler, Sequence
+from gptforge.tokenizer import CharTokenizer
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz .,\n")
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer(CHARS)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=32)).eval()
+    return prepare_for_inference(model), tokenizer
+
+
+def run(model, tokenizer, jobs: list[tuple[str, GenerateConfig, int | None]]) -> list[list[int]]:
+    """The tokens each (prompt, config, seed) job gets when all are submitted to one scheduler together."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=16).start()
+    tokens: list[list[int]] = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def sink_for(j):
+        def sink(event):
+            if event.token_id is not None:
+                tokens[j].append(event.token_id)
+            if event.finish_reason is not None:
+                done.release()
+        return sink
+
+    try:
+        scheduler.submit([Sequence(tokenizer.encode(prompt), config, sink_for(j), seed=seed)
+                          for j, (prompt, config, seed) in enumerate(jobs)])
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop(timeout=10)
+    return tokens
+
+
+def test_batched_choice_equals_each_row_alone(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    plain = GenerateConfig(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    jobs = [
+        ("the cat", plain, 1), ("a dog ran", plain, 2), ("x", plain, 3),  # one batched group
+        ("the cat", GenerateConfig(max_new_tokens=9, temperature=0.7, top_k=5, ignore_eos=True), 4),
+        ("sea", GenerateConfig(max_new_tokens=9, temperature=0.7, top_k=5, ignore_eos=True), 5),
+        ("hello", GenerateConfig(max_new_tokens=10, temperature=1.3, top_p=0.8, min_p=0.05, ignore_eos=True), 6),
+        ("the cat", GenerateConfig(max_new_tokens=12, temperature=1.0, presence_penalty=1.5,
+                                   frequency_penalty=0.5, ignore_eos=True), 7),  # penalties: the concatenated path
+        ("the cat", GenerateConfig(max_new_tokens=12, temperature=1.0, repetition_penalty=1.3, ignore_eos=True), 8),
+        ("abc", GenerateConfig(max_new_tokens=8, temperature=0.0, ignore_eos=True), None),
+        ("zzz", GenerateConfig(max_new_tokens=11, temperature=0.0, ignore_eos=True), None),
+    ]
+    together = run(model, tokenizer, jobs)
+    alone = [run(model, tokenizer, [job])[0] for job in jobs]
+    assert together == alone
+    assert [len(t) for t in together] == [job[1].max_new_tokens for job in jobs]
+    assert len({tuple(t) for t in together[:3]}) == 3  # seeds differ, so do the samples
+
+
+def test_rows_all_alike_take_the_unconcatenated_path(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    config = GenerateConfig(max_new_tokens=10, temperature=0.9, ignore_eos=True)
+    jobs = [(prompt, config, seed) for seed, prompt in enumerate(["one", "two two", "three", "four"])]
+    assert run(model, tokenizer, jobs) == [run(model, tokenizer, [job])[0] for job in jobs]
+
+
+def test_event_pump_delivers_every_event_in_order_with_few_wakeups():
+    import asyncio
+
+    from gptforge.serve.app import _EventPump
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pump = _EventPump.of(loop)
+        assert _EventPump.of(loop) is pump
+        queues = [asyncio.Queue(), asyncio.Queue()]
+        wakeups = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            nonlocal wakeups
+            wakeups += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+        try:
+            def producer():
+                for i in range(200):
+                    pump.put(queues[i % 2], i)
+
+            thread = threading.Thread(target=producer)
+            thread.start()
+            got = [[], []]
+            for _ in range(200):
+                for q, out in zip(queues, got):
+                    while not q.empty():
+                        out.append(q.get_nowait())
+                if len(got[0]) + len(got[1]) == 200:
+                    break
+                await asyncio.sleep(0.005)
+            thread.join()
+        finally:
+            del loop.call_soon_threadsafe
+        assert got == [list(range(0, 200, 2)), list(range(1, 200, 2))]
+        assert 1 <= wakeups < 200
+
+    asyncio.run(main())

@@ -14,7 +14,9 @@ bit; each row alone equals its row in a batch of 20), then times the 49 linear l
 decode step at each row count: MKL (``F.linear``, what transformers runs), oneDNN prepacked (gptforge's
 kernel where the panel kernel has no vector code), the panel kernel, and the panel kernel with another
 prefetch distance (``--prefetch``, k-rows ahead; 0: none; the library uses 32). Prints the median of
-``--repeats`` in ms for all layers once. ``--tiny`` runs small layers to check that the script works.
+``--repeats`` in ms for all layers once; then the same layers quantized to int8 on each int8 CPU kernel
+the machine has (``amx``: Intel AMX tiles; ``panel``; ``fbgemm``). ``--tiny`` runs small layers to check
+that the script works.
 Needs the native kernels (a C++ compiler; built once, ~40 s) on an x86 CPU with AVX2.
 """
 
@@ -112,6 +114,36 @@ def main() -> None:
                                      for p, b, n in panels], args.repeats)
         print(f"{m:>4} {t_mkl:>13.2f} {t_dnn:>14.2f} {t_pan:>8.2f} {t_other:>19.2f} {t_dnn / t_pan:>15.2f}x",
               flush=True)
+    int8_table(weights, args)
+
+
+def int8_table(weights, args) -> None:
+    """The same layers quantized to int8 (gptforge.quant.Int8Linear), on each int8 CPU kernel this machine has."""
+    import torch.nn as nn
+
+    from gptforge.quant import Int8Linear, amx_available, fbgemm_available, panel_available
+
+    kernels = [k for k, ok in (("amx", amx_available()), ("panel", panel_available()), ("fbgemm", fbgemm_available()))
+               if ok]
+    layers: dict[str, list] = {k: [] for k in kernels}
+    for w, b in weights:
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if b is not None:
+                linear.bias.copy_(b)
+        for kernel in kernels:
+            q = Int8Linear.from_linear(linear, kernel=kernel)
+            q.prepare()
+            layers[kernel].append((q._native, q.bias, w.shape[1]))
+    mb = sum(w.numel() for w, _ in weights) / 1e6
+    print(f"\nint8 ({mb:.1f} MB of int8 weights): amx = int8 x two-part int8 activations on AMX tiles; panel = int8 "
+          f"widened to float32, float32 activations; fbgemm = int8 x two-part int8 rows. ms for all layers once")
+    print(f"{'rows':>4} " + " ".join(f"{k:>8}" for k in kernels))
+    for m in args.rows:
+        xs = {k: torch.randn(m, k) for k in {w.shape[1] for w, _ in weights}}
+        times = [median_ms(lambda: [fn(xs[k], b) for fn, b, k in layers[kernel]], args.repeats) for kernel in kernels]
+        print(f"{m:>4} " + " ".join(f"{t:>8.2f}" for t in times), flush=True)
 
 
 if __name__ == "__main__":

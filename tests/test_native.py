@@ -234,6 +234,10 @@ def test_amx_kernel_equals_its_reference_is_invariant_and_keeps_16_bit_activatio
         module.AmxInt8Linear(packed, padded, n, k + 64)
     with pytest.raises(RuntimeError, match=r"expected an input of shape \(\.\.\., "):
         module.amx_int8_linear(x[:, :-1], packed, padded, n, k, b)
+    wide = 131072 + 64  # past it the int32 sums could overflow: refused, and Int8Linear picks another kernel
+    with pytest.raises(RuntimeError, match="at most 131072 inputs"):
+        module.AmxInt8Linear(torch.zeros(1, wide // 4, 64, dtype=torch.int8), torch.zeros(16), 1, wide)
+    assert Int8Linear(wide, 1, kernel="amx").resolved_kernel(torch.device("cpu")) != "amx"
 
 
 @needs_panel

@@ -84,6 +84,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 AMX_STRIP = 16  # outputs per strip of the amx kernel's weight layout
 AMX_DEPTH = 64  # the amx kernel's inputs per tile step: K is padded to a multiple of this
+AMX_MAX_INPUTS = 131072  # beyond it the amx kernel's int32 sums could overflow (K x 127 x 127 >= 2^31)
 
 
 def pack_amx(weight: torch.Tensor) -> torch.Tensor:
@@ -238,8 +239,8 @@ class Int8Linear(nn.Module):
         kernel = self._resolved.get(device.type)
         if kernel is None:
             kernel = default_kernel(device) if self.kernel == "auto" else self.kernel
-            if kernel == "amx" and (device.type != "cpu" or not amx_available()):
-                kernel = default_kernel(device)
+            if kernel == "amx" and (device.type != "cpu" or not amx_available() or self.in_features > AMX_MAX_INPUTS):
+                kernel = "panel"  # and from there to what this device has
             if kernel == "panel" and (device.type != "cpu" or not panel_available()):
                 kernel = default_kernel(device)
             if kernel == "fbgemm" and (device.type != "cpu" or not fbgemm_available() or self.in_features < 2):

@@ -23,6 +23,9 @@
 //               beyond 2 rows (benchmarks/panel_kernel.py).
 // PanelInt8Linear: the same kernel on int8 panels with one float32 scale per output (gptforge/quant.py,
 //               kernel "panel"): weights widened to float32 in registers (exact), activations not rounded.
+// AmxInt8Linear: int8 weights times int8 activations on Intel AMX tiles (gptforge/quant.py, kernel "amx"):
+//               each activation row split into two int8 parts on a per-row grid (~16 bits), exact int32
+//               sums, one float epilogue; batch-invariant by construction (see its section below).
 // PackedLinear: oneDNN's prepacked inner product (mkldnn::_linear_pointwise), called through the C++
 //               dispatcher instead of Python's torch.ops; used where PanelLinear has no vector code.
 #include <torch/extension.h>
@@ -488,6 +491,7 @@ constexpr int64_t kAmxDepth = 64;  // k per tile step (an A tile row's bytes)
 constexpr int64_t kAmxRows = 16;   // A rows per tile (8 activation rows, as hi and lo)
 constexpr float kLoSteps = 254.0f;  // the lo part's grid: 254 steps per hi step
 constexpr int64_t kAmxPrefetch = 4;  // weight tiles (1 KB each) prefetched ahead
+constexpr int64_t kAmxMaxDepth = 131072;  // K x 127 x 127 < 2^31: the int32 sums cannot overflow
 
 // x (M, K) float32 -> a (rows, Kp) int8 (zero padded), step (M); rows >= 2M.
 void quantize_rows_body(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* a, float* step) {
@@ -711,6 +715,8 @@ void check_amx(const torch::Tensor& packed, const torch::Tensor& scales, int64_t
   TORCH_CHECK(n >= 1 && k >= 1 && packed.size(0) == (n + kAmxOut - 1) / kAmxOut &&
                   packed.size(1) * 4 == (k + kAmxDepth - 1) / kAmxDepth * kAmxDepth,
               "packed weight does not hold ", n, " outputs of ", k, " inputs");
+  TORCH_CHECK(k <= kAmxMaxDepth, "the amx kernel takes at most ", kAmxMaxDepth, " inputs (int32 sums of ", k,
+              " products of 127 x 127 could overflow)");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.device().is_cpu() &&
                   scales.numel() == packed.size(0) * kAmxOut,
               "scales must be contiguous float32 with one value per packed output (", packed.size(0) * kAmxOut, ")");

@@ -887,6 +887,15 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a) {
 }
 #endif
 
+// One (row, head) with the best code this CPU and head size allow (the same bits in every case).
+void attend(int level, const AttnArgs& a) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (level == 2 && a.d % 16 == 0 && a.d <= 256) return attend_avx512(a);
+  if (level >= 1 && a.d % 8 == 0 && a.d <= 128) return attend_avx2(a);
+#endif
+  attend_scalar(a);
+}
+
 // q (B, H, 1, D); k, v (B, H, S, D), each (b, h) block of S x D contiguous (a view of a KV cache);
 // starts: B first positions (empty: all 0). Returns (B, H, 1, D), a view of a contiguous (B, 1, H, D).
 torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
@@ -917,14 +926,42 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
       const AttnArgs a{qp + (b * H + h) * D, kp + b * k.stride(0) + h * k.stride(1) + s0 * D,
                        vp + b * v.stride(0) + h * v.stride(1) + s0 * D, S - s0, D, static_cast<float>(scale),
                        scores.data(), yp + (b * H + h) * D};
-#if defined(__x86_64__) && defined(__GNUC__)
-      if (level == 2 && D % 16 == 0 && D <= 256) { attend_avx512(a); continue; }
-      if (level >= 1 && D % 8 == 0 && D <= 128) { attend_avx2(a); continue; }
-#endif
-      attend_scalar(a);
+      attend(level, a);
     }
   });
   return y.permute({0, 2, 1, 3});
+}
+
+// One decode step's attention for a layer, from the fused qkv projection, in place of decode_blocks'
+// ~15 ATen calls a layer around decode_attention (split, views, transposes, the cache writes, the copy
+// back to (B, C)): for each (row, head), the new key and value go into the cache at position `length`,
+// then the query attends to positions starts[b] .. length with the same code as decode_attention, and
+// the result goes straight into y (B, 1, C). The same values in the same memory, so the same bits.
+// qkv (B, 1, 3C) contiguous; cache_k, cache_v (n_layer, B, H, max_length, D) or a view of one.
+torch::Tensor attend_step(const torch::Tensor& qkv, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                          int64_t layer, int64_t n_head, int64_t length, const std::vector<int64_t>& starts,
+                          double scale) {
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3, H = n_head, D = C / H, S = length + 1;
+  float* qp = qkv.data_ptr<float>();
+  float* kp = cache_k.data_ptr<float>() + layer * cache_k.stride(0);
+  float* vp = cache_v.data_ptr<float>() + layer * cache_v.stride(0);
+  torch::Tensor y = torch::empty({B, 1, C}, qkv.options());
+  float* yp = y.data_ptr<float>();
+  const int level = static_cast<int>(panel_isa());
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, s0 = starts.empty() ? 0 : starts[b];
+      const float* q = qp + b * 3 * C + h * D;
+      float* kb = kp + b * cache_k.stride(1) + h * cache_k.stride(2);
+      float* vb = vp + b * cache_v.stride(1) + h * cache_v.stride(2);
+      std::copy(q + C, q + C + D, kb + length * D);
+      std::copy(q + 2 * C, q + 2 * C + D, vb + length * D);
+      attend(level, AttnArgs{q, kb + s0 * D, vb + s0 * D, S - s0, D, static_cast<float>(scale), scores.data(),
+                             yp + b * C + h * D});
+    }
+  });
+  return y;
 }
 
 // ---- decode_blocks --------------------------------------------------------------------------------------
@@ -976,6 +1013,13 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
   TORCH_CHECK(n_head >= 1 && x.size(2) % n_head == 0, "n_head must divide the width");
   TORCH_CHECK(cache_k.dim() == 5 && cache_v.dim() == 5 && cache_k.size(0) >= static_cast<int64_t>(blocks.size()) &&
                   length >= 0 && length + 1 <= cache_k.size(3), "the KV cache has no room for this step");
+  for (const torch::Tensor* t : {&cache_k, &cache_v})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->device().is_cpu() && t->stride(4) == 1 &&
+                    t->stride(3) == x.size(2) / n_head && t->size(1) == x.size(0) && t->size(2) == n_head &&
+                    t->size(4) == x.size(2) / n_head,
+                "the KV cache must be float32 (n_layer, B, H, max_length, D) with each (row, head) one contiguous block");
+  TORCH_CHECK(starts.empty() || static_cast<int64_t>(starts.size()) == x.size(0), "expected ", x.size(0), " starts");
+  for (int64_t s : starts) TORCH_CHECK(s >= 0 && s <= length, "a start outside the ", length + 1, " keys");
   py::gil_scoped_release release;
   const int64_t B = x.size(0), C = x.size(2), D = C / n_head;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
@@ -983,17 +1027,10 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
     const DecodeBlock& b = blocks[layer];
     // x = x + attn(ln_1(x))
     torch::Tensor h = at::layer_norm(x, {C}, b.ln1_w, b.ln1_b, b.ln1_eps);
-    const torch::Tensor qkv = b.qkv->forward(h, b.qkv_b);
-    const std::vector<torch::Tensor> parts = qkv.split(C, 2);
-    const torch::Tensor q = parts[0].view({B, 1, n_head, D}).transpose(1, 2);
-    const torch::Tensor k = parts[1].view({B, 1, n_head, D}).transpose(1, 2);
-    const torch::Tensor v = parts[2].view({B, 1, n_head, D}).transpose(1, 2);
-    const torch::Tensor ck = cache_k.select(0, static_cast<int64_t>(layer));
-    const torch::Tensor cv = cache_v.select(0, static_cast<int64_t>(layer));
-    ck.narrow(2, length, 1).copy_(k);
-    cv.narrow(2, length, 1).copy_(v);
-    torch::Tensor y = decode_attention(q, ck.narrow(2, 0, length + 1), cv.narrow(2, 0, length + 1), starts, scale);
-    y = y.transpose(1, 2).contiguous().view({B, 1, C});
+    const torch::Tensor qkv = b.qkv->forward(h, b.qkv_b).contiguous();
+    TORCH_CHECK(qkv.scalar_type() == torch::kFloat && qkv.size(0) == B && qkv.size(2) == 3 * C,
+                "the qkv projection must give float32 (B, 1, 3C)");
+    const torch::Tensor y = attend_step(qkv, cache_k, cache_v, static_cast<int64_t>(layer), n_head, length, starts, scale);
     x = x + b.proj->forward(y, b.proj_b);
     // x = x + mlp(ln_2(x))
     h = at::layer_norm(x, {C}, b.ln2_w, b.ln2_b, b.ln2_eps);

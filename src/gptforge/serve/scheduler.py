@@ -23,7 +23,7 @@ an ulp and flip a near-tie argmax. By default (``batch_invariant``) the decode s
 
 * when every linear layer is batch-invariant (the float32 CPU layers that
   :func:`~gptforge.inference.prepare_for_inference` prepacks, whose kernel reduces each output in the
-  same order for any row count, or int8 on the panel kernel or fbgemm), one forward runs all rows
+  same order for any row count, or int8 on the amx or panel kernel or fbgemm), one forward runs all rows
   together and attention computes each row on its own keys (the shared cache from the row's start: no
   padding, no mask) as the engine does for a lone prompt: on CPU in float32 gptforge.native's decode
   attention, one call for all rows that computes each (row, head) alone; otherwise one SDPA call a row;

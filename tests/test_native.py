@@ -161,16 +161,22 @@ def test_panel_kernel_is_invariant_by_construction_and_accurate(k, n, bias):
     assert ((y.double() - exact).abs() <= 2 * k * 2.0 ** -24 * scale + 1e-30).all()  # the textbook bound
 
 
+def packed_int8_layer(n: int, k: int, pack, width: int):
+    """A seeded random (n, k) layer quantized to int8: weight, scales, packed weight, scales padded to whole
+    groups of ``width`` outputs, bias."""
+    torch.manual_seed(4)
+    q, scales = quantize_weight(torch.randn(n, k))
+    packed = pack(q)
+    padded = torch.zeros(packed.shape[0] * width)
+    padded[:n] = scales
+    return q, scales, packed, padded, torch.randn(n)
+
+
 @needs_panel
 @pytest.mark.parametrize("k, n", [(300, 130), (5, 7), (96, 1)])
 def test_int8_panel_kernel_is_invariant_and_computes_the_dequantized_product(k, n):
     module = native.load()
-    torch.manual_seed(4)
-    q, scales = quantize_weight(torch.randn(n, k))
-    panels = pack_panels(q)
-    padded = torch.zeros(panels.shape[0] * 64)
-    padded[:n] = scales
-    b = torch.randn(n)
+    q, scales, panels, padded, b = packed_int8_layer(n, k, pack_panels, 64)
     x = hard_input(13, k=k)
     by_isa = [module.panel_int8_linear(x, panels, padded, n, b, isa) for isa in range(native.panel_isa() + 1)]
     for level, y in enumerate(by_isa):
@@ -196,12 +202,7 @@ needs_amx = pytest.mark.skipif(not HAVE_COMPILER or not native.enabled() or not 
 @pytest.mark.parametrize("k, n", [(300, 130), (5, 7), (64, 16), (96, 1)])
 def test_amx_kernel_equals_its_reference_is_invariant_and_keeps_16_bit_activations(k, n):
     module = native.load()
-    torch.manual_seed(4)
-    q, scales = quantize_weight(torch.randn(n, k))
-    packed = pack_amx(q)
-    padded = torch.zeros(packed.shape[0] * 16)
-    padded[:n] = scales
-    b = torch.randn(n)
+    q, scales, packed, padded, b = packed_int8_layer(n, k, pack_amx, 16)
     x = hard_input(37, k=k)  # 37 rows: 74 A rows, two full 32-row groups and a part-filled one
     y = module.amx_int8_linear(x, packed, padded, n, k, b)
     assert torch.equal(y, module.amx_int8_linear(x, packed, padded, n, k, b, 0)), "AMX differs from the reference"

@@ -227,8 +227,8 @@ def linears_batch_invariant(model: nn.Module) -> bool:
     True for :class:`PackedLinear` on the panel kernel (by construction) or on oneDNN in the general
     layout (oneDNN reduces over K in a fixed order for any row count; not with ``batch_size=1``, whose
     single rows take a matrix-vector kernel), and for int8 layers on the amx or panel kernel (by
-    construction) or on fbgemm (exact integer products; the pinned row fixes the input scale). False as soon as one
-    plain ``nn.Linear`` remains: BLAS picks other kernels for other row counts.
+    construction) or on fbgemm (exact integer products; the pinned row fixes the input scale). False as
+    soon as one plain ``nn.Linear`` remains: BLAS picks other kernels for other row counts.
     """
     from .peft.lora import LoRALinear
     from .quant import Int8Linear

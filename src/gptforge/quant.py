@@ -2,7 +2,9 @@
 
 ``quantize_int8(model)`` replaces every ``nn.Linear`` with an :class:`Int8Linear` that stores the weight
 as int8 with one float scale per output channel (symmetric: ``scale = absmax(row) / 127``) and keeps the
-bias in float. Activations stay in floating point; only the weights lose precision.
+bias in float. Only the weights lose precision: activations stay in floating point, or, where a kernel
+multiplies in integers (``amx``, ``fbgemm``), are split per row into two int8 parts that keep ~14-16 bits,
+an error far below the weight's own int8 rounding.
 
 The tied LM head (``lm_head.weight is wte.weight``) gets a quantized *copy* of the shared matrix; the
 token embedding stays a float ``nn.Embedding``. A decode step reads one embedding row per token but the

@@ -1017,7 +1017,8 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->device().is_cpu() && t->stride(4) == 1 &&
                     t->stride(3) == x.size(2) / n_head && t->size(1) == x.size(0) && t->size(2) == n_head &&
                     t->size(4) == x.size(2) / n_head,
-                "the KV cache must be float32 (n_layer, B, H, max_length, D) with each (row, head) one contiguous block");
+                "the KV cache must be float32 (n_layer, B, H, max_length, D), each (row, head) one contiguous "
+                "block");
   TORCH_CHECK(starts.empty() || static_cast<int64_t>(starts.size()) == x.size(0), "expected ", x.size(0), " starts");
   for (int64_t s : starts) TORCH_CHECK(s >= 0 && s <= length, "a start outside the ", length + 1, " keys");
   py::gil_scoped_release release;
@@ -1030,7 +1031,8 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
     const torch::Tensor qkv = b.qkv->forward(h, b.qkv_b).contiguous();
     TORCH_CHECK(qkv.scalar_type() == torch::kFloat && qkv.size(0) == B && qkv.size(2) == 3 * C,
                 "the qkv projection must give float32 (B, 1, 3C)");
-    const torch::Tensor y = attend_step(qkv, cache_k, cache_v, static_cast<int64_t>(layer), n_head, length, starts, scale);
+    const torch::Tensor y =
+        attend_step(qkv, cache_k, cache_v, static_cast<int64_t>(layer), n_head, length, starts, scale);
     x = x + b.proj->forward(y, b.proj_b);
     // x = x + mlp(ln_2(x))
     h = at::layer_norm(x, {C}, b.ln2_w, b.ln2_b, b.ln2_eps);

@@ -118,6 +118,14 @@ def test_stop_flags_understand_escapes_and_repeat():
     assert generate_config_from_args(args).temperature == 0.0  # beams default to greedy scoring
 
 
+def test_generate_with_a_bfloat16_kv_cache(capsys, tiny_checkpoint):
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab",
+                       "--max-new-tokens", "8", "--temperature", "0", "--kv-cache-dtype", "bfloat16", "--json")
+    assert code == 0
+    record = json.loads(out.splitlines()[0])
+    assert record["prompt"] == "ab" and len(record["completions"][0]["token_ids"]) == 8
+
+
 def test_beam_search_flags(capsys, tiny_checkpoint):
     code, out, _ = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab",
                        "--max-new-tokens", "5", "--num-beams", "3", "--num-return-sequences", "2")
@@ -131,6 +139,7 @@ def test_beam_search_flags(capsys, tiny_checkpoint):
     (["--prompt-file", "EMPTY"], "has no prompts"),
     (["--draft-checkpoint", "CKPT", "--num-beams", "2"], "speculative decoding (--draft-checkpoint) supports"),
     (["--quantize", "int4"], "invalid choice: 'int4'"),
+    (["--kv-cache-dtype", "float16"], "invalid choice: 'float16'"),
     (["--min-p", "2"], "min_p must be in [0, 1]"),
     (["--stop", ""], "stop"),
 ])

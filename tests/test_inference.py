@@ -361,9 +361,9 @@ def prepared_models(monkeypatch):
     real = inference.prepare_for_inference
     seen = []
 
-    def spy(model, *, quantize=None, prepack=True):
-        out = real(model, quantize=quantize, prepack=prepack)
-        seen.append({"quantize": quantize, "prepack": prepack,
+    def spy(model, *, quantize=None, prepack=True, kv_cache_dtype=None):
+        out = real(model, quantize=quantize, prepack=prepack, kv_cache_dtype=kv_cache_dtype)
+        seen.append({"quantize": quantize, "prepack": prepack, "kv_cache_dtype": kv_cache_dtype,
                      "kinds": {type(m).__name__ for m in model.modules()
                                if isinstance(m, (nn.Linear, PackedLinear, Int8Linear))}})
         return out
@@ -377,17 +377,22 @@ def test_generate_cli_prepacks_by_default_and_honours_the_flags(capsys, tiny_che
             "--temperature", "0", "--device", "cpu"]
     code, packed_out, _ = run(capsys, *base)
     assert code == 0 and packed_out.startswith("ab") and len(packed_out) > 3
-    assert prepared_models[-1] == {"quantize": None, "prepack": True, "kinds": {"PackedLinear"}}
+    assert prepared_models[-1] == {"quantize": None, "prepack": True, "kv_cache_dtype": "auto",
+                                   "kinds": {"PackedLinear"}}
 
     code, plain_out, _ = run(capsys, *base, "--no-prepack")
     assert code == 0
-    assert prepared_models[-1] == {"quantize": None, "prepack": False, "kinds": {"Linear"}}
+    assert prepared_models[-1] == {"quantize": None, "prepack": False, "kv_cache_dtype": "auto",
+                                   "kinds": {"Linear"}}
     assert plain_out == packed_out  # greedy: prepacking does not change the text
 
     code, int8_out, _ = run(capsys, *base, "--quantize", "int8")
     assert code == 0 and int8_out.startswith("ab") and len(int8_out) > 3
     assert prepared_models[-1]["quantize"] == "int8"
     assert prepared_models[-1]["kinds"] == {"Int8Linear"}
+
+    code, bf16_out, _ = run(capsys, *base, "--kv-cache-dtype", "bfloat16")
+    assert code == 0 and bf16_out.startswith("ab") and prepared_models[-1]["kv_cache_dtype"] == "bfloat16"
 
     code, _, err = run(capsys, *base, "--quantize", "int4")
     assert code != 0 and "--quantize" in err
@@ -396,7 +401,7 @@ def test_generate_cli_prepacks_by_default_and_honours_the_flags(capsys, tiny_che
 def test_chat_help_lists_the_inference_flags(capsys):
     code, out, _ = run(capsys, "chat", "--help")
     assert code == 0
-    assert "--quantize" in out and "--no-prepack" in out
+    assert "--quantize" in out and "--no-prepack" in out and "--kv-cache-dtype" in out
     from gptforge.cli import build_parser
 
     args, _ = build_parser().parse_known_args(["chat", "--checkpoint", "x"])
@@ -502,3 +507,33 @@ def test_a_prepared_model_can_be_deep_copied():
         layer = clone.blocks[0].mlp.fc
         layer.load_state_dict({"weight": torch.zeros_like(layer.weight), "bias": layer.bias})
         assert not torch.equal(clone(idx), model(idx))  # the copy has its own packed weight
+
+
+def test_bfloat16_kv_cache_halves_the_cache_and_stays_close_to_float32():
+    from gptforge.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 7))
+    steps = torch.randint(0, model.config.vocab_size, (5, 2, 1))
+
+    def decode(kv_cache_dtype):
+        prepare_for_inference(model, kv_cache_dtype=kv_cache_dtype)
+        cache = model.new_kv_cache(2, 16)
+        with torch.inference_mode():
+            out = [model(prompt, kv_cache=cache)[:, -1]]
+            out += [model(tok, kv_cache=cache)[:, -1] for tok in steps]
+        return torch.stack(out), cache
+
+    full, full_cache = decode("auto")
+    half, half_cache = decode("bfloat16")
+    assert full_cache.k.dtype == torch.float32 and half_cache.k.dtype == torch.bfloat16
+    assert half_cache.k.element_size() * 2 == full_cache.k.element_size()
+    # the cached values are the float32 ones rounded to bfloat16; logits move by that rounding only
+    torch.testing.assert_close(half_cache.k[:, :, :, :12].float(), full_cache.k[:, :, :, :12].bfloat16().float(),
+                               rtol=0.02, atol=1e-2)
+    assert not torch.equal(half, full)
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+    assert model.new_kv_cache(1, 4, dtype=torch.float32).k.dtype == torch.float32  # an explicit dtype wins
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be one of auto, bfloat16, got 'float16'"):
+        prepare_for_inference(model, kv_cache_dtype="float16")

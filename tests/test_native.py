@@ -399,12 +399,15 @@ def test_native_calls_release_the_gil(kind):
 @needs_native
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_one_call_decode_step_gives_the_python_loops_bits(monkeypatch, quantize, ragged):
+@pytest.mark.parametrize("kv_cache_dtype", [None, "bfloat16"])
+def test_one_call_decode_step_gives_the_python_loops_bits(monkeypatch, quantize, ragged, kv_cache_dtype):
     # GPT runs a prepared model's decode step as one native call (decode_blocks); it must compute what
-    # the per-block Python loop computes: the same logits and the same cached keys/values, bit for bit.
+    # the per-block Python loop computes: the same logits and the same cached keys/values, bit for bit,
+    # also with a bfloat16 cache (the native step rounds its writes as torch does).
     torch.manual_seed(0)
     model = prepare_for_inference(GPT(ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=64,
-                                                  vocab_size=97)).eval(), quantize=quantize)
+                                                  vocab_size=97)).eval(), quantize=quantize,
+                                  kv_cache_dtype=kv_cache_dtype)
     prompt = torch.randint(0, 97, (3, 9))
     steps = torch.randint(0, 97, (4, 3, 1))
 
@@ -415,6 +418,7 @@ def test_one_call_decode_step_gives_the_python_loops_bits(monkeypatch, quantize,
             if ragged:  # rows starting at different columns, as the server's shared cache holds them
                 cache.row_starts = [0, 3, 5]
             logits = [model(tok, kv_cache=cache, position_ids=torch.full((3, 1), cache.length)) for tok in steps]
+        assert cache.k.dtype == (torch.bfloat16 if kv_cache_dtype == "bfloat16" else torch.float32)
         return torch.stack(logits), cache.k.clone(), cache.v.clone()
 
     with torch.inference_mode():
@@ -477,3 +481,9 @@ def test_decode_attention_matches_sdpa_and_each_row_is_computed_alone(head_dim):
         module.decode_attention(q, k, v, [0], scale)
     with pytest.raises(RuntimeError, match="one contiguous"):  # every other key: not one (S, D) block
         module.decode_attention(q, k[..., ::2, :], v[..., ::2, :], [], scale)
+    # A bfloat16 cache: widening is exact, so the same bits as float32 keys/values holding those values.
+    kb, vb = cache_k.bfloat16()[1, :, :, :S], cache_v.bfloat16()[1, :, :, :S]
+    assert torch.equal(module.decode_attention(q, kb, vb, starts, scale),
+                       module.decode_attention(q, kb.float(), vb.float(), starts, scale))
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        module.decode_attention(q, kb, v, starts, scale)

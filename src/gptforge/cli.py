@@ -84,7 +84,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if args.draft_checkpoint is not None:
         _check_speculative_args(gen, prompts, args)
-    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.prepack)
+    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.prepack,
+                               args.kv_cache_dtype)
     if args.draft_checkpoint is not None:
         return _generate_speculative(args, gen, prompts[0], ckpt)
 
@@ -118,7 +119,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed).validate()
-    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.prepack)
+    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.prepack,
+                               args.kv_cache_dtype)
     from .chat import ChatSession, chat_template_of
 
     session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=_unescape(args.system) if args.system else None,
@@ -193,7 +195,8 @@ def _generate_speculative(args: argparse.Namespace, gen, prompt: str, ckpt) -> i
     from .generate import encode_prompt
     from .generate.speculative import speculative_generate
 
-    draft = _load_for_inference(args.draft_checkpoint, args.device, args.dtype, args.quantize, args.prepack)
+    draft = _load_for_inference(args.draft_checkpoint, args.device, args.dtype, args.quantize, args.prepack,
+                               args.kv_cache_dtype)
     if draft.tokenizer.fingerprint != ckpt.tokenizer.fingerprint:
         raise ConfigError(f"the draft model's tokenizer ({draft.tokenizer.fingerprint}) differs from the "
                           f"target's ({ckpt.tokenizer.fingerprint}); speculative decoding needs the same tokenizer")
@@ -316,7 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         cors_origins=list(args.cors_origin), request_timeout=args.request_timeout,
         batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, prepack=args.prepack,
+        quantize=args.quantize, prepack=args.prepack, kv_cache_dtype=args.kv_cache_dtype,
     ).validate()
     from .serve import create_app, run_server
 
@@ -396,14 +399,18 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization of the linear layers")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16"], default="auto",
+                   help="dtype of the key/value cache: auto = the weights' dtype; bfloat16 halves its memory and "
+                        "the bytes each decode step's attention reads (keys and values rounded to 8 bits)")
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="keep plain float32 CPU linears (by default their weights are prepacked for a faster, "
                         "batch-invariant kernel)")
 
 
 def _load_for_inference(source: str, device: str, dtype: str, quantize: Optional[str] = None,
-                        prepack: bool = True):
-    """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears."""
+                        prepack: bool = True, kv_cache_dtype: str = "auto"):
+    """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears, the
+    KV cache dtype."""
     from .convert import load_pretrained
     from .inference import prepare_for_inference
     from .runtime import inference_dtype, resolve_device
@@ -411,7 +418,7 @@ def _load_for_inference(source: str, device: str, dtype: str, quantize: Optional
     dev = resolve_device(device)
     ckpt = load_pretrained(source, device=dev, dtype=inference_dtype(dtype, dev))
     # The general weight layout everywhere, so that `generate`, `chat` and the server round alike.
-    prepare_for_inference(ckpt.model, quantize=quantize, prepack=prepack)
+    prepare_for_inference(ckpt.model, quantize=quantize, prepack=prepack, kv_cache_dtype=kv_cache_dtype)
     return ckpt
 
 

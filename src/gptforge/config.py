@@ -324,6 +324,8 @@ class ServeConfig:
     """int8: weight-only int8 quantization of the linear layers; null keeps them in `dtype`."""
     prepack: bool = True
     """On CPU in float32, reorder linear weights once for oneDNN's faster kernel (gptforge.inference)."""
+    kv_cache_dtype: str = "auto"
+    """Key/value cache dtype: auto (the weights' dtype) or bfloat16 (half the memory and attention bytes)."""
 
     def validate(self) -> "ServeConfig":
         if not self.checkpoint:
@@ -341,6 +343,8 @@ class ServeConfig:
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"quantize must be int8 or null, got {self.quantize!r}")
+        if self.kv_cache_dtype not in ("auto", "bfloat16"):
+            raise ConfigError(f"kv_cache_dtype must be auto or bfloat16, got {self.kv_cache_dtype!r}")
         return self
 
 

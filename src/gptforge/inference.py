@@ -266,17 +266,39 @@ def prepack_linears(model: nn.Module, batch_size: Optional[int] = None, kernel: 
     return len(targets)
 
 
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
+
+
+def kv_cache_dtype_of(name: Optional[str]) -> Optional[torch.dtype]:
+    """``"auto"``/None (the weights' dtype) or ``"bfloat16"`` as the KV cache dtype; anything else is a
+    :class:`~gptforge.errors.ConfigError`."""
+    if name is None:
+        return None
+    if name not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return KV_CACHE_DTYPES[name]
+
+
 def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, prepack: bool = True,
-                          batch_size: Optional[int] = None) -> nn.Module:
+                          batch_size: Optional[int] = None, kv_cache_dtype: Optional[str] = None) -> nn.Module:
     """Quantize (``"int8"`` or None), then prepack CPU float32 linears; in place, returns the model.
 
     ``batch_size`` tells the prepacking how many rows decoding will mostly run (1: one prompt, one
-    sequence, as in a chat); None (the default) suits batches and serving.
+    sequence, as in a chat); None (the default) suits batches and serving. ``kv_cache_dtype``
+    ``"bfloat16"`` makes the model's KV caches bfloat16 (:attr:`gptforge.model.GPT.kv_cache_dtype`): half
+    the memory and half the bytes a decode step's attention reads, keys and values rounded to 8
+    significant bits; ``"auto"`` or None keeps the weights' dtype.
 
     The model is left in eval mode and is inference-only afterwards (see the module docstring).
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"quantize must be int8 or None, got {quantize!r}")
+    cache_dtype = kv_cache_dtype_of(kv_cache_dtype)
+    from .model import GPT
+
+    for module in model.modules():
+        if isinstance(module, GPT):
+            module.kv_cache_dtype = cache_dtype
     from .peft.lora import LoRALinear, merge_lora
 
     if any(isinstance(m, LoRALinear) for m in model.modules()):

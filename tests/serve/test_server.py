@@ -19,6 +19,7 @@ import torch
 from gptforge.checkpoint import save_checkpoint, task_model_state
 from gptforge.config import GenerateConfig, ModelConfig, ServeConfig
 from gptforge.data.finetune import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
+from gptforge.errors import ConfigError
 from gptforge.generate import generate, generate_ids
 from gptforge.heads import TaskModel
 from gptforge.model import GPT
@@ -146,6 +147,30 @@ def test_16_concurrent_requests_equal_engine_bit_for_bit(server, client):
         assert choice["finish_reason"] == finish(ref.finish_reason)
     assert server.state.scheduler.stats.peak_running >= 4  # they really shared the batch
     server.state.scheduler.stats.peak_running = max(peak_before, server.state.scheduler.stats.peak_running)
+
+
+def test_bfloat16_kv_cache_server_equals_engine(lm_checkpoint):
+    """With --kv-cache-dtype bfloat16 the model's caches are bfloat16, in the engine and in the server's
+    shared batch alike: concurrent greedy answers still equal the engine's for each prompt alone."""
+    config = ServeConfig(checkpoint=str(lm_checkpoint), device="cpu", kv_cache_dtype="bfloat16")
+    live = LiveServer(config, load_served_checkpoint(config))
+    try:
+        assert live.state.model.new_kv_cache(1, 4).k.dtype == torch.bfloat16
+        jobs = [("the cat", 12), ("a", 20), ("xyz abc def", 7), ("hello there", 15), ("q", 9), ("abc abc", 11)]
+
+        def ask(job):
+            with httpx.Client(base_url=live.url, timeout=60) as c:
+                return c.post("/v1/completions", json={"model": "tiny-lm", "prompt": job[0], "max_tokens": job[1],
+                                                       "temperature": 0}).json()
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+        for (prompt, m), body in zip(jobs, answers):
+            assert body["choices"][0]["text"] == engine_completion(live, prompt, max_new_tokens=m, temperature=0).text
+    finally:
+        live.close()
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be auto or bfloat16"):
+        ServeConfig(checkpoint="x", kv_cache_dtype="int4").validate()
 
 
 def test_openai_client_completions_chat_and_streaming(server):

@@ -18,9 +18,11 @@ from .kv_cache import KVCache
 
 
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """gptforge.native's decode-step attention when it can take these tensors (float32 CPU, no gradient,
-    each row's keys one contiguous block per head, as a KV cache holds them), else None."""
-    if (q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32
+    """gptforge.native's decode-step attention when it can take these tensors (float32 queries on CPU, keys
+    and values float32 or bfloat16, no gradient, each row's keys one contiguous block per head, as a KV
+    cache holds them), else None."""
+    if (q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype not in (torch.float32, torch.bfloat16)
+            or v.dtype != k.dtype
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1] or v.stride(-1) != 1
             or v.stride(-2) != v.shape[-1]):
@@ -68,19 +70,26 @@ class CausalSelfAttention(nn.Module):
             # over its own keys (row_starts) and computed alone, so batching leaves every row's result
             # unchanged; 2-3x faster than SDPA here (see gptforge.native).
             y = decode(q, k, v, kv_cache.row_starts or [], 1.0 / math.sqrt(self.head_dim))
-        elif kv_cache is not None and kv_cache.row_starts is not None:
-            # Ragged decode step (one new token a row): each row attends to its own keys only, with the
-            # very call a lone row makes, so batching leaves every row's result unchanged.
-            y = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])
-                           for i, s in enumerate(kv_cache.row_starts)])
-        elif mask is None:
-            # No cache and no padding: the fused causal kernel. With a cache and one new token, the
-            # query may see every cached key, so no mask at all.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        elif k.dtype != q.dtype:  # a bfloat16 KV cache under a float32 model: attend in the model's dtype
+            y = self._attend(q, k.to(q.dtype), v.to(q.dtype), mask, kv_cache, T, dropout_p)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = self._attend(q, k, v, mask, kv_cache, T, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    @staticmethod
+    def _attend(q, k, v, mask, kv_cache, T, dropout_p):
+        """SDPA for everything but the native decode step."""
+        if kv_cache is not None and kv_cache.row_starts is not None:
+            # Ragged decode step (one new token a row): each row attends to its own keys only, with the
+            # very call a lone row makes, so batching leaves every row's result unchanged.
+            return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])
+                              for i, s in enumerate(kv_cache.row_starts)])
+        if mask is None:
+            # No cache and no padding: the fused causal kernel. With a cache and one new token, the
+            # query may see every cached key, so no mask at all.
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def _prepend_prefix(self, k, v, mask, T):
         """Put the learned prefix before the keys/values. The KV cache holds only real tokens, so this runs
@@ -153,6 +162,12 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """Token + learned position embeddings, ``n_layer`` blocks, final LayerNorm, tied LM head."""
+
+    kv_cache_dtype: Optional[torch.dtype] = None
+    """The dtype of the KV caches :meth:`new_kv_cache` makes when not told; None: the weights' dtype.
+    ``torch.bfloat16`` under float32 weights halves the cache's memory and the bytes a decode step's
+    attention reads, for a rounding of the cached keys and values to 8 significant bits
+    (gptforge.inference.prepare_for_inference sets it)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -310,13 +325,14 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------------------------------------
     def new_kv_cache(self, batch_size: int, max_length: Optional[int] = None,
                      dtype: Optional[torch.dtype] = None) -> KVCache:
-        """A preallocated cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        """A preallocated cache for ``batch_size`` sequences of up to ``max_length`` tokens, in ``dtype``, else
+        in :attr:`kv_cache_dtype` when set, else in the weights' dtype."""
         c = self.config
         weight = self.wte.weight
         return KVCache(
             n_layer=c.n_layer, batch_size=batch_size, n_head=c.n_head, head_dim=c.head_dim,
             max_length=min(max_length or c.block_size, c.block_size),
-            dtype=dtype or weight.dtype, device=weight.device,
+            dtype=dtype or self.kv_cache_dtype or weight.dtype, device=weight.device,
         )
 
     def num_parameters(self, exclude_positions: bool = False) -> int:

@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -797,10 +798,30 @@ class AmxInt8Linear : public LinearKernel {
 // row). scores = q.k * scale (a 16- or 8-lane fma dot, then a fixed-order lane sum), softmax with the
 // max subtracted, out = sum_j p_j v_j (fma chains in j order) / sum_j p_j.
 
+// The KV cache holds float32 or bfloat16 (the upper half of a float32: widening is exact, so the same code
+// computes on the cached values whichever the cache holds). Cache writes round float32 to bfloat16 to
+// nearest even, NaN to 0x7FC0, as torch's conversion (c10::BFloat16) does, so the native step and the
+// Python path cache the same bits.
+using bf16 = uint16_t;
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) {
+  const uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void narrow_to(float x, float* out) { *out = x; }
+inline void narrow_to(float x, bf16* out) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  *out = std::isnan(x) ? static_cast<bf16>(0x7FC0) : static_cast<bf16>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <typename T>
 struct AttnArgs {
   const float* q;  // D values
-  const float* k;  // n keys, D apart
-  const float* v;  // n values, D apart
+  const T* k;      // n keys, D apart
+  const T* v;      // n values, D apart
   int64_t n, d;
   float scale;
   float* scores;   // n scratch values
@@ -817,33 +838,41 @@ float exponentiate(float* scores, int64_t n, float m) {
   return sum;
 }
 
-void attend_scalar(const AttnArgs& a) {
+template <typename T>
+void attend_scalar(const AttnArgs<T>& a) {
   float m = -INFINITY;
   for (int64_t j = 0; j < a.n; ++j) {
     float dot = 0.0f;
-    for (int64_t t = 0; t < a.d; ++t) dot = std::fma(a.q[t], a.k[j * a.d + t], dot);
+    for (int64_t t = 0; t < a.d; ++t) dot = std::fma(a.q[t], widen(a.k[j * a.d + t]), dot);
     a.scores[j] = dot * a.scale;
     m = std::max(m, a.scores[j]);
   }
   const float sum = exponentiate(a.scores, a.n, m);
   for (int64_t t = 0; t < a.d; ++t) {
     float acc = 0.0f;
-    for (int64_t j = 0; j < a.n; ++j) acc = std::fma(a.scores[j], a.v[j * a.d + t], acc);
+    for (int64_t j = 0; j < a.n; ++j) acc = std::fma(a.scores[j], widen(a.v[j * a.d + t]), acc);
     a.out[t] = acc / sum;
   }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) inline __m512 load_kv16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load_kv16(const bf16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 // D a multiple of 16, at most 256 (16 vectors).
-__attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a) {
+template <typename T>
+__attribute__((target("avx512f"))) void attend_avx512(const AttnArgs<T>& a) {
   const int64_t nv = a.d / 16;
   __m512 qv[16];
   for (int64_t t = 0; t < nv; ++t) qv[t] = _mm512_loadu_ps(a.q + 16 * t);
   float m = -INFINITY;
   for (int64_t j = 0; j < a.n; ++j) {
-    const float* kj = a.k + j * a.d;
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-    for (int64_t t = 1; t < nv; ++t) acc = _mm512_fmadd_ps(qv[t], _mm512_loadu_ps(kj + 16 * t), acc);
+    const T* kj = a.k + j * a.d;
+    __m512 acc = _mm512_mul_ps(qv[0], load_kv16(kj));
+    for (int64_t t = 1; t < nv; ++t) acc = _mm512_fmadd_ps(qv[t], load_kv16(kj + 16 * t), acc);
     a.scores[j] = _mm512_reduce_add_ps(acc) * a.scale;
     m = std::max(m, a.scores[j]);
   }
@@ -852,23 +881,30 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a) {
   for (int64_t t = 0; t < nv; ++t) out[t] = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.n; ++j) {
     const __m512 p = _mm512_set1_ps(a.scores[j]);
-    const float* vj = a.v + j * a.d;
-    for (int64_t t = 0; t < nv; ++t) out[t] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * t), out[t]);
+    const T* vj = a.v + j * a.d;
+    for (int64_t t = 0; t < nv; ++t) out[t] = _mm512_fmadd_ps(p, load_kv16(vj + 16 * t), out[t]);
   }
   const __m512 total = _mm512_set1_ps(sum);
   for (int64_t t = 0; t < nv; ++t) _mm512_storeu_ps(a.out + 16 * t, _mm512_div_ps(out[t], total));
 }
 
+__attribute__((target("avx2,fma"))) inline __m256 load_kv8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load_kv8(const bf16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
 // D a multiple of 8, at most 128 (16 vectors).
-__attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a) {
+template <typename T>
+__attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs<T>& a) {
   const int64_t nv = a.d / 8;
   __m256 qv[16];
   for (int64_t t = 0; t < nv; ++t) qv[t] = _mm256_loadu_ps(a.q + 8 * t);
   float m = -INFINITY;
   for (int64_t j = 0; j < a.n; ++j) {
-    const float* kj = a.k + j * a.d;
-    __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj));
-    for (int64_t t = 1; t < nv; ++t) acc = _mm256_fmadd_ps(qv[t], _mm256_loadu_ps(kj + 8 * t), acc);
+    const T* kj = a.k + j * a.d;
+    __m256 acc = _mm256_mul_ps(qv[0], load_kv8(kj));
+    for (int64_t t = 1; t < nv; ++t) acc = _mm256_fmadd_ps(qv[t], load_kv8(kj + 8 * t), acc);
     float lanes[8];
     _mm256_storeu_ps(lanes, acc);
     a.scores[j] = (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))) * a.scale;
@@ -879,8 +915,8 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a) {
   for (int64_t t = 0; t < nv; ++t) out[t] = _mm256_setzero_ps();
   for (int64_t j = 0; j < a.n; ++j) {
     const __m256 p = _mm256_broadcast_ss(a.scores + j);
-    const float* vj = a.v + j * a.d;
-    for (int64_t t = 0; t < nv; ++t) out[t] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * t), out[t]);
+    const T* vj = a.v + j * a.d;
+    for (int64_t t = 0; t < nv; ++t) out[t] = _mm256_fmadd_ps(p, load_kv8(vj + 8 * t), out[t]);
   }
   const __m256 total = _mm256_set1_ps(sum);
   for (int64_t t = 0; t < nv; ++t) _mm256_storeu_ps(a.out + 8 * t, _mm256_div_ps(out[t], total));
@@ -888,7 +924,8 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a) {
 #endif
 
 // One (row, head) with the best code this CPU and head size allow (the same bits in every case).
-void attend(int level, const AttnArgs& a) {
+template <typename T>
+void attend(int level, const AttnArgs<T>& a) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (level == 2 && a.d % 16 == 0 && a.d <= 256) return attend_avx512(a);
   if (level >= 1 && a.d % 8 == 0 && a.d <= 128) return attend_avx2(a);
@@ -896,8 +933,35 @@ void attend(int level, const AttnArgs& a) {
   attend_scalar(a);
 }
 
-// q (B, H, 1, D); k, v (B, H, S, D), each (b, h) block of S x D contiguous (a view of a KV cache);
-// starts: B first positions (empty: all 0). Returns (B, H, 1, D), a view of a contiguous (B, 1, H, D).
+// The element type of a KV cache tensor: float32 or bfloat16.
+bool is_bf16_cache(const torch::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16,
+              "the KV cache must be float32 or bfloat16, got ", t.scalar_type());
+  return t.scalar_type() == torch::kBFloat16;
+}
+
+template <typename T>
+void decode_attention_typed(const float* qp, const torch::Tensor& k, const torch::Tensor& v,
+                            const std::vector<int64_t>& starts, double scale, int64_t B, int64_t H, int64_t S,
+                            int64_t D, float* yp) {
+  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  const int level = static_cast<int>(panel_isa());
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, s0 = starts[b];
+      const AttnArgs<T> a{qp + (b * H + h) * D, kp + b * k.stride(0) + h * k.stride(1) + s0 * D,
+                          vp + b * v.stride(0) + h * v.stride(1) + s0 * D, S - s0, D, static_cast<float>(scale),
+                          scores.data(), yp + (b * H + h) * D};
+      attend(level, a);
+    }
+  });
+}
+
+// q (B, H, 1, D) float32; k, v (B, H, S, D) float32 or bfloat16, each (b, h) block of S x D contiguous (a
+// view of a KV cache); starts: B first positions (empty: all 0). Returns (B, H, 1, D) float32, a view of a
+// contiguous (B, 1, H, D).
 torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
                                std::vector<int64_t> starts, double scale) {
   TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4, "expected 4-d q, k, v");
@@ -905,8 +969,10 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
   TORCH_CHECK(q_in.size(2) == 1, "decode attention takes one query a row");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D,
               "k and v must be (", B, ", ", H, ", S, ", D, ")");
-  for (const torch::Tensor* t : {&q_in, &k, &v})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->device().is_cpu(), "expected float32 CPU tensors");
+  TORCH_CHECK(q_in.scalar_type() == torch::kFloat && q_in.device().is_cpu() && k.device().is_cpu() &&
+                  v.device().is_cpu() && k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == torch::kFloat || k.scalar_type() == torch::kBFloat16),
+              "expected CPU tensors: q float32, k and v both float32 or both bfloat16");
   TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 && v.stride(2) == D,
               "each row and head of k and v must be one contiguous (S, D) block");
   if (starts.empty()) starts.assign(B, 0);
@@ -914,37 +980,28 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
   for (int64_t s : starts) TORCH_CHECK(s >= 0 && s < S, "a start outside the ", S, " keys");
   const torch::Tensor q = q_in.contiguous();
   torch::Tensor y = torch::empty({B, 1, H, D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int level = static_cast<int>(panel_isa());
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(S);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, s0 = starts[b];
-      const AttnArgs a{qp + (b * H + h) * D, kp + b * k.stride(0) + h * k.stride(1) + s0 * D,
-                       vp + b * v.stride(0) + h * v.stride(1) + s0 * D, S - s0, D, static_cast<float>(scale),
-                       scores.data(), yp + (b * H + h) * D};
-      attend(level, a);
-    }
-  });
+  if (k.scalar_type() == torch::kBFloat16)
+    decode_attention_typed<bf16>(q.data_ptr<float>(), k, v, starts, scale, B, H, S, D, y.data_ptr<float>());
+  else
+    decode_attention_typed<float>(q.data_ptr<float>(), k, v, starts, scale, B, H, S, D, y.data_ptr<float>());
   return y.permute({0, 2, 1, 3});
 }
 
 // One decode step's attention for a layer, from the fused qkv projection, in place of decode_blocks'
 // ~15 ATen calls a layer around decode_attention (split, views, transposes, the cache writes, the copy
-// back to (B, C)): for each (row, head), the new key and value go into the cache at position `length`,
-// then the query attends to positions starts[b] .. length with the same code as decode_attention, and
-// the result goes straight into y (B, 1, C). The same values in the same memory, so the same bits.
-// qkv (B, 1, 3C) contiguous; cache_k, cache_v (n_layer, B, H, max_length, D) or a view of one.
+// back to (B, C)): for each (row, head), the new key and value go into the cache at position `length`
+// (rounded to bfloat16 as torch rounds, for a bfloat16 cache), then the query attends to positions
+// starts[b] .. length with the same code as decode_attention, and the result goes straight into y
+// (B, 1, C). The same values in the same memory, so the same bits.
+// qkv (B, 1, 3C) contiguous float32; cache_k, cache_v (n_layer, B, H, max_length, D) or a view of one.
+template <typename T>
 torch::Tensor attend_step(const torch::Tensor& qkv, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                           int64_t layer, int64_t n_head, int64_t length, const std::vector<int64_t>& starts,
                           double scale) {
   const int64_t B = qkv.size(0), C = qkv.size(2) / 3, H = n_head, D = C / H, S = length + 1;
-  float* qp = qkv.data_ptr<float>();
-  float* kp = cache_k.data_ptr<float>() + layer * cache_k.stride(0);
-  float* vp = cache_v.data_ptr<float>() + layer * cache_v.stride(0);
+  const float* qp = qkv.data_ptr<float>();
+  T* kp = reinterpret_cast<T*>(cache_k.data_ptr()) + layer * cache_k.stride(0);
+  T* vp = reinterpret_cast<T*>(cache_v.data_ptr()) + layer * cache_v.stride(0);
   torch::Tensor y = torch::empty({B, 1, C}, qkv.options());
   float* yp = y.data_ptr<float>();
   const int level = static_cast<int>(panel_isa());
@@ -953,12 +1010,14 @@ torch::Tensor attend_step(const torch::Tensor& qkv, const torch::Tensor& cache_k
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, s0 = starts.empty() ? 0 : starts[b];
       const float* q = qp + b * 3 * C + h * D;
-      float* kb = kp + b * cache_k.stride(1) + h * cache_k.stride(2);
-      float* vb = vp + b * cache_v.stride(1) + h * cache_v.stride(2);
-      std::copy(q + C, q + C + D, kb + length * D);
-      std::copy(q + 2 * C, q + 2 * C + D, vb + length * D);
-      attend(level, AttnArgs{q, kb + s0 * D, vb + s0 * D, S - s0, D, static_cast<float>(scale), scores.data(),
-                             yp + b * C + h * D});
+      T* kb = kp + b * cache_k.stride(1) + h * cache_k.stride(2);
+      T* vb = vp + b * cache_v.stride(1) + h * cache_v.stride(2);
+      for (int64_t t = 0; t < D; ++t) {
+        narrow_to(q[C + t], kb + length * D + t);
+        narrow_to(q[2 * C + t], vb + length * D + t);
+      }
+      attend(level, AttnArgs<T>{q, kb + s0 * D, vb + s0 * D, S - s0, D, static_cast<float>(scale), scores.data(),
+                                yp + b * C + h * D});
     }
   });
   return y;
@@ -1013,12 +1072,14 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
   TORCH_CHECK(n_head >= 1 && x.size(2) % n_head == 0, "n_head must divide the width");
   TORCH_CHECK(cache_k.dim() == 5 && cache_v.dim() == 5 && cache_k.size(0) >= static_cast<int64_t>(blocks.size()) &&
                   length >= 0 && length + 1 <= cache_k.size(3), "the KV cache has no room for this step");
+  const bool bf16_cache = is_bf16_cache(cache_k);
+  TORCH_CHECK(cache_v.scalar_type() == cache_k.scalar_type(), "the cached keys and values must have one dtype");
   for (const torch::Tensor* t : {&cache_k, &cache_v})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->device().is_cpu() && t->stride(4) == 1 &&
+    TORCH_CHECK(t->device().is_cpu() && t->stride(4) == 1 &&
                     t->stride(3) == x.size(2) / n_head && t->size(1) == x.size(0) && t->size(2) == n_head &&
                     t->size(4) == x.size(2) / n_head,
-                "the KV cache must be float32 (n_layer, B, H, max_length, D), each (row, head) one contiguous "
-                "block");
+                "the KV cache must be (n_layer, B, H, max_length, D) on the CPU, each (row, head) one "
+                "contiguous block");
   TORCH_CHECK(starts.empty() || static_cast<int64_t>(starts.size()) == x.size(0), "expected ", x.size(0), " starts");
   for (int64_t s : starts) TORCH_CHECK(s >= 0 && s <= length, "a start outside the ", length + 1, " keys");
   py::gil_scoped_release release;
@@ -1031,8 +1092,9 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
     const torch::Tensor qkv = b.qkv->forward(h, b.qkv_b).contiguous();
     TORCH_CHECK(qkv.scalar_type() == torch::kFloat && qkv.size(0) == B && qkv.size(2) == 3 * C,
                 "the qkv projection must give float32 (B, 1, 3C)");
-    const torch::Tensor y =
-        attend_step(qkv, cache_k, cache_v, static_cast<int64_t>(layer), n_head, length, starts, scale);
+    const int64_t l = static_cast<int64_t>(layer);
+    const torch::Tensor y = bf16_cache ? attend_step<bf16>(qkv, cache_k, cache_v, l, n_head, length, starts, scale)
+                                       : attend_step<float>(qkv, cache_k, cache_v, l, n_head, length, starts, scale);
     x = x + b.proj->forward(y, b.proj_b);
     // x = x + mlp(ln_2(x))
     h = at::layer_norm(x, {C}, b.ln2_w, b.ln2_b, b.ln2_eps);

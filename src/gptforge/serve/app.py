@@ -199,7 +199,8 @@ def load_served_checkpoint(config: ServeConfig):
 
     device = resolve_device(config.device)
     checkpoint = load_task_checkpoint(config.checkpoint, device=device, dtype=inference_dtype(config.dtype, device))
-    prepare_for_inference(checkpoint.model, quantize=config.quantize, prepack=config.prepack)
+    prepare_for_inference(checkpoint.model, quantize=config.quantize, prepack=config.prepack,
+                          kv_cache_dtype=config.kv_cache_dtype)
     return checkpoint
 
 

@@ -287,7 +287,9 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
     sequence, as in a chat); None (the default) suits batches and serving. ``kv_cache_dtype``
     ``"bfloat16"`` makes the model's KV caches bfloat16 (:attr:`gptforge.model.GPT.kv_cache_dtype`): half
     the memory and half the bytes a decode step's attention reads, keys and values rounded to 8
-    significant bits; ``"auto"`` or None keeps the weights' dtype.
+    significant bits; ``"auto"`` or None keeps the weights' dtype. Under float32 weights only the native
+    CPU decode step reads a bfloat16 cache directly; elsewhere (GPUs, ``GPTFORGE_NATIVE=0``) attention
+    converts the cached prefix every step, which saves memory but not time.
 
     The model is left in eval mode and is inference-only afterwards (see the module docstring).
     """

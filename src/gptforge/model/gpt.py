@@ -70,10 +70,8 @@ class CausalSelfAttention(nn.Module):
             # over its own keys (row_starts) and computed alone, so batching leaves every row's result
             # unchanged; 2-3x faster than SDPA here (see gptforge.native).
             y = decode(q, k, v, kv_cache.row_starts or [], 1.0 / math.sqrt(self.head_dim))
-        elif k.dtype != q.dtype:  # a bfloat16 KV cache under a float32 model: attend in the model's dtype
+        else:  # (a bfloat16 KV cache under a float32 model: attend in the model's dtype; a no-op otherwise)
             y = self._attend(q, k.to(q.dtype), v.to(q.dtype), mask, kv_cache, T, dropout_p)
-        else:
-            y = self._attend(q, k, v, mask, kv_cache, T, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
 

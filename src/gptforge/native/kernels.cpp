@@ -42,6 +42,15 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
+// The AMX intrinsics came with GCC 11 and clang 12; older compilers build everything else.
+#ifndef GPTFORGE_AMX
+#if defined(__x86_64__) && defined(__GNUC__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define GPTFORGE_AMX 1
+#else
+#define GPTFORGE_AMX 0
+#endif
+#endif
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -608,6 +617,9 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows_avx512(const floa
   }
 }
 __attribute__((target("avx512f"))) void amx_epilogue_avx512(const AmxEpilogue& e) { amx_epilogue_body(e); }
+#endif
+
+#if GPTFORGE_AMX
 
 // AMX: CPUID.7.0:EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), the OS saving tile state (XCR0 bits 17-18),
 // and Linux's per-process permission to use it (arch_prctl ARCH_REQ_XCOMP_PERM), asked for once.
@@ -758,7 +770,7 @@ torch::Tensor amx_forward(const torch::Tensor& x_in, const torch::Tensor& packed
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if GPTFORGE_AMX
     if (use_amx) return amx_strips(a.data(), arows, kp, wp, s0, s1, step.data(), sp, bp, yp, m, n, prefetch);
 #endif
     reference_strips(a.data(), arows, kp, wp, s0, s1, step.data(), sp, bp, yp, m, n);

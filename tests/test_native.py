@@ -49,7 +49,12 @@ def fresh_state(monkeypatch):
 
 @needs_native
 def test_the_kernels_build_here_and_the_layers_use_them():
-    assert native.load() is not None
+    module = native.load()
+    assert module is not None
+    # the weight layouts gptforge.inference and gptforge.quant pack are the ones the kernels read
+    from gptforge import inference, quant
+
+    assert (module.PANEL, module.AMX_STRIP, module.AMX_DEPTH) == (inference.PANEL, quant.AMX_STRIP, quant.AMX_DEPTH)
     layer = PackedLinear(nn.Linear(16, 8))
     assert layer._native is not None
     if native.panel_isa() >= 1:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .config import KV_CACHE_DTYPES
 from .errors import ConfigError, GptforgeError
 
 log = logging.getLogger("gptforge")
@@ -399,7 +400,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization of the linear layers")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16"], default="auto",
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
                    help="dtype of the key/value cache: auto = the weights' dtype; bfloat16 halves its memory and "
                         "the bytes each decode step's attention reads (keys and values rounded to 8 bits)")
     p.add_argument("--no-prepack", dest="prepack", action="store_false",

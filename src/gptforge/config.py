@@ -284,6 +284,10 @@ class GenerateConfig:
             raise ConfigError("stop strings are not supported with beam search; use num_beams=1")
 
 
+KV_CACHE_DTYPES = ("auto", "bfloat16")
+"""Names of the KV cache dtypes (``--kv-cache-dtype``): auto = the weights' dtype."""
+
+
 @dataclass
 class ServeConfig:
     """The OpenAI-compatible HTTP server (`gptforge serve`)."""
@@ -343,8 +347,8 @@ class ServeConfig:
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"quantize must be int8 or null, got {self.quantize!r}")
-        if self.kv_cache_dtype not in ("auto", "bfloat16"):
-            raise ConfigError(f"kv_cache_dtype must be auto or bfloat16, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be {' or '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         return self
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import KV_CACHE_DTYPES
 from .errors import ConfigError
 from .native import panel_available
 
@@ -62,7 +63,7 @@ def prepack_available() -> bool:
 
 
 KERNELS = ("auto", "panel", "onednn")
-PANEL = 64  # outputs per panel; equals PANEL in gptforge/native/kernels.cpp
+PANEL = 64  # outputs per panel; kPanel in gptforge/native/kernels.cpp (tests/test_native.py checks)
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -266,17 +267,14 @@ def prepack_linears(model: nn.Module, batch_size: Optional[int] = None, kernel: 
     return len(targets)
 
 
-KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16}
-
-
 def kv_cache_dtype_of(name: Optional[str]) -> Optional[torch.dtype]:
-    """``"auto"``/None (the weights' dtype) or ``"bfloat16"`` as the KV cache dtype; anything else is a
-    :class:`~gptforge.errors.ConfigError`."""
-    if name is None:
+    """``"auto"``/None (the weights' dtype) or ``"bfloat16"`` (:data:`gptforge.config.KV_CACHE_DTYPES`) as
+    the KV cache dtype; anything else is a :class:`~gptforge.errors.ConfigError`."""
+    if name is None or name == "auto":
         return None
     if name not in KV_CACHE_DTYPES:
         raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
-    return KV_CACHE_DTYPES[name]
+    return getattr(torch, name)
 
 
 def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, prepack: bool = True,

@@ -84,8 +84,8 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-AMX_STRIP = 16  # outputs per strip of the amx kernel's weight layout
-AMX_DEPTH = 64  # the amx kernel's inputs per tile step: K is padded to a multiple of this
+AMX_STRIP = 16  # outputs per strip of the amx kernel's weight layout (kAmxOut in kernels.cpp)
+AMX_DEPTH = 64  # inputs per amx tile step, K padded to a multiple (kAmxDepth in kernels.cpp)
 AMX_MAX_INPUTS = 131072  # beyond it the amx kernel's int32 sums could overflow (K x 127 x 127 >= 2^31)
 
 

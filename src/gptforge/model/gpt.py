@@ -231,8 +231,7 @@ class GPT(nn.Module):
         if plan is not None:
             # A CPU decode step: every block in one native call, the same ops and bits as the loop below.
             module, blocks = plan
-            if kv_cache.length + 1 > kv_cache.max_length:
-                raise ValueError(f"KV cache holds {kv_cache.max_length} positions; {kv_cache.length + 1} were asked for")
+            kv_cache.room_for(1)
             x = module.decode_blocks(x, blocks, self.config.n_head, kv_cache.k, kv_cache.v, kv_cache.length,
                                      kv_cache.row_starts or [])
         else:

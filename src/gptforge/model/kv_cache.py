@@ -33,13 +33,17 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's (B, H, T, D) keys/values after the filled prefix; return the (B, H, S, D) views."""
-        T = k.shape[2]
-        end = self.length + T
-        if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for")
+        end = self.room_for(k.shape[2])
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def room_for(self, n: int) -> int:
+        """The end position after writing ``n`` more; ValueError when the cache cannot hold them."""
+        end = self.length + n
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for")
+        return end
 
     def advance(self, n: int) -> None:
         """Called by the model once every layer has written its ``n`` new positions."""

@@ -17,7 +17,9 @@
 - ``decode_attention``: a decode step's attention (one new token a row over its cached keys, each row
   from its own start) for all rows and heads in one call, each (row, head) computed alone by one thread,
   so a row's result does not depend on the batch; :class:`gptforge.model.gpt.CausalSelfAttention` uses it
-  on CPU in float32 (2-3x faster than SDPA at decode sizes).
+  on CPU for float32 queries over a float32 or bfloat16 cache (2-3x faster than SDPA at decode sizes).
+- ``decode_blocks``: a prepared model's whole decode step (all blocks) in one call, with the same ATen
+  ops and layer kernels as the Python loop; each layer's cache write and attention is one native call.
 
 What the C++ calls remove is the per-op cost of calling torch from Python, which at decode sizes is as
 large as the matrix products (see benchmarks/README.md, "Decoding").

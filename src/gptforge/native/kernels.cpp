@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -370,11 +371,12 @@ void check_panels(const torch::Tensor& packed, c10::ScalarType dtype, int64_t n)
               " outputs");
 }
 
-// Per-output scales of int8 panels: float32, one value per packed output (padded to whole panels).
-void check_scales(const torch::Tensor& scales, const torch::Tensor& packed) {
+// Per-output scales of a packed int8 weight: float32, one value per packed output (padded to whole panels
+// or strips: `outputs` of them).
+void check_scales(const torch::Tensor& scales, int64_t outputs) {
   TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.device().is_cpu() &&
-                  scales.numel() == packed.size(0) * kPanel,
-              "scales must be contiguous float32 with one value per packed output (", packed.size(0) * kPanel, ")");
+                  scales.numel() == outputs,
+              "scales must be contiguous float32 with one value per packed output (", outputs, ")");
 }
 
 const float* per_output(const c10::optional<torch::Tensor>& t, int64_t n, const char* what, torch::Tensor& keep) {
@@ -437,7 +439,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed, 
 torch::Tensor panel_int8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                                 int64_t n, const c10::optional<torch::Tensor>& bias, int64_t isa, int64_t prefetch) {
   check_panels(packed, torch::kChar, n);
-  check_scales(scales, packed);
+  check_scales(scales, packed.size(0) * kPanel);
   return panel_forward<int8_t>(x, packed, n, scales.data_ptr<float>(), bias, isa, prefetch);
 }
 
@@ -462,7 +464,7 @@ class PanelInt8Linear : public LinearKernel {
   PanelInt8Linear(torch::Tensor packed, torch::Tensor scales, int64_t out_features)
       : packed_(std::move(packed)), scales_(std::move(scales)), n_(out_features) {
     check_panels(packed_, torch::kChar, n_);
-    check_scales(scales_, packed_);
+    check_scales(scales_, packed_.size(0) * kPanel);
   }
 
   torch::Tensor forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) const override {
@@ -503,8 +505,18 @@ constexpr float kLoSteps = 254.0f;  // the lo part's grid: 254 steps per hi step
 constexpr int64_t kAmxPrefetch = 4;  // weight tiles (1 KB each) prefetched ahead
 constexpr int64_t kAmxMaxDepth = 131072;  // K x 127 x 127 < 2^31: the int32 sums cannot overflow
 
-// x (M, K) float32 -> a (rows, Kp) int8 (zero padded), step (M); rows >= 2M.
-void quantize_rows_body(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* a, float* step) {
+// One value on its row's grid (inv = 1 / step): hi = round(t), lo = round((t - hi) * 254), t = x * inv
+// clamped to [-127, 127]; the vector code below does the same operations lane by lane.
+inline void split_value(float x, float inv, int8_t* hi, int8_t* lo) {
+  const float t = std::min(std::max(x * inv, -127.0f), 127.0f);
+  const float h = round_even(t);
+  *hi = static_cast<int8_t>(h);
+  *lo = static_cast<int8_t>(std::min(std::max(round_even((t - h) * kLoSteps), -127.0f), 127.0f));
+}
+
+// x (M, K) float32 -> a (2M, Kp) int8, row i's hi part at row 2i and lo part at 2i + 1, inputs K .. Kp-1
+// zero; step (M).
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* a, float* step) {
   for (int64_t i = 0; i < m; ++i) {
     const float* xi = x + i * k;
     float amax = 0.0f;
@@ -527,13 +539,7 @@ void quantize_rows_body(const float* x, int64_t m, int64_t k, int64_t kp, int8_t
     const float s = std::max(amax, 1e-30f) / 127.0f;
     const float inv = 1.0f / s;
     step[i] = s;
-    for (int64_t j = 0; j < k; ++j) {
-      const float t = std::min(std::max(xi[j] * inv, -127.0f), 127.0f);
-      const float h = round_even(t);
-      const float l = std::min(std::max(round_even((t - h) * kLoSteps), -127.0f), 127.0f);
-      hi[j] = static_cast<int8_t>(h);
-      lo[j] = static_cast<int8_t>(l);
-    }
+    for (int64_t j = 0; j < k; ++j) split_value(xi[j], inv, hi + j, lo + j);
   }
 }
 
@@ -561,12 +567,8 @@ void amx_epilogue_body(const AmxEpilogue& e) {
   }
 }
 
-void quantize_rows_generic(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* a, float* step) {
-  quantize_rows_body(x, m, k, kp, a, step);
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
-// quantize_rows_body in AVX-512 vectors: the same IEEE operations on each value, so the same bits.
+// quantize_rows in AVX-512 vectors: the same IEEE operations on each value, so the same bits.
 __attribute__((target("avx512f,avx512bw"))) void quantize_rows_avx512(const float* x, int64_t m, int64_t k,
                                                                       int64_t kp, int8_t* a, float* step) {
   const __m512 magic = _mm512_set1_ps(12582912.0f), lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
@@ -589,11 +591,11 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows_avx512(const floa
       finite = finite && v <= 3.4028234e38f;
     }
     if (!finite) {  // the reference writes this row (NaN step, zero parts)
-      quantize_rows_body(xi, 1, k, kp, a + 2 * i * kp, step + i);
+      quantize_rows(xi, 1, k, kp, a + 2 * i * kp, step + i);
       continue;
     }
-    const float s = std::max(amax, 1e-30f) / 127.0f;
-    const __m512 inv = _mm512_set1_ps(1.0f / s);
+    const float s = std::max(amax, 1e-30f) / 127.0f, inv_s = 1.0f / s;
+    const __m512 inv = _mm512_set1_ps(inv_s);
     step[i] = s;
     int8_t* hi = a + 2 * i * kp;
     int8_t* lo = hi + kp;
@@ -605,13 +607,7 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows_avx512(const floa
       _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
     }
-    for (; j < k; ++j) {
-      const float t = std::min(std::max(xi[j] * (1.0f / s), -127.0f), 127.0f);
-      const float h = round_even(t);
-      const float l = std::min(std::max(round_even((t - h) * kLoSteps), -127.0f), 127.0f);
-      hi[j] = static_cast<int8_t>(h);
-      lo[j] = static_cast<int8_t>(l);
-    }
+    for (; j < k; ++j) split_value(xi[j], inv_s, hi + j, lo + j);
     std::fill(hi + k, hi + kp, int8_t{0});
     std::fill(lo + k, lo + kp, int8_t{0});
   }
@@ -730,9 +726,7 @@ void check_amx(const torch::Tensor& packed, const torch::Tensor& scales, int64_t
               "packed weight does not hold ", n, " outputs of ", k, " inputs");
   TORCH_CHECK(k <= kAmxMaxDepth, "the amx kernel takes at most ", kAmxMaxDepth, " inputs (int32 sums of ", k,
               " products of 127 x 127 could overflow)");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.device().is_cpu() &&
-                  scales.numel() == packed.size(0) * kAmxOut,
-              "scales must be contiguous float32 with one value per packed output (", packed.size(0) * kAmxOut, ")");
+  check_scales(scales, packed.size(0) * kAmxOut);
 }
 
 // y (..., N) = x (..., K) @ (W * scale).T (+ bias); isa: -1 the best here, 0 the scalar reference.
@@ -755,25 +749,27 @@ torch::Tensor amx_forward(const torch::Tensor& x_in, const torch::Tensor& packed
   if (m == 0) return y.view(shape);
   const bool use_amx = isa != 0 && amx_supported();
   const int64_t arows = use_amx ? (2 * m + kAmxRows - 1) / kAmxRows * kAmxRows : 2 * m;
-  std::vector<int8_t> a(arows * kp, 0);
+  // quantize_rows writes rows 0 .. 2m-1 whole, so only the tile padding after them needs zeros.
+  const std::unique_ptr<int8_t[]> a(new int8_t[arows * kp]);
+  std::fill(a.get() + 2 * m * kp, a.get() + arows * kp, int8_t{0});
   std::vector<float> step(m);
   const float* xp = x.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / k);
   at::parallel_for(0, m, grain, [&](int64_t i0, int64_t i1) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (isa != 0 && __builtin_cpu_supports("avx512bw"))
-      return quantize_rows_avx512(xp + i0 * k, i1 - i0, k, kp, a.data() + 2 * i0 * kp, step.data() + i0);
+      return quantize_rows_avx512(xp + i0 * k, i1 - i0, k, kp, a.get() + 2 * i0 * kp, step.data() + i0);
 #endif
-    quantize_rows_generic(xp + i0 * k, i1 - i0, k, kp, a.data() + 2 * i0 * kp, step.data() + i0);
+    quantize_rows(xp + i0 * k, i1 - i0, k, kp, a.get() + 2 * i0 * kp, step.data() + i0);
   });
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
 #if GPTFORGE_AMX
-    if (use_amx) return amx_strips(a.data(), arows, kp, wp, s0, s1, step.data(), sp, bp, yp, m, n, prefetch);
+    if (use_amx) return amx_strips(a.get(), arows, kp, wp, s0, s1, step.data(), sp, bp, yp, m, n, prefetch);
 #endif
-    reference_strips(a.data(), arows, kp, wp, s0, s1, step.data(), sp, bp, yp, m, n);
+    reference_strips(a.get(), arows, kp, wp, s0, s1, step.data(), sp, bp, yp, m, n);
   });
   return y.view(shape);
 }
@@ -952,21 +948,29 @@ bool is_bf16_cache(const torch::Tensor& t) {
   return t.scalar_type() == torch::kBFloat16;
 }
 
+// Every (row, head) of a decode step, rows and heads split across threads: row b's query (q + b * q_row +
+// h * D) attends to its keys from starts[b] (empty: 0) to S-1, and the result goes to y + (b * H + h) * D.
+// k, v: row b, head h at k + b * k_row + h * k_head (each an (S, D) block). With write_at >= 0 the row's new
+// key and value, C = H * D and 2C after its query (the fused qkv layout), are first stored at that position.
 template <typename T>
-void decode_attention_typed(const float* qp, const torch::Tensor& k, const torch::Tensor& v,
-                            const std::vector<int64_t>& starts, double scale, int64_t B, int64_t H, int64_t S,
-                            int64_t D, float* yp) {
-  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
-  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+void attend_heads(const float* q, int64_t q_row, T* k, T* v, int64_t k_row, int64_t k_head, int64_t v_row,
+                  int64_t v_head, int64_t write_at, const std::vector<int64_t>& starts, int64_t B, int64_t H,
+                  int64_t S, int64_t D, double scale, float* y) {
   const int level = static_cast<int>(panel_isa());
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(S);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, s0 = starts[b];
-      const AttnArgs<T> a{qp + (b * H + h) * D, kp + b * k.stride(0) + h * k.stride(1) + s0 * D,
-                          vp + b * v.stride(0) + h * v.stride(1) + s0 * D, S - s0, D, static_cast<float>(scale),
-                          scores.data(), yp + (b * H + h) * D};
-      attend(level, a);
+      const int64_t b = i / H, h = i % H, s0 = starts.empty() ? 0 : starts[b];
+      const float* qi = q + b * q_row + h * D;
+      T* ki = k + b * k_row + h * k_head;
+      T* vi = v + b * v_row + h * v_head;
+      if (write_at >= 0)
+        for (int64_t t = 0; t < D; ++t) {
+          narrow_to(qi[H * D + t], ki + write_at * D + t);
+          narrow_to(qi[2 * H * D + t], vi + write_at * D + t);
+        }
+      attend(level, AttnArgs<T>{qi, ki + s0 * D, vi + s0 * D, S - s0, D, static_cast<float>(scale), scores.data(),
+                                y + (b * H + h) * D});
     }
   });
 }
@@ -992,10 +996,13 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
   for (int64_t s : starts) TORCH_CHECK(s >= 0 && s < S, "a start outside the ", S, " keys");
   const torch::Tensor q = q_in.contiguous();
   torch::Tensor y = torch::empty({B, 1, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
   if (k.scalar_type() == torch::kBFloat16)
-    decode_attention_typed<bf16>(q.data_ptr<float>(), k, v, starts, scale, B, H, S, D, y.data_ptr<float>());
+    attend_heads(qp, H * D, static_cast<bf16*>(k.data_ptr()), static_cast<bf16*>(v.data_ptr()), k.stride(0),
+                 k.stride(1), v.stride(0), v.stride(1), -1, starts, B, H, S, D, scale, y.data_ptr<float>());
   else
-    decode_attention_typed<float>(q.data_ptr<float>(), k, v, starts, scale, B, H, S, D, y.data_ptr<float>());
+    attend_heads(qp, H * D, k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), k.stride(1), v.stride(0),
+                 v.stride(1), -1, starts, B, H, S, D, scale, y.data_ptr<float>());
   return y.permute({0, 2, 1, 3});
 }
 
@@ -1010,28 +1017,12 @@ template <typename T>
 torch::Tensor attend_step(const torch::Tensor& qkv, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                           int64_t layer, int64_t n_head, int64_t length, const std::vector<int64_t>& starts,
                           double scale) {
-  const int64_t B = qkv.size(0), C = qkv.size(2) / 3, H = n_head, D = C / H, S = length + 1;
-  const float* qp = qkv.data_ptr<float>();
-  T* kp = reinterpret_cast<T*>(cache_k.data_ptr()) + layer * cache_k.stride(0);
-  T* vp = reinterpret_cast<T*>(cache_v.data_ptr()) + layer * cache_v.stride(0);
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3, D = C / n_head;
   torch::Tensor y = torch::empty({B, 1, C}, qkv.options());
-  float* yp = y.data_ptr<float>();
-  const int level = static_cast<int>(panel_isa());
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(S);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, s0 = starts.empty() ? 0 : starts[b];
-      const float* q = qp + b * 3 * C + h * D;
-      T* kb = kp + b * cache_k.stride(1) + h * cache_k.stride(2);
-      T* vb = vp + b * cache_v.stride(1) + h * cache_v.stride(2);
-      for (int64_t t = 0; t < D; ++t) {
-        narrow_to(q[C + t], kb + length * D + t);
-        narrow_to(q[2 * C + t], vb + length * D + t);
-      }
-      attend(level, AttnArgs<T>{q, kb + s0 * D, vb + s0 * D, S - s0, D, static_cast<float>(scale), scores.data(),
-                                yp + b * C + h * D});
-    }
-  });
+  attend_heads(qkv.data_ptr<float>(), 3 * C, static_cast<T*>(cache_k.data_ptr()) + layer * cache_k.stride(0),
+               static_cast<T*>(cache_v.data_ptr()) + layer * cache_v.stride(0), cache_k.stride(1), cache_k.stride(2),
+               cache_v.stride(1), cache_v.stride(2), length, starts, B, n_head, length + 1, D, scale,
+               y.data_ptr<float>());
   return y;
 }
 
@@ -1122,7 +1113,8 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ABI") = 6;  // bumped when a signature below changes
   m.attr("PANEL") = kPanel;
-  m.attr("PREFETCH") = kPrefetch;
+  m.attr("AMX_STRIP") = kAmxOut;
+  m.attr("AMX_DEPTH") = kAmxDepth;
   py::class_<LinearKernel>(m, "LinearKernel");
   py::class_<Int8Linear, LinearKernel>(m, "Int8Linear")
       .def(py::init<const torch::jit::Object&, int64_t>())

@@ -95,6 +95,14 @@ def finish(reason: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+def test_served_model_is_named_after_what_the_user_gave(lm_checkpoint):
+    # `gptforge serve --checkpoint runs/demo` serves "demo", whatever step folder the run resolves to
+    checkpoint = load_served_checkpoint(ServeConfig(checkpoint=str(lm_checkpoint), device="cpu"))
+    assert create_app(ServeConfig(checkpoint="runs/demo/", device="cpu"), checkpoint).state.server.model_name == "demo"
+    named = ServeConfig(checkpoint="runs/demo", device="cpu", model_name="shakespeare")
+    assert create_app(named, checkpoint).state.server.model_name == "shakespeare"
+
+
 def test_health_models_and_metrics(server, client):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
     models = client.get("/v1/models").json()

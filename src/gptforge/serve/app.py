@@ -78,7 +78,9 @@ class ServerState:
         self.task = task.get("type", "lm") if isinstance(task, dict) else "lm"
         self.labels = list(task.get("labels") or []) if isinstance(task, dict) else []
         self.chat_template = (task.get("chat_template") if isinstance(task, dict) else None) or None
-        self.model_name = config.model_name or Path(str(checkpoint.path)).name or "gptforge"
+        # The name the user gave (`--checkpoint runs/demo` serves "demo"), not the step folder it resolved to.
+        self.model_name = (config.model_name or Path(config.checkpoint or "").name or Path(str(checkpoint.path)).name
+                           or "gptforge")
         self.created = int(time.time())
         self.scheduler = Scheduler(self.model, self.tokenizer, max_batch_size=config.max_batch_size,
                                    max_queue=config.max_queue, batch_invariant=config.batch_invariant)

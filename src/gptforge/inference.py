@@ -105,6 +105,7 @@ class PackedLinear(nn.Module):
         # (5-15% faster at batch 1, slower at 8 or more); None is the general one.
         self.batch_size = batch_size
         self.requested_kernel = kernel  # what was asked; self.kernel is what runs (set by _set_weight)
+        self.screened = False  # whether argmax() keeps an ArgmaxScreen (see enable_argmax_screen)
         # Not a buffer: module.to() must not try to move a packed layout.
         self._set_weight(weight)
         if linear.bias is not None:
@@ -125,16 +126,49 @@ class PackedLinear(nn.Module):
             kernel = native.panel_linear(panels, self.out_features)
             if kernel is not None:
                 self.kernel, self._packed, self._native = "panel", panels, kernel
+                self._screen = None
+                if self.__dict__.get("screened"):
+                    self._build_screen()
                 return
             if wanted == "panel":
                 raise ConfigError("gptforge's native panel kernel refused the layer (see the warning above)")
         if not onednn_available():
             raise ConfigError("PackedLinear needs gptforge's native kernels or a PyTorch build with oneDNN")
         self.kernel = "onednn"
+        self._screen = None
         hint = () if self.batch_size is None else (self.batch_size,)
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, *hint)
         # The same oneDNN call made from C++ (gptforge.native): ~20 us less per call than from Python.
         self._native = native.packed_linear(self._packed)
+
+    def enable_argmax_screen(self, dense: Optional[torch.Tensor] = None) -> bool:
+        """Keep an :class:`ArgmaxScreen` (an int8 copy of the weight, a quarter of its bytes), so that
+        :meth:`argmax` reads it instead of the whole weight; True when it could (the panel kernel, no
+        bias, finite weights). Rebuilt whenever the weight is set again. ``prepare_for_inference`` asks
+        this of the LM head. ``dense``: the same weight as a dense (N, K) tensor that stays (a tied token
+        embedding), which the screen then reads candidates' rows from; checked equal, else ignored."""
+        if self.kernel != "panel" or self._buffers.get("bias") is not None:
+            return False
+        self.screened = True
+        self.__dict__["_screen_dense"] = dense  # a plain attribute: not registered as this module's parameter
+        self._build_screen()
+        return self.screened
+
+    def _build_screen(self) -> None:
+        try:
+            self._screen = ArgmaxScreen(self._packed, self.out_features, self.__dict__.get("_screen_dense"))
+        except ConfigError as exc:
+            log.warning("no argmax screen for this layer: %s", exc)
+            self.screened, self._screen = False, None
+
+    def argmax(self, x: torch.Tensor, suppress: Optional[int] = None) -> torch.Tensor:
+        """``self(x).argmax(-1)`` for ``x`` (M, in_features), the same indices (ties: the first), through the
+        argmax screen when it is on and ``x`` is a float32 CPU tensor. ``suppress``: an output that must
+        not win, as if set to -inf first."""
+        screen = self.__dict__.get("_screen")
+        if screen is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+            return screen(x, self.forward, suppress)
+        return ArgmaxScreen._full_argmax(self.forward(x), suppress)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -182,7 +216,7 @@ class PackedLinear(nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key not in ("_packed", "_native"):
+            if key not in ("_packed", "_native", "_screen"):  # _screen_dense: the copied model's embedding
                 new.__dict__[key] = copy.deepcopy(value, memo)
         new._set_weight(self.weight)
         return new
@@ -190,7 +224,7 @@ class PackedLinear(nn.Module):
     # torch.save(model) pickles modules: keep the dense weight, pack again on load (on the loading
     # machine's kernel).
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_native")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_native", "_screen")}
         state["_dense_weight"] = self.weight
         return state
 
@@ -220,6 +254,113 @@ class PackedLinear(nn.Module):
         rest = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+_U = 2.0 ** -24  # float32's unit roundoff
+_SCREEN_SAFETY = 1.25  # the bound below is already a worst case; this covers the float32 arithmetic on it
+_SCREEN_CHUNK = 4096  # rows per chunk when measuring the int8 copy's error (float64 temporaries)
+
+
+class ArgmaxScreen:
+    """The index of each row's largest output of a panel-packed float32 layer (``PackedLinear``, kernel
+    ``"panel"``), exactly ``layer(x).argmax(-1)`` but reading about a quarter of the weight's bytes.
+
+    What greedy decoding needs from the LM head is the argmax, not the 50k logits. The screen keeps an
+    int8 copy of the weight (per-output scales, the ``amx`` or ``panel`` int8 kernel of
+    :mod:`gptforge.quant`) and, per output, the norms of the weight, of its int8 copy and of the
+    difference. For a row ``x`` it computes the int8 outputs ``s_v`` and a bound ``b_v`` with
+    ``|s_v - l_v| <= b_v`` for the float32 output ``l_v`` the layer would give, from Cauchy-Schwarz:
+
+        |s_v - l_v| <= |x| |w~_v - w_v| + |x~ - x| |w~_v| + (float32 rounding of both, (2K + 16) u |x| |w_v|)
+
+    (``w~`` the int8 copy, ``x~`` the input as the amx kernel splits it, ``|x~ - x| <= sqrt(K) max|x| /
+    (127 * 500)``; 0 on the panel kernel, which does not round inputs), times 1.25. Every output whose
+    upper end ``s_v + b_v`` reaches the largest lower end ``max(s_u - b_u)`` is a candidate; any output
+    equal to the row's maximum ``l`` is among them. The candidates' float32 outputs are then computed by
+    the panel kernel itself, over the same weights in the same order (each output is one fused
+    multiply-add chain over k, wherever its panel sits), so they have the layer's bits, and the first
+    largest wins, as in ``torch.argmax``. On a GPT-2 head a row keeps some tens of candidates out of
+    50,257. Rows with a non-finite value, or too many candidates, take the full layer instead.
+    """
+
+    def __init__(self, panels: torch.Tensor, out_features: int, dense: Optional[torch.Tensor] = None,
+                 kernel: str = "auto"):
+        from . import native
+        from .quant import AMX_MAX_INPUTS, AMX_STRIP, pack_amx, quantize_weight
+
+        weight = unpack_panels(panels, out_features)  # (N, K)
+        n, k = weight.shape
+        if not bool(torch.isfinite(weight).all()):
+            raise ConfigError("the argmax screen needs finite weights")
+        if dense is not None and not (dense.dtype == torch.float32 and dense.device.type == "cpu"
+                                      and dense.is_contiguous() and torch.equal(dense, weight)):
+            dense = None  # not the same weight (or not usable as is): gather from the panels
+        # Candidates' rows are read from `dense` (a tied embedding: one contiguous row each) when there is
+        # one, else gathered from the panels (one cache line per weight: ~15 us a candidate here).
+        self._dense = dense
+        q, scales = quantize_weight(weight)
+        if kernel not in ("auto", "amx", "panel"):
+            raise ConfigError(f"the argmax screen's kernel must be auto, amx or panel, got {kernel!r}")
+        amx = native.amx_available() and k <= AMX_MAX_INPUTS
+        if kernel == "amx" and not amx:
+            raise ConfigError("the amx kernel needs an x86 CPU with AMX-INT8 and gptforge's native kernels")
+        self.kernel_name = "amx" if amx and kernel != "panel" else "panel"
+        packed = pack_amx(q) if self.kernel_name == "amx" else pack_panels(q)
+        width = AMX_STRIP if self.kernel_name == "amx" else PANEL
+        padded = torch.zeros(packed.shape[0] * width, dtype=torch.float32)
+        padded[:n] = scales
+        self._int8 = (native.amx_int8_linear(packed, padded, n, k) if self.kernel_name == "amx"
+                      else native.panel_int8_linear(packed, padded, n))
+        if self._int8 is None:
+            raise ConfigError("gptforge's native int8 kernel refused the argmax screen (see the warning above)")
+        # Per output: |w~ - w| (int8 error) and |w| (exact, float64), rounded up into float32.
+        err = torch.empty(n, dtype=torch.float64)
+        norm = torch.empty(n, dtype=torch.float64)
+        for start in range(0, n, _SCREEN_CHUNK):
+            w = weight[start:start + _SCREEN_CHUNK].double()
+            approx = q[start:start + _SCREEN_CHUNK].double() * scales[start:start + _SCREEN_CHUNK].double()[:, None]
+            err[start:start + _SCREEN_CHUNK] = (approx - w).norm(dim=1)
+            norm[start:start + _SCREEN_CHUNK] = w.norm(dim=1)
+        self._err = (err * (1 + 1e-6)).float()
+        self._norm = (norm * (1 + 1e-6)).float()
+        self._err_max, self._norm_max = float(self._err.max()), float(self._norm.max())
+        # What a call reads besides the few candidates' rows: the int8 copy, its scales, the two norms.
+        self.nbytes = packed.numel() + 3 * 4 * n
+        self._panels = panels
+        self.out_features, self.in_features = n, k
+        self.max_candidates = max(64, n // 16)
+        self.last_candidates = 0  # candidates of the last call (all rows together), for benchmarks and logs
+
+    def __call__(self, x: torch.Tensor, full, suppress: Optional[int] = None) -> torch.Tensor:
+        """Each row's argmax, (M,), for ``x`` (M, K) float32; ``full(x)`` gives the layer's outputs (the
+        fallback). ``suppress``: an output that must not win (end-of-text before ``min_new_tokens``), as if
+        set to -inf first."""
+        from . import native
+
+        x = x.contiguous()
+        s = self._int8(x, None)  # (M, N)
+        k = self.in_features
+        xd = x.double()
+        x_norm = xd.norm(dim=1, keepdim=True)  # (M, 1)
+        rounding = (2 * k + 16) * _U * x_norm
+        split = (k ** 0.5) * xd.abs().amax(dim=1, keepdim=True) / (127 * 500) if self.kernel_name == "amx" else 0
+        # |w~_v| <= |w_v| + |w~_v - w_v|, so the bound is err * a + norm * b with two per-row factors.
+        a = (_SCREEN_SAFETY * (x_norm + split + rounding)).float().view(-1)
+        b = (_SCREEN_SAFETY * (split + 2 * rounding)).float().view(-1)
+        tokens, self.last_candidates = native.load().screen_argmax(
+            x, s, self._err, self._norm, self._err_max, self._norm_max, a, b,
+            -1 if suppress is None else suppress, self._panels, self._dense,
+            self.max_candidates)
+        if tokens.numel() == 0:  # a non-finite value, or too many candidates
+            log.debug("argmax screen: %d candidates; computing the full layer", self.last_candidates)
+            return self._full_argmax(full(x), suppress)
+        return tokens
+
+    @staticmethod
+    def _full_argmax(logits: torch.Tensor, suppress: Optional[int]) -> torch.Tensor:
+        if suppress is not None:
+            logits[:, suppress] = float("-inf")
+        return logits.argmax(dim=1)
 
 
 def linears_batch_invariant(model: nn.Module) -> bool:
@@ -278,7 +419,8 @@ def kv_cache_dtype_of(name: Optional[str]) -> Optional[torch.dtype]:
 
 
 def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, prepack: bool = True,
-                          batch_size: Optional[int] = None, kv_cache_dtype: Optional[str] = None) -> nn.Module:
+                          batch_size: Optional[int] = None, kv_cache_dtype: Optional[str] = None,
+                          argmax_screen: bool = True) -> nn.Module:
     """Quantize (``"int8"`` or None), then prepack CPU float32 linears; in place, returns the model.
 
     ``batch_size`` tells the prepacking how many rows decoding will mostly run (1: one prompt, one
@@ -288,6 +430,11 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
     significant bits; ``"auto"`` or None keeps the weights' dtype. Under float32 weights only the native
     CPU decode step reads a bfloat16 cache directly; elsewhere (GPUs, ``GPTFORGE_NATIVE=0``) attention
     converts the cached prefix every step, which saves memory but not time.
+
+    ``argmax_screen`` (on by default): a prepacked float32 LM head also keeps an int8 copy of itself
+    (:class:`ArgmaxScreen`, a quarter of its size) from which greedy decoding finds each row's argmax
+    with the same result as the full head, reading a quarter of its bytes (GPT-2's head is 31% of a
+    decode step's weights). Sampling, penalties and log-probabilities still read the full head.
 
     The model is left in eval mode and is inference-only afterwards (see the module docstring).
     """
@@ -309,6 +456,8 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
         from .quant import quantize_int8
 
         quantize_int8(model)
+    # Heads tied to their token embedding: the screen reads candidates' rows from the embedding.
+    tied = {m for m in model.modules() if isinstance(m, GPT) and m.lm_head.weight is m.wte.weight}
     if prepack:
         n = prepack_linears(model, batch_size)
         if n:
@@ -319,5 +468,12 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
 
                 isa = " (AVX-512)" if native.panel_isa() >= 2 else " (AVX2)"
             log.info("prepacked %d float32 linear layers for the %s kernel%s", n, kernel, isa)
+        if argmax_screen:
+            for module in model.modules():
+                head = getattr(module, "lm_head", None) if isinstance(module, GPT) else None
+                dense = module.wte.weight if module in tied else None
+                if isinstance(head, PackedLinear) and head.enable_argmax_screen(dense):
+                    log.info("greedy decoding reads the LM head's int8 argmax screen (%s kernel)",
+                             head._screen.kernel_name)
     model.eval()  # last: the swapped-in layers are new modules
     return model

@@ -94,6 +94,21 @@ class PromptBatch:
         self.positions = self.positions + 1
         return logits[:, -1]
 
+    @property
+    def screened(self) -> bool:
+        """Whether :meth:`decode_greedy` reads the LM head's argmax screen (prepared CPU float32 models)."""
+        return bool(getattr(self.model.lm_head, "screened", False))
+
+    def decode_greedy(self, tokens: torch.Tensor, suppress: Optional[int] = None) -> torch.Tensor:
+        """:meth:`decode`, then the argmax of each row's logits without forming them, (B,): the same tokens
+        as ``decode(tokens).argmax(-1)`` (``suppress`` excluded), see :meth:`GPT.greedy_tokens`."""
+        length = self.cache.length + 1
+        mask = None if self.attention_mask is None else self.attention_mask[:, :length]
+        hidden = self.model.hidden_states(tokens.unsqueeze(1), kv_cache=self.cache, attention_mask=mask,
+                                          position_ids=self.positions)
+        self.positions = self.positions + 1
+        return self.model.greedy_tokens(hidden[:, -1], suppress)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Row i continues old row index[i] (beam search keeps rows within their prompt, so masks agree)."""
         self.cache.reorder(index)

@@ -159,10 +159,18 @@ def _decode(model: GPT, rows: list[_Row], config: GenerateConfig, eos_id: Option
     history = TokenHistory([row.prompt_ids for row in rows], model.config.vocab_size, config, device)
     generators = make_generators(config.seed, len(rows), device)
     suppressible_eos = None if config.ignore_eos else eos_id
-    logits = batch.prefill()  # (B, V)
+    # Plain greedy decoding needs only each row's argmax, which a screened LM head finds without forming
+    # the logits (the same tokens; see gptforge.inference.ArgmaxScreen).
+    argmax_only = (batch.screened and config.temperature == 0 and not config.logprobs and history.seen is None
+                   and history.counts is None and history.ngrams is None)
+    logits: Optional[torch.Tensor] = batch.prefill()  # (B, V)
+    chosen: Optional[torch.Tensor] = None
     for step in range(config.max_new_tokens):
-        scores = process_logits(logits.float(), history, config, step=step, eos_id=suppressible_eos)
-        tokens = choose_tokens(scores, config, generators)  # (B,)
+        if logits is not None:
+            scores = process_logits(logits.float(), history, config, step=step, eos_id=suppressible_eos)
+            tokens = choose_tokens(scores, config, generators)  # (B,)
+        else:
+            tokens = chosen
         token_list = tokens.tolist()
         pieces = _record(rows, token_list, tokens, logits, config.logprobs)
         if step + 1 == config.max_new_tokens:
@@ -171,7 +179,11 @@ def _decode(model: GPT, rows: list[_Row], config: GenerateConfig, eos_id: Option
         if all(row.done for row in rows):
             return
         history.append(tokens, token_list)
-        logits = batch.decode(tokens)
+        if argmax_only:
+            suppress = suppressible_eos if step + 1 < config.min_new_tokens else None
+            logits, chosen = None, batch.decode_greedy(tokens, suppress)
+        else:
+            logits = batch.decode(tokens)
 
 
 def _record(rows: list[_Row], token_list: list[int], tokens: torch.Tensor, logits: torch.Tensor,

@@ -304,6 +304,18 @@ class GPT(nn.Module):
             return logits.reshape(*x.shape[:-1], -1)
         return head(x)
 
+    def greedy_tokens(self, x: torch.Tensor, suppress: Optional[int] = None) -> torch.Tensor:
+        """The most likely next token of each row, (B,), from final hidden states ``x`` (B, C): the first
+        argmax of the LM head's logits, with ``suppress`` (a token id, or None) excluded. A head with an
+        argmax screen (gptforge.inference.ArgmaxScreen, set up by ``prepare_for_inference``) gives the same
+        tokens while reading a quarter of the head's bytes."""
+        if getattr(self.lm_head, "screened", False):
+            return self.lm_head.argmax(x, suppress)
+        logits = self._logits(x.unsqueeze(1))[:, 0]
+        if suppress is not None:
+            logits[:, suppress] = float("-inf")
+        return logits.argmax(dim=-1)
+
     @staticmethod
     def _attention_mask(B, T, start, attention_mask, cached, device) -> Optional[torch.Tensor]:
         if attention_mask is None and (not cached or T == 1 or start == 0):

@@ -1026,6 +1026,195 @@ torch::Tensor attend_step(const torch::Tensor& qkv, const torch::Tensor& cache_k
   return y;
 }
 
+// ---- screen_argmax ----------------------------------------------------------------------------------
+// Everything of gptforge/inference.py's ArgmaxScreen after the int8 product, in one call. s (M, N): the
+// int8 copy's outputs; err, norm (N): per output |w~ - w| and |w|, at most err_max and norm_max; a, b (M):
+// per row factors. Output v of row r lies within
+//   bound = err[v] * a[r] + norm[v] * b[r] + 8u |s[r, v]|
+// of the layer's float32 output, so it is a candidate when s + bound >= floor = max over u of (s - bound)
+// in its row; ``suppress`` (>= 0) never is one. Per row, two scans of s: its largest value (at v0), then
+// every v with s_v >= floor0 - most, where floor0 = s[v0] - bound[v0] <= floor and most >= any bound; the
+// exact floor and test run on those few (a candidate has s_v >= floor - bound_v >= floor0 - most). The
+// candidates of all rows (ascending) are gathered from the float32 panels into panels of their own and
+// multiplied by the panel kernel (each output one fma chain over k wherever its panel sits: the layer's
+// bits); each row takes its first largest candidate, as torch.argmax would over the whole row. Returns
+// (tokens (M,) int64, the number of candidates); tokens is empty when s holds a non-finite value or
+// there are more than max_candidates (the caller then runs the full layer).
+struct RowScan {
+  float max, min;
+  int64_t at;  // first index of max
+  bool finite;
+};
+
+RowScan scan_row_scalar(const float* s, int64_t n) {
+  RowScan out{s[0], s[0], 0, true};
+  float check = 0.0f;
+  for (int64_t v = 0; v < n; ++v) {
+    if (s[v] > out.max) out.max = s[v], out.at = v;
+    out.min = s[v] < out.min ? s[v] : out.min;
+    check += s[v] * 0.0f;  // stays 0 unless some value is inf or NaN
+  }
+  out.finite = check == 0.0f;
+  return out;
+}
+
+void collect_scalar(const float* s, int64_t n, float threshold, std::vector<int64_t>& out) {
+  for (int64_t v = 0; v < n; ++v)
+    if (s[v] >= threshold) out.push_back(v);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) RowScan scan_row_avx512(const float* s, int64_t n) {
+  __m512 hi = _mm512_set1_ps(s[0]), lo = hi, check = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  int64_t v = 0;
+  for (; v + 16 <= n; v += 16) {
+    const __m512 x = _mm512_loadu_ps(s + v);
+    hi = _mm512_max_ps(hi, x);
+    lo = _mm512_min_ps(lo, x);
+    check = _mm512_add_ps(check, _mm512_mul_ps(x, zero));
+  }
+  RowScan out{_mm512_reduce_max_ps(hi), _mm512_reduce_min_ps(lo), 0, true};
+  float tail = 0.0f;
+  for (; v < n; ++v) {
+    out.max = s[v] > out.max ? s[v] : out.max;
+    out.min = s[v] < out.min ? s[v] : out.min;
+    tail += s[v] * 0.0f;
+  }
+  // Any NaN lane makes the sum NaN; an infinity gives NaN too (inf * 0).
+  out.finite = tail == 0.0f && _mm512_cmp_ps_mask(check, zero, _CMP_EQ_OQ) == 0xFFFF;
+  if (!out.finite) return out;
+  for (v = 0; s[v] != out.max; ++v) {}
+  out.at = v;
+  return out;
+}
+
+__attribute__((target("avx512f"))) void collect_avx512(const float* s, int64_t n, float threshold,
+                                                        std::vector<int64_t>& out) {
+  const __m512 t = _mm512_set1_ps(threshold);
+  int64_t v = 0;
+  for (; v + 16 <= n; v += 16) {
+    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + v), t, _CMP_GE_OQ);
+    while (hit) {
+      out.push_back(v + __builtin_ctz(hit));
+      hit &= hit - 1;
+    }
+  }
+  for (; v < n; ++v)
+    if (s[v] >= threshold) out.push_back(v);
+}
+
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+#endif
+
+RowScan scan_row(const float* s, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHasAvx512) return scan_row_avx512(s, n);
+#endif
+  return scan_row_scalar(s, n);
+}
+
+void collect(const float* s, int64_t n, float threshold, std::vector<int64_t>& out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHasAvx512) return collect_avx512(s, n, threshold, out);
+#endif
+  collect_scalar(s, n, threshold, out);
+}
+
+std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, const torch::Tensor& s,
+                                                 const torch::Tensor& err, const torch::Tensor& norm,
+                                                 double err_max, double norm_max, const torch::Tensor& a,
+                                                 const torch::Tensor& b, int64_t suppress,
+                                                 const torch::Tensor& panels,
+                                                 const c10::optional<torch::Tensor>& dense,
+                                                 int64_t max_candidates) {
+  TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device().is_cpu(),
+              "s must be a contiguous float32 CPU (M, N) tensor");
+  const int64_t m = s.size(0), n = s.size(1);
+  check_panels(panels, torch::kFloat, n);
+  const int64_t k = panels.size(1);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == m && x_in.size(1) == k, "x must be (", m, ", ", k, ")");
+  const bool rows_dense = dense.has_value() && dense->defined();
+  if (rows_dense)
+    TORCH_CHECK(dense->dim() == 2 && dense->size(0) == n && dense->size(1) == k && dense->is_contiguous() &&
+                    dense->scalar_type() == torch::kFloat && dense->device().is_cpu(),
+                "dense must be the contiguous float32 (", n, ", ", k, ") weight");
+  for (const torch::Tensor* t : {&err, &norm})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                "err and norm must be contiguous float32 (", n, ")");
+  for (const torch::Tensor* t : {&a, &b})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == m && t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                "a and b must be contiguous float32 (", m, ")");
+  const float* sp = s.data_ptr<float>();
+  const float* ep = err.data_ptr<float>();
+  const float* np = norm.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  constexpr float kRound = 8.0f / 16777216.0f;  // 8 u
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  auto bound_of = [&](int64_t r, int64_t v) {
+    return v == suppress ? kInf : ep[v] * ap[r] + np[v] * bp[r] + kRound * std::fabs(sp[r * n + v]);
+  };
+  torch::Tensor tokens = torch::empty({0}, torch::kLong);
+  int64_t count = 0;
+  {
+    py::gil_scoped_release release;
+    std::vector<std::vector<int64_t>> rows(m);  // each row's candidates, ascending
+    std::vector<uint8_t> wanted(n, 0);
+    for (int64_t r = 0; r < m; ++r) {
+      const float* sr = sp + r * n;
+      const RowScan scan = scan_row(sr, n);
+      if (!scan.finite) return {tokens, 0};
+      // floor0 <= floor (suppress: some other output's lower end; with one output, nothing wins anyway).
+      float floor = scan.at == suppress ? -kInf : sr[scan.at] - bound_of(r, scan.at);
+      const float largest = std::max(std::fabs(scan.max), std::fabs(scan.min));
+      const float most = static_cast<float>((err_max * ap[r] + norm_max * bp[r] + kRound * largest) * 1.0001);
+      std::vector<int64_t> near;
+      collect(sr, n, floor == -kInf ? -kInf : floor - most, near);
+      for (const int64_t v : near) floor = std::max(floor, sr[v] - bound_of(r, v));
+      for (const int64_t v : near)
+        if (v != suppress && sr[v] + bound_of(r, v) >= floor) {
+          rows[r].push_back(v);
+          wanted[v] = 1;
+        }
+    }
+    std::vector<int64_t> picked;
+    for (int64_t v = 0; v < n; ++v)
+      if (wanted[v]) picked.push_back(v);
+    count = static_cast<int64_t>(picked.size());
+    if (count == 0 || count > max_candidates) return {tokens, count};
+    // The candidates' weights as panels of their own (zero-padded): from the dense rows when given (one
+    // contiguous row each), else column v % 64 of panel v / 64 (a cache line read per weight).
+    const int64_t out_panels = (count + kPanel - 1) / kPanel;
+    torch::Tensor own = torch::zeros({out_panels, k, kPanel}, torch::kFloat);
+    const float* src = rows_dense ? dense->data_ptr<float>() : panels.data_ptr<float>();
+    float* dst = own.data_ptr<float>();
+    std::vector<int64_t> slot(n, -1);
+    for (int64_t j = 0; j < count; ++j) {
+      slot[picked[j]] = j;
+      const int64_t v = picked[j];
+      const float* col = rows_dense ? src + v * k : src + (v / kPanel) * k * kPanel + v % kPanel;
+      const int64_t stride = rows_dense ? 1 : kPanel;
+      float* out = dst + (j / kPanel) * k * kPanel + j % kPanel;
+      for (int64_t t = 0; t < k; ++t) out[t * kPanel] = col[t * stride];
+    }
+    const torch::Tensor exact = panel_forward<float>(x_in, own, count, nullptr, c10::nullopt, -1, kPrefetch);
+    const float* yp = exact.data_ptr<float>();
+    tokens = torch::empty({m}, torch::kLong);
+    int64_t* tp = tokens.data_ptr<int64_t>();
+    for (int64_t r = 0; r < m; ++r) {
+      float best = -kInf;
+      int64_t token = rows[r].empty() ? picked[0] : rows[r][0];
+      for (const int64_t v : rows[r]) {  // ascending: strict > keeps the first of equal values
+        const float y = yp[r * count + slot[v]];
+        if (y > best) best = y, token = v;
+      }
+      tp[r] = token;
+    }
+  }
+  return {tokens, count};
+}
+
 // ---- decode_blocks --------------------------------------------------------------------------------------
 // The transformer blocks of one decode step (one new token a row, evaluation, no mask) in one call: the
 // same ATen ops and the same layer kernels, in the same order, as gptforge.model.gpt.Block.forward, so the
@@ -1111,7 +1300,7 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
 
 // The calls release the GIL, as torch's own ops do: the server's HTTP thread runs while a layer computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI") = 6;  // bumped when a signature below changes
+  m.attr("ABI") = 7;  // bumped when a signature below changes
   m.attr("PANEL") = kPanel;
   m.attr("AMX_STRIP") = kAmxOut;
   m.attr("AMX_DEPTH") = kAmxDepth;
@@ -1147,6 +1336,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_features"), py::arg("in_features"), py::arg("bias"), py::arg("isa") = -1,
         py::arg("prefetch") = kAmxPrefetch, py::call_guard<py::gil_scoped_release>());
   m.def("amx_isa", &amx_isa);
+  m.def("screen_argmax", &screen_argmax, py::arg("x"), py::arg("s"), py::arg("err"), py::arg("norm"),
+        py::arg("err_max"), py::arg("norm_max"), py::arg("a"), py::arg("b"), py::arg("suppress"),
+        py::arg("panels"), py::arg("dense"), py::arg("max_candidates"));
   // decode_blocks releases the GIL itself, once it has read the plan.
   m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("plan"), py::arg("n_head"), py::arg("cache_k"),
         py::arg("cache_v"), py::arg("length"), py::arg("starts"));

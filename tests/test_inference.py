@@ -537,3 +537,31 @@ def test_bfloat16_kv_cache_halves_the_cache_and_stays_close_to_float32():
     assert model.new_kv_cache(1, 4, dtype=torch.float32).k.dtype == torch.float32  # an explicit dtype wins
     with pytest.raises(ConfigError, match="kv_cache_dtype must be one of auto, bfloat16, got 'float16'"):
         prepare_for_inference(model, kv_cache_dtype="float16")
+
+
+# ------------------------------------------------------------------------------------------------ 6
+@pytest.mark.skipif(not panel_available(), reason="the one-call decode step needs the native kernels")
+@torch.no_grad()
+def test_reuse_decode_plan_gathers_the_plan_once(monkeypatch):
+    from gptforge.generate import engine
+
+    model = prepare_for_inference(tiny_gpt())
+    x = torch.zeros(1, 1, 32)
+    first = model._decode_plan(x)
+    assert first is not None and model._decode_plan(x)[1] is not first[1]  # gathered anew each call
+    with model.reuse_decode_plan():
+        inside = model._decode_plan(x)
+        assert model._decode_plan(x)[1] is inside[1]
+        assert model._decode_plan(x.double()) is None  # the per-step checks still run
+    assert model._decode_plan(x)[1] is not inside[1]
+    builds = []
+    original = type(model)._build_decode_plan
+    monkeypatch.setattr(type(model), "_build_decode_plan", lambda self, m: builds.append(1) or original(self, m))
+    config = GenerateConfig(max_new_tokens=10, temperature=0.0)
+    generate_ids(model, [[1, 2, 3], [4, 5, 6]], config)  # equal lengths: no mask, the one-call step
+    assert len(builds) == 1
+    # The engine's steps run in inference mode, the consumer's code between them does not.
+    rows = [engine._Row([1, 2, 3], config, None, None)]
+    for _ in engine._decode(model, rows, config, None):
+        assert not torch.is_inference_mode_enabled()
+    assert len(rows[0].token_ids) == 10

@@ -151,9 +151,15 @@ class _Row:
                           logprobs=self.logprobs, top_logprobs=self.top_logprobs)
 
 
-@torch.inference_mode()
 def _decode(model: GPT, rows: list[_Row], config: GenerateConfig, eos_id: Optional[int]) -> Iterator[list[str]]:
     """Greedy or sampled decoding of ``rows``; after each step, yield the text each row gained."""
+    with model.reuse_decode_plan():
+        yield from _decode_steps(model, rows, config, eos_id)
+
+
+@torch.inference_mode()  # as a decorator: the consumer's code between steps runs outside it
+def _decode_steps(model: GPT, rows: list[_Row], config: GenerateConfig,
+                  eos_id: Optional[int]) -> Iterator[list[str]]:
     batch = PromptBatch(model, [row.prompt_ids for row in rows], config)
     device = batch.idx.device
     history = TokenHistory([row.prompt_ids for row in rows], model.config.vocab_size, config, device)

@@ -37,6 +37,8 @@ up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
+
 import collections
 import logging
 import threading
@@ -216,7 +218,8 @@ class Scheduler:
     # Scheduler thread
     def _loop(self) -> None:
         try:
-            with torch.inference_mode():
+            reuse = getattr(self.model, "reuse_decode_plan", None)  # a GPT (a classifier has no decode steps)
+            with torch.inference_mode(), (reuse() if reuse is not None else contextlib.nullcontext()):
                 while True:
                     with self._cond:
                         while not (self._stopping or self._waiting or self._running or self._jobs):

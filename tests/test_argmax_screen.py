@@ -175,3 +175,20 @@ def test_greedy_tokens_without_a_screen_is_the_logits_argmax():
     best = int(logits.argmax(-1))
     logits[:, best] = float("-inf")
     assert torch.equal(model.greedy_tokens(hidden, suppress=best), logits.argmax(-1))
+
+
+@pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 here")
+@torch.no_grad()
+def test_the_amx_input_split_is_within_the_screens_assumption():
+    # The bound assumes the amx kernel sees each input within max|x| / (127 * 500) of its value. With the
+    # identity as weight (exactly on the int8 grid: q = 127, scale 1/127) the kernel returns those inputs.
+    torch.manual_seed(4)
+    k = 128
+    layer = screened_layer(torch.eye(k), kernel="amx")
+    x = torch.randn(6, k) * torch.tensor([1e-3, 1.0, 7.0, 1e3, 1.0, 1.0])[:, None]
+    x[4, 0] = 100.0  # one outlier: a coarse grid for the rest of its row
+    seen = layer._screen._int8(x, None)
+    limit = x.abs().amax(dim=1, keepdim=True) / (127 * 500)
+    error = (seen.double() - x.double()).abs()
+    assert bool((error <= limit).all())
+    assert float((error / limit).max()) > 0.5  # the assumption is tight: the bound must keep its split term

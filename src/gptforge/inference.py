@@ -256,8 +256,6 @@ class PackedLinear(nn.Module):
                                       error_msgs)
 
 
-_U = 2.0 ** -24  # float32's unit roundoff
-_SCREEN_SAFETY = 1.25  # the bound below is already a worst case; this covers the float32 arithmetic on it
 _SCREEN_CHUNK = 4096  # rows per chunk when measuring the int8 copy's error (float64 temporaries)
 
 
@@ -339,18 +337,11 @@ class ArgmaxScreen:
 
         x = x.contiguous()
         s = self._int8(x, None)  # (M, N)
-        k = self.in_features
-        xd = x.double()
-        x_norm = xd.norm(dim=1, keepdim=True)  # (M, 1)
-        rounding = (2 * k + 16) * _U * x_norm
-        split = (k ** 0.5) * xd.abs().amax(dim=1, keepdim=True) / (127 * 500) if self.kernel_name == "amx" else 0
-        # |w~_v| <= |w_v| + |w~_v - w_v|, so the bound is err * a + norm * b with two per-row factors.
-        a = (_SCREEN_SAFETY * (x_norm + split + rounding)).float().view(-1)
-        b = (_SCREEN_SAFETY * (split + 2 * rounding)).float().view(-1)
+        # The bound's per-row factors (from |x| and max|x|), the candidates and their float32 outputs: one
+        # native call (kernels.cpp, screen_argmax).
         tokens, self.last_candidates = native.load().screen_argmax(
-            x, s, self._err, self._norm, self._err_max, self._norm_max, a, b,
-            -1 if suppress is None else suppress, self._panels, self._dense,
-            self.max_candidates)
+            x, s, self._err, self._norm, self._err_max, self._norm_max, self.kernel_name == "amx",
+            -1 if suppress is None else suppress, self._panels, self._dense, self.max_candidates)
         if tokens.numel() == 0:  # a non-finite value, or too many candidates
             log.debug("argmax screen: %d candidates; computing the full layer", self.last_candidates)
             return self._full_argmax(full(x), suppress)

@@ -85,6 +85,12 @@ class PromptBatch:
         mask = None if self.attention_mask is None else self.attention_mask[:, :self.idx.shape[1]]
         return self.model(self.idx, kv_cache=self.cache, attention_mask=mask, last_only=True)[:, -1]
 
+    def prefill_greedy(self, suppress: Optional[int] = None) -> torch.Tensor:
+        """:meth:`prefill`, then each row's argmax without forming the logits, (B,) (see :meth:`decode_greedy`)."""
+        mask = None if self.attention_mask is None else self.attention_mask[:, :self.idx.shape[1]]
+        hidden = self.model.hidden_states(self.idx, kv_cache=self.cache, attention_mask=mask)
+        return self.model.greedy_tokens(hidden[:, -1], suppress)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, (B,); the logits for the next, (B, V)."""
         length = self.cache.length + 1

@@ -169,8 +169,12 @@ def _decode_steps(model: GPT, rows: list[_Row], config: GenerateConfig,
     # the logits (the same tokens; see gptforge.inference.ArgmaxScreen).
     argmax_only = (batch.screened and config.temperature == 0 and not config.logprobs and history.seen is None
                    and history.counts is None and history.ngrams is None)
-    logits: Optional[torch.Tensor] = batch.prefill()  # (B, V)
-    chosen: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None  # (B, V), when the step needs them
+    chosen: Optional[torch.Tensor] = None  # (B,), when the argmax was found without them
+    if argmax_only:
+        chosen = batch.prefill_greedy(suppressible_eos if config.min_new_tokens > 0 else None)
+    else:
+        logits = batch.prefill()
     for step in range(config.max_new_tokens):
         if logits is not None:
             scores = process_logits(logits.float(), history, config, step=step, eos_id=suppressible_eos)

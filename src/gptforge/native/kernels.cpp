@@ -1028,10 +1028,12 @@ torch::Tensor attend_step(const torch::Tensor& qkv, const torch::Tensor& cache_k
 
 // ---- screen_argmax ----------------------------------------------------------------------------------
 // Everything of gptforge/inference.py's ArgmaxScreen after the int8 product, in one call. s (M, N): the
-// int8 copy's outputs; err, norm (N): per output |w~ - w| and |w|, at most err_max and norm_max; a, b (M):
-// per row factors. Output v of row r lies within
-//   bound = err[v] * a[r] + norm[v] * b[r] + 8u |s[r, v]|
-// of the layer's float32 output, so it is a candidate when s + bound >= floor = max over u of (s - bound)
+// int8 copy's outputs; err, norm (N): per output |w~ - w| and |w|, at most err_max and norm_max. Output v of
+// row r lies within
+//   bound = err[v] * a[r] + norm[v] * b[r] + 8u |s[r, v]|,
+//   a = 1.25 (|x| + split + rounding), b = 1.25 (split + 2 rounding), rounding = (2K + 16) u |x|,
+//   split = sqrt(K) max|x| / (127 * 500) when the int8 product split x on the amx grid, else 0
+// (in double from x's row; the derivation is in ArgmaxScreen's docstring) of the layer's float32 output, so it is a candidate when s + bound >= floor = max over u of (s - bound)
 // in its row; ``suppress`` (>= 0) never is one. Per row, two scans of s: its largest value (at v0), then
 // every v with s_v >= floor0 - most, where floor0 = s[v0] - bound[v0] <= floor and most >= any bound; the
 // exact floor and test run on those few (a candidate has s_v >= floor - bound_v >= floor0 - most). The
@@ -1123,8 +1125,8 @@ void collect(const float* s, int64_t n, float threshold, std::vector<int64_t>& o
 
 std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, const torch::Tensor& s,
                                                  const torch::Tensor& err, const torch::Tensor& norm,
-                                                 double err_max, double norm_max, const torch::Tensor& a,
-                                                 const torch::Tensor& b, int64_t suppress,
+                                                 double err_max, double norm_max, bool split_inputs,
+                                                 int64_t suppress,
                                                  const torch::Tensor& panels,
                                                  const c10::optional<torch::Tensor>& dense,
                                                  int64_t max_candidates) {
@@ -1142,15 +1144,30 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
   for (const torch::Tensor* t : {&err, &norm})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == torch::kFloat && t->is_contiguous(),
                 "err and norm must be contiguous float32 (", n, ")");
-  for (const torch::Tensor* t : {&a, &b})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == m && t->scalar_type() == torch::kFloat && t->is_contiguous(),
-                "a and b must be contiguous float32 (", m, ")");
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.is_contiguous() && x_in.device().is_cpu(),
+              "x must be a contiguous float32 CPU tensor");
   const float* sp = s.data_ptr<float>();
   const float* ep = err.data_ptr<float>();
   const float* np = norm.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
   constexpr float kRound = 8.0f / 16777216.0f;  // 8 u
+  // Per row factors of the bound.
+  std::vector<float> a_of(m), b_of(m);
+  const float* xp = x_in.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    double sq = 0.0, amax = 0.0;
+    for (int64_t t = 0; t < k; ++t) {
+      const double v = xp[r * k + t];
+      sq += v * v;
+      amax = std::max(amax, std::fabs(v));
+    }
+    const double x_norm = std::sqrt(sq);
+    const double rounding = (2.0 * k + 16.0) * x_norm / 16777216.0;
+    const double split = split_inputs ? std::sqrt(static_cast<double>(k)) * amax / (127.0 * 500.0) : 0.0;
+    a_of[r] = static_cast<float>(1.25 * (x_norm + split + rounding));
+    b_of[r] = static_cast<float>(1.25 * (split + 2.0 * rounding));
+  }
+  const float* ap = a_of.data();
+  const float* bp = b_of.data();
   constexpr float kInf = std::numeric_limits<float>::infinity();
   auto bound_of = [&](int64_t r, int64_t v) {
     return v == suppress ? kInf : ep[v] * ap[r] + np[v] * bp[r] + kRound * std::fabs(sp[r * n + v]);
@@ -1337,7 +1354,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prefetch") = kAmxPrefetch, py::call_guard<py::gil_scoped_release>());
   m.def("amx_isa", &amx_isa);
   m.def("screen_argmax", &screen_argmax, py::arg("x"), py::arg("s"), py::arg("err"), py::arg("norm"),
-        py::arg("err_max"), py::arg("norm_max"), py::arg("a"), py::arg("b"), py::arg("suppress"),
+        py::arg("err_max"), py::arg("norm_max"), py::arg("split_inputs"), py::arg("suppress"),
         py::arg("panels"), py::arg("dense"), py::arg("max_candidates"));
   // decode_blocks releases the GIL itself, once it has read the plan.
   m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("plan"), py::arg("n_head"), py::arg("cache_k"),

@@ -428,6 +428,8 @@ def test_one_call_decode_step_gives_the_python_loops_bits(monkeypatch, quantize,
 
     with torch.inference_mode():
         assert model._decode_plan(torch.zeros(3, 1, 64)) is not None
+    if native.gelu_available():  # then both paths run the native GELU
+        assert all(type(block.mlp.act).__name__ == "NativeGELU" for block in model.blocks)
     fused = decode()
     monkeypatch.setattr(GPT, "_decode_plan", lambda self, x: None)
     loop = decode()
@@ -492,3 +494,44 @@ def test_decode_attention_matches_sdpa_and_each_row_is_computed_alone(head_dim):
                        module.decode_attention(q, kb.float(), vb.float(), starts, scale))
     with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
         module.decode_attention(q, kb, v, starts, scale)
+
+
+@needs_native
+@pytest.mark.skipif(not native.gelu_available(), reason="the native GELU has vector code for AVX-512 only")
+def test_native_gelu_is_accurate_and_its_vector_code_equals_the_scalar_reference():
+    module = native.load()
+    torch.manual_seed(6)
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e20, -1e20, 3e38, -3e38, float("inf"), float("-inf"),
+                            float("nan")])
+    x = torch.cat([torch.randn(40_000) * 3, torch.linspace(-60, 60, 2001), special])
+    vector, scalar = module.gelu_tanh(x), module.gelu_tanh(x, 0)
+    nan = torch.isnan(vector)
+    assert torch.equal(nan, torch.isnan(scalar)) and torch.equal(vector[~nan], scalar[~nan])
+    for n in (1, 15, 17, 33):  # the masked tail: every value through the same vector code
+        assert torch.equal(module.gelu_tanh(x[:n]), vector[:n])
+    aten = F.gelu(x, approximate="tanh")
+    assert torch.equal(torch.isnan(aten), nan)
+    tail = torch.arange(len(x)) >= len(x) - len(special)
+    assert torch.equal(vector[tail & ~nan], aten[tail & ~nan])  # zeros, signs, overflow, infinities as ATen
+    reference = F.gelu(x.double(), approximate="tanh")
+    finite = torch.isfinite(reference)
+    error = (vector.double() - reference).abs()[finite]
+    assert float(error.max()) < 1e-6
+    big = finite & (reference.abs() > 1e-3)
+    assert float(((vector.double() - reference).abs() / reference.abs())[big].max()) < 5e-6
+    grid = x.view(-1)[:40_000].view(200, 200)[:, ::2]  # non-contiguous input
+    assert torch.equal(module.gelu_tanh(grid), module.gelu_tanh(grid.contiguous()))
+
+
+@needs_native
+def test_native_gelu_module_falls_back_where_the_kernel_does_not_apply():
+    from gptforge.inference import NativeGELU
+
+    act = NativeGELU()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    y = act(x)
+    assert y.dtype == torch.float64 and torch.allclose(y, F.gelu(x, approximate="tanh"))
+    y.sum().backward()
+    assert x.grad is not None
+    x32 = torch.randn(3, 5)
+    assert torch.allclose(act(x32), F.gelu(x32, approximate="tanh"), atol=1e-6)

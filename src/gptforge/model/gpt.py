@@ -275,15 +275,17 @@ class GPT(nn.Module):
                 return None
             a, m = attn._modules, mlp._modules
             act = m["act"]
-            if type(act) is not nn.GELU or any(sub._forward_hooks or sub._forward_pre_hooks for sub in (
-                    attn, mlp, act, m["dropout"], a["resid_dropout"])):
+            native_gelu = getattr(type(act), "native_gelu", False)  # gptforge.inference.NativeGELU
+            if (type(act) is not nn.GELU and not native_gelu) or any(
+                    sub._forward_hooks or sub._forward_pre_hooks
+                    for sub in (attn, mlp, act, m["dropout"], a["resid_dropout"])):
                 return None
             qkv, proj, fc, out = (_native_linear(a["qkv"]), _native_linear(a["proj"]), _native_linear(m["fc"]),
                                   _native_linear(m["proj"]))
             ln_1, ln_2 = _plain_layer_norm(parts["ln_1"]), _plain_layer_norm(parts["ln_2"])
             if qkv is None or proj is None or fc is None or out is None or ln_1 is None or ln_2 is None:
                 return None
-            plan.append((*ln_1, *qkv, *proj, *ln_2, *fc, *out, act.approximate))
+            plan.append((*ln_1, *qkv, *proj, *ln_2, *fc, *out, "native" if native_gelu else act.approximate))
         return module, plan
 
     @contextlib.contextmanager

@@ -51,7 +51,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-_ABI = 7  # must equal m.attr("ABI") in kernels.cpp
+_ABI = 8  # must equal m.attr("ABI") in kernels.cpp
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded extension or None once tried
 
@@ -198,6 +198,12 @@ def amx_available() -> bool:
     Sapphire Rapids or later, on an OS that lets this process use it)."""
     module = load()
     return module is not None and int(module.amx_isa()) >= 1
+
+
+def gelu_available() -> bool:
+    """Whether the native tanh GELU runs here with vector code (native kernels built; AVX-512)."""
+    module = load()
+    return module is not None and int(module.gelu_isa()) >= 1
 
 
 def amx_int8_linear(packed: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int):

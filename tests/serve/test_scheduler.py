@@ -76,6 +76,27 @@ def test_rows_all_alike_take_the_unconcatenated_path(model_and_tokenizer):
     assert run(model, tokenizer, jobs) == [run(model, tokenizer, [job])[0] for job in jobs]
 
 
+def test_all_greedy_steps_read_the_argmax_screen_and_give_the_engines_tokens(model_and_tokenizer, monkeypatch):
+    from gptforge.generate import generate
+
+    model, tokenizer = model_and_tokenizer
+    assert model.lm_head.screened
+    calls = []
+    original = type(model).greedy_tokens
+    monkeypatch.setattr(type(model), "greedy_tokens", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    greedy = GenerateConfig(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = ["the cat", "a dog ran far", "x", "hello there", "sea"]
+    together = run(model, tokenizer, [(p, greedy, None) for p in prompts])
+    assert len(calls) >= 11  # every decode step of the all-greedy batch
+    want = [generate(model, tokenizer, p, greedy)[0][0].token_ids for p in prompts]
+    assert together == want
+    # One sampled row: its step needs the logits, so no step of that batch reads the screen.
+    calls.clear()
+    sampled = GenerateConfig(max_new_tokens=14, temperature=1.0, ignore_eos=True)
+    mixed = run(model, tokenizer, [(p, greedy, None) for p in prompts] + [("zz", sampled, 3)])
+    assert not calls and mixed[:-1] == want
+
+
 def test_event_pump_delivers_every_event_in_order_with_few_wakeups():
     import asyncio
 

@@ -360,13 +360,16 @@ def slow_server(lm_checkpoint):
     config = ServeConfig(checkpoint=str(lm_checkpoint), device="cpu", max_batch_size=1, max_queue=1,
                          request_timeout=1.5)
     ckpt = load_served_checkpoint(config)
-    plain_forward = ckpt.model.forward
+    # A step ends in forward (logits) or, when all rows are plain greedy, in greedy_tokens (the argmax
+    # screen): slow both, so that every step sleeps once.
+    for name in ("forward", "greedy_tokens"):
+        plain = getattr(ckpt.model, name)
 
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.03)
-        return plain_forward(*args, **kwargs)
+        def slow(*args, _plain=plain, **kwargs):
+            time.sleep(0.03)
+            return _plain(*args, **kwargs)
 
-    ckpt.model.forward = slow_forward
+        setattr(ckpt.model, name, slow)
     live = LiveServer(config, ckpt)
     yield live
     live.close()

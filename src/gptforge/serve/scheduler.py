@@ -10,7 +10,9 @@ scheduler thread:
    copied into the shared cache;
 3. runs one decode step for every running sequence together, then picks each row's next token with the
    ``generate`` processors and sampling functions under that sequence's own parameters, history and
-   random generator.
+   random generator. When every row is plain greedy (no log-probabilities, no penalties), a prepared
+   float32 model's LM head finds the tokens through its argmax screen, without forming the logits
+   (:class:`~gptforge.inference.ArgmaxScreen`: the same tokens).
 
 The shared cache keeps the model's one-length-for-all-rows :class:`~gptforge.model.KVCache` (no model
 change): every row's tokens end at the shared length ``L`` and start at its own ``start``; earlier
@@ -142,6 +144,14 @@ def _cache_view(cache: KVCache, rows: slice, start: int, length: int) -> KVCache
     return view
 
 
+def _argmax_only(seq: Sequence) -> bool:
+    """Whether ``seq``'s next token is its logits' plain argmax: greedy, no log-probabilities, no penalty
+    or ban that changes logits (end-of-text before min_new_tokens included)."""
+    c, h = seq.config, seq.history
+    return (c.temperature == 0 and not c.logprobs and h.seen is None and h.counts is None and h.ngrams is None
+            and not (seq.eos_id is not None and seq.generated < c.min_new_tokens))
+
+
 def _uses_prefix(model: torch.nn.Module) -> bool:
     return any(getattr(m, "prefix", None) is not None for m in model.modules())
 
@@ -163,6 +173,9 @@ class Scheduler:
         # With batch-invariant linear layers (prepacked float32 or int8 on CPU), one batched forward with
         # row-by-row attention gives every row the bits it gets alone; otherwise each row runs alone.
         self._ragged = linears_batch_invariant(model)
+        # A prepared float32 LM head's argmax screen (gptforge.inference.ArgmaxScreen): a step whose rows
+        # are all plain greedy finds their tokens without forming the logits (the same tokens).
+        self._screened = bool(getattr(getattr(model, "lm_head", None), "screened", False))
         self.stats = SchedulerStats()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -370,12 +383,18 @@ class Scheduler:
         device = self._cache.k.device
         tokens = torch.tensor([[seq.pending] for seq in rows], dtype=torch.long, device=device)  # (n, 1)
         positions = torch.tensor([[seq.length] for seq in rows], dtype=torch.long, device=device)  # (n, 1)
+        greedy: Optional[torch.Tensor] = None
         if self.batch_invariant and self._ragged:
             # One forward for all rows: the linear layers are batch-invariant, and attention runs row by row
             # on each row's own keys (no padding, no mask), as in a lone prompt's decode step.
             view = _cache_view(self._cache, slice(0, n), 0, L)
             view.row_starts = [seq.start for seq in rows]
-            logits = self.model(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
+            if self._screened and all(_argmax_only(seq) for seq in rows):
+                hidden = self.model.hidden_states(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
+                greedy = self.model.greedy_tokens(hidden[:, -1])  # (n,)
+                logits = None
+            else:
+                logits = self.model(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
         elif self.batch_invariant:
             # Each row alone, with exactly the call the engine makes for a lone prompt's decode step: its
             # own keys (a view of the shared cache, no padding), no mask, its own position.
@@ -390,12 +409,15 @@ class Scheduler:
                                 position_ids=positions)
         self._length = L + 1
         self.stats.steps += 1
-        logits = logits[:, -1].float()  # (n, V)
         rows = list(rows)
         for i, seq in enumerate(rows):
             seq.history.append(tokens[i], [seq.pending])
             seq.pending = None
-        self._choose_rows(rows, logits)
+        if greedy is not None:
+            for i, seq in enumerate(rows):
+                self._take(seq, greedy[i:i + 1], None)
+        else:
+            self._choose_rows(rows, logits[:, -1].float())  # (n, V)
         for seq in [s for s in rows if s.finished]:
             self._remove(seq)
 
@@ -441,8 +463,9 @@ class Scheduler:
         for i, seq in enumerate(rows):
             self._take(seq, chosen[i], views[i])
 
-    def _take(self, seq: Sequence, token_t: torch.Tensor, logits: torch.Tensor) -> None:
-        """Record ``seq``'s chosen token (a (1,) tensor; its logits (1, V)) and emit the event it makes."""
+    def _take(self, seq: Sequence, token_t: torch.Tensor, logits: Optional[torch.Tensor]) -> None:
+        """Record ``seq``'s chosen token (a (1,) tensor; its logits (1, V), needed for log-probabilities) and
+        emit the event it makes."""
         config = seq.config
         token = int(token_t.item())
         logprob = top = None

@@ -357,7 +357,7 @@ class ArgmaxScreen:
 class NativeGELU(nn.Module):
     """``nn.GELU(approximate="tanh")`` (GPT-2's activation) on gptforge's native kernel for float32 CPU
     input: ``x / (1 + exp(-2u))``, the same function as ``0.5 x (1 + tanh(u))``, with its own vectorized
-    exp (kernels.cpp, ``gelu_tanh``); within a few float32 roundings of ATen's, ~9x faster on 16 decode rows
+    exp (kernels.cpp, ``gelu_tanh``); within a few float32 roundings of ATen's, ~4.5x faster on 16 decode rows
     (ATen's was the largest op left in a decode step). Other input (another device or dtype, or one that
     needs a gradient) takes ``F.gelu``. ``prepare_for_inference`` swaps it in where AVX-512 is there, and
     the one-call decode step runs the same kernel, so both paths keep giving the same bits."""

@@ -6,7 +6,6 @@ Shapes: B batch, T new tokens, S keys attended to (cached + new), C = n_embd, H 
 from __future__ import annotations
 
 import contextlib
-
 import math
 from typing import Optional
 

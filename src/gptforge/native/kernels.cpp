@@ -1033,8 +1033,9 @@ torch::Tensor attend_step(const torch::Tensor& qkv, const torch::Tensor& cache_k
 //   bound = err[v] * a[r] + norm[v] * b[r] + 8u |s[r, v]|,
 //   a = 1.25 (|x| + split + rounding), b = 1.25 (split + 2 rounding), rounding = (2K + 16) u |x|,
 //   split = sqrt(K) max|x| / (127 * 500) when the int8 product split x on the amx grid, else 0
-// (in double from x's row; the derivation is in ArgmaxScreen's docstring) of the layer's float32 output, so it is a candidate when s + bound >= floor = max over u of (s - bound)
-// in its row; ``suppress`` (>= 0) never is one. Per row, two scans of s: its largest value (at v0), then
+// (in double from x's row; the derivation is in ArgmaxScreen's docstring) of the layer's float32 output,
+// so it is a candidate when s + bound >= floor = max over u of (s - bound) in its row; ``suppress``
+// (>= 0) never is one. Per row, two scans of s: its largest value (at v0), then
 // every v with s_v >= floor0 - most, where floor0 = s[v0] - bound[v0] <= floor and most >= any bound; the
 // exact floor and test run on those few (a candidate has s_v >= floor - bound_v >= floor0 - most). The
 // candidates of all rows (ascending) are gathered from the float32 panels into panels of their own and
@@ -1238,7 +1239,7 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
 // cancellation of 1 + tanh(u) for negative x. exp(z), z clamped to [-104, 89]: n = round(z log2(e)),
 // r = z - n ln2 (two fused steps, ln2 split in two), a degree-7 Taylor polynomial in r (|r| <= 0.35: its
 // truncation error is 6e-9, under float32's rounding) by fused Horner steps, times 2^n (exact). ATen's
-// vectorized tanh GELU takes ~90 us for 16 rows of 3072 on this machine; this ~10. The AVX-512 code and
+// vectorized tanh GELU takes ~70-90 us for 16 rows of 3072 on this machine; this ~15. The AVX-512 code and
 // the scalar reference do the same operations in the same order: the same bits (tests/test_native.py).
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;

@@ -39,9 +39,8 @@ up to float rounding.
 
 from __future__ import annotations
 
-import contextlib
-
 import collections
+import contextlib
 import logging
 import threading
 import time

@@ -9,6 +9,7 @@ from gptforge.config import GenerateConfig, ModelConfig
 from gptforge.errors import ConfigError
 from gptforge.generate import generate_tokens
 from gptforge.generate.speculative import speculative_generate
+from gptforge.inference import panel_available, prepare_for_inference
 from gptforge.model import GPT
 
 PROMPTS = [[3], [3, 1, 4], [1, 5, 9, 2, 6, 5, 3], [5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2]]
@@ -61,6 +62,23 @@ def test_greedy_with_a_different_draft_still_equals_plain_greedy(target, small_d
         accepted += stats["accepted"]
         drafted += stats["drafted"]
     assert 0 < accepted < 0.9 * drafted  # rejections (and so cache rollbacks) did happen
+
+
+@pytest.mark.skipif(not panel_available(), reason="the argmax screen needs the native panel kernel")
+def test_prepared_models_read_their_argmax_screens_and_still_give_plain_greedy(target, small_draft, monkeypatch):
+    import copy
+
+    t, d = (prepare_for_inference(copy.deepcopy(m)) for m in (target, small_draft))
+    assert t.lm_head.screened and d.lm_head.screened
+    calls = []
+    original = GPT.greedy_tokens
+    monkeypatch.setattr(GPT, "greedy_tokens", lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    for prompt in PROMPTS:
+        want = generate_tokens(t, prompt, GenerateConfig(max_new_tokens=NEW, temperature=0))[0]
+        calls.clear()
+        out, _ = speculative_generate(t, d, prompt, max_new_tokens=NEW, num_draft_tokens=3)
+        assert out == want
+        assert any(m is t for m in calls) and any(m is d for m in calls)
 
 
 def test_eos_ends_the_output_like_plain_greedy(target, plain_greedy):

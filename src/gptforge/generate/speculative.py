@@ -102,32 +102,29 @@ def speculative_generate(
         k = min(num_draft_tokens, max_new_tokens - len(new) - 1)
         proposals: list[int] = []
         q_rows: list[torch.Tensor] = []
-        if k > 0:
-            logits = draft(ids(seq[d_cache.length:], d_device), kv_cache=d_cache, last_only=True)[0, -1]
+        step = ids(seq[d_cache.length:], d_device)  # the draft's first step also catches its cache up
+        for i in range(k):
+            if greedy:
+                token = _greedy(draft, step, d_cache)[-1]
+            else:
+                q = probs(draft(step, kv_cache=d_cache, last_only=True)[0, -1])
+                token = _draw(q, _on(generator, d_device))
+                q_rows.append(q.to(t_device))
             stats["draft_forwards"] += 1
-            for i in range(k):
-                if greedy:
-                    token = int(logits.argmax())
-                else:
-                    q = probs(logits)
-                    token = _draw(q, _on(generator, d_device))
-                    q_rows.append(q.to(t_device))
-                proposals.append(token)
-                if i + 1 < k:
-                    logits = draft(ids([token], d_device), kv_cache=d_cache)[0, -1]
-                    stats["draft_forwards"] += 1
+            proposals.append(token)
+            step = ids([token], d_device)
 
         n_before = len(seq)
-        t_logits = target(ids([seq[-1], *proposals], t_device), kv_cache=t_cache)[0]  # (k + 1, V)
+        check = ids([seq[-1], *proposals], t_device)
         stats["target_forwards"] += 1
         if greedy:
-            choice = t_logits.argmax(-1).tolist()
+            choice = _greedy(target, check, t_cache)  # the target's argmax at each of the k + 1 positions
             n_ok = 0
             while n_ok < k and proposals[n_ok] == choice[n_ok]:
                 n_ok += 1
             kept = proposals[:n_ok] + [choice[n_ok]]
         else:
-            kept = _accept_sampled(proposals, q_rows, probs(t_logits), generator)
+            kept = _accept_sampled(proposals, q_rows, probs(target(check, kv_cache=t_cache)[0]), generator)
             n_ok = len(kept) - 1
         stats["drafted"] += k
         stats["accepted"] += n_ok
@@ -146,6 +143,12 @@ def speculative_generate(
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
     log.debug("speculative decoding: %s", stats)
     return new, stats
+
+
+def _greedy(model: GPT, idx: torch.Tensor, cache) -> list[int]:
+    """Feed ``idx`` (1, T) through ``model`` on ``cache``; the argmax token at each of the T positions
+    (through a prepared LM head's argmax screen when it has one: the same tokens, a quarter of its bytes)."""
+    return model.greedy_tokens(model.hidden_states(idx, kv_cache=cache)[0]).tolist()
 
 
 def _draw(weights: torch.Tensor, generator: Optional[torch.Generator]) -> int:

@@ -554,6 +554,13 @@ def test_reuse_decode_plan_gathers_the_plan_once(monkeypatch):
         assert model._decode_plan(x)[1] is inside[1]
         assert model._decode_plan(x.double()) is None  # the per-step checks still run
     assert model._decode_plan(x)[1] is not inside[1]
+    with model.reuse_decode_plan():  # nested blocks (or other threads) share the plan until the last ends
+        outer = model._decode_plan(x)
+        with model.reuse_decode_plan():
+            assert model._decode_plan(x)[1] is outer[1]
+        assert model._decode_plan(x)[1] is outer[1]
+        copy.deepcopy(model)  # the plan is not the module's attribute: copying still works mid-generation
+    assert model._decode_plan(x)[1] is not outer[1]
     builds = []
     original = type(model)._build_decode_plan
     monkeypatch.setattr(type(model), "_build_decode_plan", lambda self, m: builds.append(1) or original(self, m))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -101,6 +103,12 @@ class CausalSelfAttention(nn.Module):
         visible = mask.new_ones(*mask.shape[:3], k_prefix.shape[2])  # (B or 1, 1, T, P)
         return (torch.cat([k_prefix.to(k.dtype), k], dim=2), torch.cat([v_prefix.to(v.dtype), v], dim=2),
                 torch.cat([visible, mask], dim=-1))
+
+
+# GPT.reuse_decode_plan's state: model -> [open blocks, the plan gathered in them or _NO_PLAN].
+_PLAN_REUSE: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_PLAN_LOCK = threading.Lock()
+_NO_PLAN = object()
 
 
 def _has_hooks() -> bool:
@@ -254,11 +262,12 @@ class GPT(nn.Module):
         module = native.load()
         if module is None or _has_hooks():
             return None
-        cache = self.__dict__.get("_plan_cache")  # set by reuse_decode_plan
-        if cache is not None:
-            if "plan" not in cache:
-                cache["plan"] = self._build_decode_plan(module)
-            return cache["plan"]
+        reuse = _PLAN_REUSE.get(self)  # [depth, plan or _NO_PLAN], while reuse_decode_plan is active
+        if reuse is not None and reuse[0] > 0:
+            plan = reuse[1]
+            if plan is _NO_PLAN:
+                plan = reuse[1] = self._build_decode_plan(module)
+            return plan
         return self._build_decode_plan(module)
 
     def _build_decode_plan(self, module):
@@ -293,13 +302,19 @@ class GPT(nn.Module):
         runs: ~0.3 ms to gather on GPT-2 124M, 7% of an int8 batch-1 step) is gathered at the first step
         and reused. The generation engine and the server's scheduler decode inside one; the model must not
         change there (no module swaps, hooks on its blocks, or weights loaded again), or the steps would
-        not see it. The per-step checks (device, dtype, gradients, training mode, global hooks) still run."""
-        previous = self.__dict__.get("_plan_cache")
-        self.__dict__["_plan_cache"] = {}
+        not see it. The per-step checks (device, dtype, gradients, training mode, global hooks) still run.
+        Blocks may nest and run in several threads at once; the plan is dropped when the last one ends. It
+        is kept outside the module, so copying or pickling the model never meets it."""
+        with _PLAN_LOCK:
+            reuse = _PLAN_REUSE.setdefault(self, [0, _NO_PLAN])
+            reuse[0] += 1
         try:
             yield self
         finally:
-            self.__dict__["_plan_cache"] = previous
+            with _PLAN_LOCK:
+                reuse[0] -= 1
+                if reuse[0] == 0:
+                    reuse[1] = _NO_PLAN
 
     def forward(
         self,

@@ -142,6 +142,9 @@ def test_prepare_for_inference_screens_the_tied_head_and_greedy_tokens_are_uncha
     unscreened = prepare_for_inference(copy.deepcopy(plain), argmax_screen=False)
     assert screened.lm_head.screened and not unscreened.lm_head.screened
     assert screened.lm_head._screen._dense is screened.wte.weight  # candidates' rows from the embedding
+    screen = screened.lm_head._screen
+    prepare_for_inference(screened)  # again: nothing to redo
+    assert screened.lm_head._screen is screen
     assert set(screened.state_dict()) == set(plain.state_dict())
     prompts = [[5, 17, 2], [9, 8, 7, 6, 5, 4, 3], [60]]
     calls = []

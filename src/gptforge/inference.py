@@ -499,7 +499,7 @@ def prepare_for_inference(model: nn.Module, *, quantize: Optional[str] = None, p
             for module in model.modules():
                 head = getattr(module, "lm_head", None) if isinstance(module, GPT) else None
                 dense = module.wte.weight if module in tied else None
-                if isinstance(head, PackedLinear) and head.enable_argmax_screen(dense):
+                if isinstance(head, PackedLinear) and not head.screened and head.enable_argmax_screen(dense):
                     log.info("greedy decoding reads the LM head's int8 argmax screen (%s kernel)",
                              head._screen.kernel_name)
     model.eval()  # last: the swapped-in layers are new modules

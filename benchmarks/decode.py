@@ -305,10 +305,19 @@ def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context:
         def head_only():
             model.lm_head(xs[-1])
 
+        def greedy_step():  # what a greedy step runs: the blocks, then the head's argmax (screened if it can)
+            cache.length = context
+            hidden = model.hidden_states(token, kv_cache=cache, position_ids=torch.full((batch, 1), context))
+            model.greedy_tokens(hidden[:, -1])
+
+        hidden_x = torch.nn.functional.layer_norm(torch.randn(batch, model.config.n_embd), (model.config.n_embd,))
+
         t_step = median_time(step)
         t_last = median_time(step_last_only)
         t_lin = median_time(linears_only)
         t_head = median_time(head_only)
+        t_greedy = median_time(greedy_step)
+        t_greedy_head = median_time(lambda: model.greedy_tokens(hidden_x))
         c = model.config
         q = torch.randn(batch, c.n_head, 1, c.head_dim)
         views = [(cache.k[i, :, :, :context + 1], cache.v[i, :, :, :context + 1]) for i in range(c.n_layer)]
@@ -330,6 +339,9 @@ def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context:
     print(f"\n--- gptforge {name} decode step, batch {batch}, {context} cached tokens ({threads} threads) ---")
     print(f"whole step (model forward)     {t_step * 1e3:7.2f} ms")
     print(f"  same with last_only=True     {t_last * 1e3:7.2f} ms")
+    screened = getattr(model.lm_head, "screened", False)
+    print(f"greedy step (blocks + argmax)  {t_greedy * 1e3:7.2f} ms (the head's argmax alone "
+          f"{t_greedy_head * 1e3:.2f} ms{', through the argmax screen' if screened else ''})")
     print(f"linear layers alone ({len(linears)})       {t_lin * 1e3:7.2f} ms ({t_lin / t_step:.0%} of the step; "
           f"LM head {t_head * 1e3:.2f} ms)")
     print(f"attention (SDPA) alone ({model.config.n_layer})     {t_attn * 1e3:7.2f} ms ({t_attn / t_step:.0%})")

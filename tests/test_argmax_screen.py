@@ -41,14 +41,16 @@ def full_argmax(layer: PackedLinear, x: torch.Tensor, suppress=None) -> torch.Te
 
 @pytest.mark.parametrize("kernel", SCREEN_KERNELS)
 @pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("isa", [-1, 0])  # the candidate scan's vector code, and its scalar code
 @torch.no_grad()
-def test_screen_equals_the_full_argmax(kernel, dense):
+def test_screen_equals_the_full_argmax(kernel, dense, isa):
     torch.manual_seed(0)
     n, k = 3000, 96
     weight = torch.randn(n, k) * 0.02
     weight[7] *= 40  # rows of very different scales
     weight[100:200] *= 1e-3
     layer = screened_layer(weight, kernel, dense)
+    layer._screen.isa = isa
     candidates = []
     for rows in (1, 3, 8, 17):
         for scale in (1e-3, 1.0, 30.0):
@@ -63,8 +65,9 @@ def test_screen_equals_the_full_argmax(kernel, dense):
 
 
 @pytest.mark.parametrize("kernel", SCREEN_KERNELS)
+@pytest.mark.parametrize("isa", [-1, 0])
 @torch.no_grad()
-def test_ties_and_near_ties_give_the_first_largest_as_torch_argmax(kernel):
+def test_ties_and_near_ties_give_the_first_largest_as_torch_argmax(kernel, isa):
     torch.manual_seed(1)
     n, k = 512, 64
     weight = torch.randn(n, k) * 0.05
@@ -73,6 +76,7 @@ def test_ties_and_near_ties_give_the_first_largest_as_torch_argmax(kernel):
     weight[42] = torch.nextafter(weight[40], torch.full_like(weight[40], 1.0))  # one ulp apart
     weight[43] = weight[40] * (1 + 1e-7)
     layer = screened_layer(weight, kernel)
+    layer._screen.isa = isa
     for trial in range(40):
         x = torch.randn(2, k)
         # Point x at row 40 so that its group wins; in one row only, so rows' candidates differ.
@@ -91,7 +95,9 @@ def test_fallbacks_give_the_same_answer():
     x[1, 3] = float("nan")
     x[2, 0] = float("inf")
     # NaN and inf rows: the full layer's argmax (NaN logits: torch.argmax's answer), other rows as well.
-    assert torch.equal(layer.argmax(x), full_argmax(layer, x))
+    for isa in (-1, 0):
+        layer._screen.isa = isa
+        assert torch.equal(layer.argmax(x), full_argmax(layer, x))
     x = torch.randn(4, 48)
     layer._screen.max_candidates = 0  # too many candidates: the full layer
     assert torch.equal(layer.argmax(x), full_argmax(layer, x))

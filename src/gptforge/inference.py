@@ -327,6 +327,7 @@ class ArgmaxScreen:
         self._panels = panels
         self.out_features, self.in_features = n, k
         self.max_candidates = max(64, n // 16)
+        self.isa = -1  # the candidate scan's vector code: -1 the best here, 0 the scalar code (tests)
         self.last_candidates = 0  # candidates of the last call (all rows together), for benchmarks and logs
 
     def __call__(self, x: torch.Tensor, full, suppress: Optional[int] = None) -> torch.Tensor:
@@ -341,7 +342,7 @@ class ArgmaxScreen:
         # native call (kernels.cpp, screen_argmax).
         tokens, self.last_candidates = native.load().screen_argmax(
             x, s, self._err, self._norm, self._err_max, self._norm_max, self.kernel_name == "amx",
-            -1 if suppress is None else suppress, self._panels, self._dense, self.max_candidates)
+            -1 if suppress is None else suppress, self._panels, self._dense, self.max_candidates, self.isa)
         if tokens.numel() == 0:  # a non-finite value, or too many candidates
             log.debug("argmax screen: %d candidates; computing the full layer", self.last_candidates)
             return self._full_argmax(full(x), suppress)

@@ -1110,16 +1110,17 @@ __attribute__((target("avx512f"))) void collect_avx512(const float* s, int64_t n
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
 #endif
 
-RowScan scan_row(const float* s, int64_t n) {
+// vector: whether to use the AVX-512 code (when the CPU has it); the scalar code gives the same results.
+RowScan scan_row(const float* s, int64_t n, bool vector) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kHasAvx512) return scan_row_avx512(s, n);
+  if (vector && kHasAvx512) return scan_row_avx512(s, n);
 #endif
   return scan_row_scalar(s, n);
 }
 
-void collect(const float* s, int64_t n, float threshold, std::vector<int64_t>& out) {
+void collect(const float* s, int64_t n, float threshold, std::vector<int64_t>& out, bool vector) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kHasAvx512) return collect_avx512(s, n, threshold, out);
+  if (vector && kHasAvx512) return collect_avx512(s, n, threshold, out);
 #endif
   collect_scalar(s, n, threshold, out);
 }
@@ -1130,7 +1131,7 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
                                                  int64_t suppress,
                                                  const torch::Tensor& panels,
                                                  const c10::optional<torch::Tensor>& dense,
-                                                 int64_t max_candidates) {
+                                                 int64_t max_candidates, int64_t isa) {
   TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device().is_cpu(),
               "s must be a contiguous float32 CPU (M, N) tensor");
   const int64_t m = s.size(0), n = s.size(1);
@@ -1181,14 +1182,14 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
     std::vector<uint8_t> wanted(n, 0);
     for (int64_t r = 0; r < m; ++r) {
       const float* sr = sp + r * n;
-      const RowScan scan = scan_row(sr, n);
+      const RowScan scan = scan_row(sr, n, isa != 0);
       if (!scan.finite) return {tokens, 0};
       // floor0 <= floor (suppress: some other output's lower end; with one output, nothing wins anyway).
       float floor = scan.at == suppress ? -kInf : sr[scan.at] - bound_of(r, scan.at);
       const float largest = std::max(std::fabs(scan.max), std::fabs(scan.min));
       const float most = static_cast<float>((err_max * ap[r] + norm_max * bp[r] + kRound * largest) * 1.0001);
       std::vector<int64_t> near;
-      collect(sr, n, floor == -kInf ? -kInf : floor - most, near);
+      collect(sr, n, floor == -kInf ? -kInf : floor - most, near, isa != 0);
       for (const int64_t v : near) floor = std::max(floor, sr[v] - bound_of(r, v));
       for (const int64_t v : near)
         if (v != suppress && sr[v] + bound_of(r, v) >= floor) {
@@ -1445,7 +1446,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_tanh", &gelu_tanh, py::arg("x"), py::arg("isa") = -1, py::call_guard<py::gil_scoped_release>());
   m.def("screen_argmax", &screen_argmax, py::arg("x"), py::arg("s"), py::arg("err"), py::arg("norm"),
         py::arg("err_max"), py::arg("norm_max"), py::arg("split_inputs"), py::arg("suppress"),
-        py::arg("panels"), py::arg("dense"), py::arg("max_candidates"));
+        py::arg("panels"), py::arg("dense"), py::arg("max_candidates"), py::arg("isa") = -1);
   // decode_blocks releases the GIL itself, once it has read the plan.
   m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("plan"), py::arg("n_head"), py::arg("cache_k"),
         py::arg("cache_v"), py::arg("length"), py::arg("starts"));

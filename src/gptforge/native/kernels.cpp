@@ -1188,8 +1188,12 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
       float floor = scan.at == suppress ? -kInf : sr[scan.at] - bound_of(r, scan.at);
       const float largest = std::max(std::fabs(scan.max), std::fabs(scan.min));
       const float most = static_cast<float>((err_max * ap[r] + norm_max * bp[r] + kRound * largest) * 1.0001);
+      // The scan's threshold, rounded down (in double, then one float step lower) so that no output with
+      // s_v >= floor0 - most is left out by the rounding of the subtraction.
+      const double below = static_cast<double>(floor) - most - 1e-6 * (std::fabs(floor) + most);
+      const float threshold = floor == -kInf ? -kInf : std::nextafter(static_cast<float>(below), -kInf);
       std::vector<int64_t> near;
-      collect(sr, n, floor == -kInf ? -kInf : floor - most, near, isa != 0);
+      collect(sr, n, threshold, near, isa != 0);
       for (const int64_t v : near) floor = std::max(floor, sr[v] - bound_of(r, v));
       for (const int64_t v : near)
         if (v != suppress && sr[v] + bound_of(r, v) >= floor) {
@@ -1208,9 +1212,7 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
     torch::Tensor own = torch::zeros({out_panels, k, kPanel}, torch::kFloat);
     const float* src = rows_dense ? dense->data_ptr<float>() : panels.data_ptr<float>();
     float* dst = own.data_ptr<float>();
-    std::vector<int64_t> slot(n, -1);
     for (int64_t j = 0; j < count; ++j) {
-      slot[picked[j]] = j;
       const int64_t v = picked[j];
       const float* col = rows_dense ? src + v * k : src + (v / kPanel) * k * kPanel + v % kPanel;
       const int64_t stride = rows_dense ? 1 : kPanel;
@@ -1225,7 +1227,8 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
       float best = -kInf;
       int64_t token = rows[r].empty() ? picked[0] : rows[r][0];
       for (const int64_t v : rows[r]) {  // ascending: strict > keeps the first of equal values
-        const float y = yp[r * count + slot[v]];
+        const int64_t j = std::lower_bound(picked.begin(), picked.end(), v) - picked.begin();
+        const float y = yp[r * count + j];
         if (y > best) best = y, token = v;
       }
       tp[r] = token;

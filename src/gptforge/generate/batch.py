@@ -80,40 +80,41 @@ class PromptBatch:
             self.attention_mask = mask
         self.positions = torch.tensor(lengths, device=device).unsqueeze(1)  # (B, 1): the next token's position
 
+    @property
+    def screened(self) -> bool:
+        """Whether the ``*_greedy`` methods read the LM head's argmax screen (prepared CPU float32 models)."""
+        return bool(getattr(self.model.lm_head, "screened", False))
+
     def prefill(self) -> torch.Tensor:
         """Run the prompts through the model; the logits for each row's first new token, (B, V)."""
-        mask = None if self.attention_mask is None else self.attention_mask[:, :self.idx.shape[1]]
-        return self.model(self.idx, kv_cache=self.cache, attention_mask=mask, last_only=True)[:, -1]
+        return self.model(self.idx, kv_cache=self.cache, attention_mask=self._mask(self.idx.shape[1]),
+                          last_only=True)[:, -1]
 
     def prefill_greedy(self, suppress: Optional[int] = None) -> torch.Tensor:
         """:meth:`prefill`, then each row's argmax without forming the logits, (B,) (see :meth:`decode_greedy`)."""
-        mask = None if self.attention_mask is None else self.attention_mask[:, :self.idx.shape[1]]
-        hidden = self.model.hidden_states(self.idx, kv_cache=self.cache, attention_mask=mask)
+        hidden = self.model.hidden_states(self.idx, kv_cache=self.cache, attention_mask=self._mask(self.idx.shape[1]))
         return self.model.greedy_tokens(hidden[:, -1], suppress)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, (B,); the logits for the next, (B, V)."""
-        length = self.cache.length + 1
-        mask = None if self.attention_mask is None else self.attention_mask[:, :length]
-        logits = self.forward(tokens.unsqueeze(1), kv_cache=self.cache, attention_mask=mask,
-                              position_ids=self.positions)
-        self.positions = self.positions + 1
-        return logits[:, -1]
-
-    @property
-    def screened(self) -> bool:
-        """Whether :meth:`decode_greedy` reads the LM head's argmax screen (prepared CPU float32 models)."""
-        return bool(getattr(self.model.lm_head, "screened", False))
+        return self._step(self.forward, tokens)[:, -1]
 
     def decode_greedy(self, tokens: torch.Tensor, suppress: Optional[int] = None) -> torch.Tensor:
         """:meth:`decode`, then the argmax of each row's logits without forming them, (B,): the same tokens
         as ``decode(tokens).argmax(-1)`` (``suppress`` excluded), see :meth:`GPT.greedy_tokens`."""
-        length = self.cache.length + 1
-        mask = None if self.attention_mask is None else self.attention_mask[:, :length]
-        hidden = self.model.hidden_states(tokens.unsqueeze(1), kv_cache=self.cache, attention_mask=mask,
-                                          position_ids=self.positions)
+        return self.model.greedy_tokens(self._step(self.model.hidden_states, tokens)[:, -1], suppress)
+
+    def _mask(self, width: int) -> Optional[torch.Tensor]:
+        """The attention mask's first ``width`` columns; None when no row is padded."""
+        return None if self.attention_mask is None else self.attention_mask[:, :width]
+
+    def _step(self, run, tokens: torch.Tensor) -> torch.Tensor:
+        """``run`` (the model's forward, or its hidden_states) on one new token a row, (B,); then the
+        positions move on."""
+        out = run(tokens.unsqueeze(1), kv_cache=self.cache, attention_mask=self._mask(self.cache.length + 1),
+                  position_ids=self.positions)
         self.positions = self.positions + 1
-        return self.model.greedy_tokens(hidden[:, -1], suppress)
+        return out
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row i continues old row index[i] (beam search keeps rows within their prompt, so masks agree)."""

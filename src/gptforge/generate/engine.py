@@ -19,7 +19,7 @@ from ..model import GPT
 from ..tokenizer import Tokenizer
 from .batch import Completion, PromptBatch, check_context
 from .beam import beam_search
-from .processors import TokenHistory, process_logits
+from .processors import TokenHistory, argmax_only, process_logits
 from .sampling import choose_tokens, make_generators, token_logprobs
 from .stopping import TextTracker
 
@@ -167,11 +167,10 @@ def _decode_steps(model: GPT, rows: list[_Row], config: GenerateConfig,
     suppressible_eos = None if config.ignore_eos else eos_id
     # Plain greedy decoding needs only each row's argmax, which a screened LM head finds without forming
     # the logits (the same tokens; see gptforge.inference.ArgmaxScreen).
-    argmax_only = (batch.screened and config.temperature == 0 and not config.logprobs and history.seen is None
-                   and history.counts is None and history.ngrams is None)
+    plain_argmax = batch.screened and argmax_only(config, history)
     logits: Optional[torch.Tensor] = None  # (B, V), when the step needs them
     chosen: Optional[torch.Tensor] = None  # (B,), when the argmax was found without them
-    if argmax_only:
+    if plain_argmax:
         chosen = batch.prefill_greedy(suppressible_eos if config.min_new_tokens > 0 else None)
     else:
         logits = batch.prefill()
@@ -189,7 +188,7 @@ def _decode_steps(model: GPT, rows: list[_Row], config: GenerateConfig,
         if all(row.done for row in rows):
             return
         history.append(tokens, token_list)
-        if argmax_only:
+        if plain_argmax:
             suppress = suppressible_eos if step + 1 < config.min_new_tokens else None
             logits, chosen = None, batch.decode_greedy(tokens, suppress)
         else:

@@ -173,6 +173,14 @@ class TokenHistory:
             self.ngrams = tables
 
 
+def argmax_only(config: GenerateConfig, history: TokenHistory) -> bool:
+    """Whether the next token under ``config`` is the logits' plain argmax: greedy, no log-probabilities,
+    and no penalty or ban in ``history`` (end-of-text before ``min_new_tokens`` aside: the caller's to
+    exclude). What lets a screened LM head skip the logits (gptforge.inference.ArgmaxScreen)."""
+    return (config.temperature == 0 and not config.logprobs and history.seen is None and history.counts is None
+            and history.ngrams is None)
+
+
 def process_logits(logits: torch.Tensor, history: TokenHistory, config: GenerateConfig, *, step: int,
                    eos_id: Optional[int]) -> torch.Tensor:
     """Penalties and bans in Hugging Face's order: repetition, n-grams, then end-of-text before min_new_tokens.

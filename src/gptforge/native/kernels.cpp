@@ -1106,21 +1106,20 @@ __attribute__((target("avx512f"))) void collect_avx512(const float* s, int64_t n
   for (; v < n; ++v)
     if (s[v] >= threshold) out.push_back(v);
 }
-
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
 #endif
 
-// vector: whether to use the AVX-512 code (when the CPU has it); the scalar code gives the same results.
+// vector: whether to use the AVX-512 code (when the CPU has it: panel_isa() 2); the scalar code gives the
+// same results.
 RowScan scan_row(const float* s, int64_t n, bool vector) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (vector && kHasAvx512) return scan_row_avx512(s, n);
+  if (vector && panel_isa() >= 2) return scan_row_avx512(s, n);
 #endif
   return scan_row_scalar(s, n);
 }
 
 void collect(const float* s, int64_t n, float threshold, std::vector<int64_t>& out, bool vector) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (vector && kHasAvx512) return collect_avx512(s, n, threshold, out);
+  if (vector && panel_isa() >= 2) return collect_avx512(s, n, threshold, out);
 #endif
   collect_scalar(s, n, threshold, out);
 }
@@ -1179,7 +1178,7 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
   {
     py::gil_scoped_release release;
     std::vector<std::vector<int64_t>> rows(m);  // each row's candidates, ascending
-    std::vector<uint8_t> wanted(n, 0);
+    std::vector<int64_t> picked;                 // all rows' candidates
     for (int64_t r = 0; r < m; ++r) {
       const float* sr = sp + r * n;
       const RowScan scan = scan_row(sr, n, isa != 0);
@@ -1196,14 +1195,11 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
       collect(sr, n, threshold, near, isa != 0);
       for (const int64_t v : near) floor = std::max(floor, sr[v] - bound_of(r, v));
       for (const int64_t v : near)
-        if (v != suppress && sr[v] + bound_of(r, v) >= floor) {
-          rows[r].push_back(v);
-          wanted[v] = 1;
-        }
+        if (v != suppress && sr[v] + bound_of(r, v) >= floor) rows[r].push_back(v);
+      picked.insert(picked.end(), rows[r].begin(), rows[r].end());
     }
-    std::vector<int64_t> picked;
-    for (int64_t v = 0; v < n; ++v)
-      if (wanted[v]) picked.push_back(v);
+    std::sort(picked.begin(), picked.end());  // the union, ascending
+    picked.erase(std::unique(picked.begin(), picked.end()), picked.end());
     count = static_cast<int64_t>(picked.size());
     if (count == 0 || count > max_candidates) return {tokens, count};
     // The candidates' weights as panels of their own (zero-padded): from the dense rows when given (one
@@ -1289,12 +1285,8 @@ __attribute__((target("avx512f"))) void gelu_tanh_avx512(const float* x, float* 
 }
 #endif
 
-int64_t gelu_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (kHasAvx512) return 1;
-#endif
-  return 0;
-}
+// 1: the AVX-512 code (panel_isa() 2), 0: the scalar reference only.
+int64_t gelu_isa() { return panel_isa() >= 2 ? 1 : 0; }
 
 // y = gelu_tanh(x) over `count` floats (y may be x), split over threads in whole 16-value chunks.
 void gelu_tanh_into(const float* x, float* y, int64_t count, int64_t isa) {

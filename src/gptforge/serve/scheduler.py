@@ -51,7 +51,7 @@ from typing import Any, Callable, Optional, Sequence as Seq
 import torch
 
 from ..config import GenerateConfig
-from ..generate.processors import TokenHistory, process_logits
+from ..generate.processors import TokenHistory, argmax_only, process_logits
 from ..generate.sampling import choose_tokens, make_generators, token_logprobs
 from ..generate.stopping import TextTracker
 from ..inference import linears_batch_invariant
@@ -144,11 +144,9 @@ def _cache_view(cache: KVCache, rows: slice, start: int, length: int) -> KVCache
 
 
 def _argmax_only(seq: Sequence) -> bool:
-    """Whether ``seq``'s next token is its logits' plain argmax: greedy, no log-probabilities, no penalty
-    or ban that changes logits (end-of-text before min_new_tokens included)."""
-    c, h = seq.config, seq.history
-    return (c.temperature == 0 and not c.logprobs and h.seen is None and h.counts is None and h.ngrams is None
-            and not (seq.eos_id is not None and seq.generated < c.min_new_tokens))
+    """Whether ``seq``'s next token is its logits' plain argmax (end-of-text before min_new_tokens included)."""
+    return argmax_only(seq.config, seq.history) and not (seq.eos_id is not None
+                                                          and seq.generated < seq.config.min_new_tokens)
 
 
 def _uses_prefix(model: torch.nn.Module) -> bool:

@@ -20,7 +20,8 @@
 //               thread count and instruction set: what lets the server batch requests and still return
 //               what `gptforge generate` returns. Panels are split across threads (OpenMP), and the
 //               weight stream is prefetched 32 k-rows ahead, without which it is no faster than oneDNN
-//               beyond 2 rows (benchmarks/panel_kernel.py).
+//               beyond 2 rows (benchmarks/panel_kernel.py); where a panel takes several passes (7 rows
+//               or more) the next panel is also loaded into L2 during them.
 // PanelInt8Linear: the same kernel on int8 panels with one float32 scale per output (gptforge/quant.py,
 //               kernel "panel"): weights widened to float32 in registers (exact), activations not rounded.
 // AmxInt8Linear: int8 weights times int8 activations on Intel AMX tiles (gptforge/quant.py, kernel "amx"):
@@ -238,6 +239,11 @@ struct TileArgs {
   int64_t ldy;
   int64_t valid;       // outputs of this panel that exist (the last panel may be partial)
   int64_t prefetch;
+  // The next panel, loaded into L2 while this one computes: `l2_lines` cache lines from `l2`, spread evenly
+  // over `l2_iters` k-steps of all tiles and passes over this panel, of which this tile's first is
+  // `l2_first`. Null: none.
+  const char* l2;
+  int64_t l2_lines, l2_iters, l2_first;
 };
 
 // The reference: what every vector tile below must equal bit for bit.
@@ -278,6 +284,9 @@ __attribute__((target("avx512f"))) void tile_avx512(const TileArgs<W>& a) {
     for (int r = 0; r < R; ++r)
       for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
     const W* wh = a.w + h * S * 16;
+    const int64_t l2_step = a.l2 != nullptr ? a.l2_first + h * a.k : 0;
+    const char* l2_line = a.l2 != nullptr ? a.l2 + l2_step * a.l2_lines / a.l2_iters * 64 : nullptr;
+    int64_t l2_sum = a.l2 != nullptr ? l2_step * a.l2_lines % a.l2_iters : 0;
     for (int64_t k = 0; k < a.k; ++k) {
       const W* wk = wh + k * kPanel;
       if (a.prefetch > 0) {  // a prefetch past the panel's end is harmless: it never faults
@@ -285,6 +294,9 @@ __attribute__((target("avx512f"))) void tile_avx512(const TileArgs<W>& a) {
         for (int64_t line = 0; line < static_cast<int64_t>(S * 16 * sizeof(W)); line += 64)
           _mm_prefetch(ahead + line, _MM_HINT_T0);
       }
+      if (a.l2 != nullptr)  // the lines up to (i + 1) * l2_lines / l2_iters after k-step i, without a division
+        for (l2_sum += a.l2_lines; l2_sum >= a.l2_iters; l2_sum -= a.l2_iters, l2_line += 64)
+          _mm_prefetch(l2_line, _MM_HINT_T1);
       __m512 w[S];
       for (int s = 0; s < S; ++s) w[s] = load16(wk + 16 * s);
       for (int r = 0; r < R; ++r) {
@@ -411,14 +423,26 @@ torch::Tensor panel_forward(const torch::Tensor& x_in, const torch::Tensor& pack
   // Rows go in balanced groups of at most 6 (12 on AVX-512): 8 rows on AVX2 as 4 + 4, not 6 + 2.
   const int64_t most = level == 2 ? kWideTileRows : kTileRows;
   const int64_t groups = (m + most - 1) / most, base = m / groups, extra = m % groups;
+  // With several passes over a panel (AVX-512 tiles of 7-12 rows make two, and 13 rows or more make two
+  // tiles), only the first reads it from memory and the others run from L2 while memory idles. So when
+  // prefetching, every pass also loads an even share of the thread's next panel into L2 (one float32
+  // 16-row decode step: ~10% faster, benchmarks/README.md).
+  auto tile_passes = [&](int64_t rows) -> int64_t { return level == 2 && rows > kTileRows ? 2 : 1; };
+  int64_t passes = 0;
+  for (int64_t g = 0; g < groups; ++g) passes += tile_passes(base + (g < extra ? 1 : 0));
+  const int64_t lines = k * kPanel * static_cast<int64_t>(sizeof(W)) / 64;
+  const bool ahead = passes >= 2 && prefetch > 0;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t g = 0, r0 = 0; g < groups; ++g) {
+      for (int64_t g = 0, r0 = 0, done = 0; g < groups; ++g) {
         const int rows = static_cast<int>(base + (g < extra ? 1 : 0));
+        const char* next = ahead && p + 1 < p1 ? reinterpret_cast<const char*>(wp + (p + 1) * k * kPanel) : nullptr;
         const TileArgs<W> a{xp + r0 * k, k, wp + p * k * kPanel, k,
                             scale != nullptr ? scale + p * kPanel : nullptr,
                             bp != nullptr ? bp + p * kPanel : nullptr, yp + r0 * n + p * kPanel, n,
-                            std::min<int64_t>(kPanel, n - p * kPanel), prefetch};
+                            std::min<int64_t>(kPanel, n - p * kPanel), prefetch, next, lines, passes * k,
+                            done * k};
+        done += tile_passes(rows);
         r0 += rows;
 #if defined(__x86_64__) && defined(__GNUC__)
         if (level == 2) { Tiles<W>::avx512[rows - 1](a); continue; }

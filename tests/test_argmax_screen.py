@@ -4,6 +4,7 @@ float32 outputs of the few candidates; it must give exactly ``layer(x).argmax(-1
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -166,7 +167,7 @@ def test_prepare_for_inference_screens_the_tied_head_and_greedy_tokens_are_uncha
     calls.clear()
     for config in (GenerateConfig(max_new_tokens=10, temperature=0.0, logprobs=2),
                    GenerateConfig(max_new_tokens=10, temperature=0.0, repetition_penalty=1.3),
-                   GenerateConfig(max_new_tokens=10, temperature=0.8, seed=3)):
+                   GenerateConfig(max_new_tokens=10, temperature=0.8, top_k=50, seed=3)):
         got = generate_ids(screened, prompts, config)
         want = generate_ids(unscreened, prompts, config)
         assert [c[0].token_ids for c in got] == [c[0].token_ids for c in want]
@@ -201,3 +202,138 @@ def test_the_amx_input_split_is_within_the_screens_assumption():
     error = (seen.double() - x.double()).abs()
     assert bool((error <= limit).all())
     assert float((error / limit).max()) > 0.5  # the assumption is tight: the bound must keep its split term
+
+
+# ---- sampling through the screen ------------------------------------------------------------------------
+def draws(layer: PackedLinear, x: torch.Tensor, temperature: float, calls: int, suppress: int = -1) -> torch.Tensor:
+    """Counts of ``calls`` x rows(x) draws for one input row repeated, each draw with its own seed."""
+    rows = x.shape[0]
+    counts = torch.zeros(layer.out_features, dtype=torch.float64)
+    for c in range(calls):
+        seeds = torch.arange(c * rows, (c + 1) * rows, dtype=torch.long) * 7919 + 11
+        tokens = layer.sample(x, torch.full((rows,), temperature, dtype=torch.float64), seeds,
+                              torch.full((rows,), suppress, dtype=torch.long))
+        counts += torch.bincount(tokens, minlength=layer.out_features).double()
+    return counts
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    expected = probs * counts.sum()
+    keep = expected >= 5
+    assert counts[~keep].sum() <= max(20.0, 3 * float(expected[~keep].sum()))  # the rare tokens stay rare
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("kernel", SCREEN_KERNELS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@torch.no_grad()
+def test_screened_sampling_draws_from_the_layers_softmax(kernel, temperature):
+    # Each output's weights hold an outlier of its own size where the input is 0: int8 steps, hence bounds,
+    # of very different widths with no say in the outputs. So the proposal (from the upper ends) is far from
+    # the softmax (20,000 draws from it would give a chi-square of about 12,000), and only the acceptance
+    # step makes the draws right.
+    torch.manual_seed(5)
+    n, k = 48, 64
+    weight = torch.randn(n, k) * 0.1
+    weight[:, 0] = torch.logspace(-1, 1.5, n)[torch.randperm(n)]
+    layer = screened_layer(weight, kernel)
+    x = torch.randn(1, k) * 0.5 * temperature
+    x[0, 0] = 0.0
+    x = x.repeat(400, 1)
+    probs = (layer(x[:1]).double()[0] / temperature).softmax(-1)
+    assert float(probs.max()) < 0.5 and int((probs * 20000 >= 5).sum()) >= 20  # a spread distribution
+    counts = draws(layer, x, temperature, 50)  # 20,000 draws
+    stat, dof = chi_square(counts, probs)
+    assert stat < dof + 6 * (2 * dof) ** 0.5, (stat, dof)
+    assert layer._screen.last_proposals >= 400
+
+
+@torch.no_grad()
+def test_screened_sampling_respects_suppress_and_falls_back_exactly():
+    torch.manual_seed(6)
+    n, k = 40, 24
+    layer = screened_layer(torch.randn(n, k) * 0.3)
+    x = torch.randn(1, k).repeat(500, 1)
+    logits = layer(x[:1]).double()[0]
+    top = int(logits.argmax())
+    counts = draws(layer, x, 1.0, 20, suppress=top)
+    assert counts[top] == 0
+    probs = logits.index_fill(0, torch.tensor([top]), float("-inf")).softmax(-1)
+    stat, dof = chi_square(counts, probs)
+    assert stat < dof + 6 * (2 * dof) ** 0.5
+    # No proposal allowed: every row is drawn from the full layer, with a generator seeded by its seed.
+    layer._screen.max_tries = 0
+    counts = draws(layer, x, 1.0, 20, suppress=top)
+    assert counts[top] == 0 and layer._screen.last_proposals == 0
+    stat, dof = chi_square(counts, probs)
+    assert stat < dof + 6 * (2 * dof) ** 0.5
+    seeds = torch.tensor([3, 4, 3])
+    t = torch.ones(3, dtype=torch.float64)
+    a = layer.sample(x[:3], t, seeds, torch.full((3,), -1))
+    assert torch.equal(a, layer.sample(x[:3], t, seeds, torch.full((3,), -1))) and a[0] == a[2]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@torch.no_grad()
+def test_screened_sampling_is_row_independent_and_the_same_in_scalar_code(dense):
+    torch.manual_seed(7)
+    n, k = 3001, 64  # 47 blocks of 64 and a partial one
+    layer = screened_layer(torch.randn(n, k) * 0.05, dense=dense)
+    x = torch.randn(9, k) * 3
+    x[4, 0] = float("inf")  # a non-finite row: drawn from the full layer; the others unaffected
+    t = torch.tensor([0.3, 0.7, 1.0, 1.5, 1.0, 1.0, 2.0, 0.9, 1.1], dtype=torch.float64)
+    seeds = torch.arange(9) * 1000003 + 17
+    suppress = torch.tensor([-1, 5, -1, -1, -1, 3000, -1, 0, -1])
+    got = layer.sample(x, t, seeds, suppress)
+    assert 0 <= int(got.min()) and int(got.max()) < n
+    for r in range(9):
+        assert layer.sample(x[r:r + 1], t[r:r + 1], seeds[r:r + 1], suppress[r:r + 1])[0] == got[r]
+    layer._screen.isa = 0
+    assert torch.equal(layer.sample(x, t, seeds, suppress), got)
+    other = layer.sample(x, t, seeds + 1, suppress)
+    assert not torch.equal(other, got)  # the seed decides
+
+
+@torch.no_grad()
+def test_engine_samples_through_the_screen_reproducibly(monkeypatch):
+    plain = gpt(3)
+    screened = prepare_for_inference(copy.deepcopy(plain))
+    calls = []
+    original = GPT.sample_tokens
+    monkeypatch.setattr(GPT, "sample_tokens", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    prompts = [[5, 17, 2], [9, 8, 7, 6, 5, 4, 3]]
+    config = GenerateConfig(max_new_tokens=30, temperature=0.9, seed=5, num_return_sequences=3)
+    first = generate_ids(screened, prompts, config, eos_id=1)
+    assert len(calls) >= 30
+    assert [[c.token_ids for c in p] for p in first] == [[c.token_ids for c in p]
+                                                         for p in generate_ids(screened, prompts, config, eos_id=1)]
+    # Asking for log-probabilities forms the logits besides, and changes no token.
+    logged = generate_ids(screened, prompts, dataclasses.replace(config, logprobs=2), eos_id=1)
+    assert [[c.token_ids for c in p] for p in logged] == [[c.token_ids for c in p] for p in first]
+    assert all(len(c.logprobs) == len(c.token_ids) for p in logged for c in p)
+    # Row i of a seeded request draws with seed + i whatever else runs: row 1 of seed 5 is row 0 of seed 6.
+    alone = generate_ids(screened, prompts[:1], GenerateConfig(max_new_tokens=30, temperature=0.9, seed=6), eos_id=1)
+    assert alone[0][0].token_ids == first[0][1].token_ids
+    # min_new_tokens bans end-of-text through the screen too.
+    banned = GenerateConfig(max_new_tokens=20, min_new_tokens=20, temperature=5.0, seed=1)
+    for row in generate_ids(screened, prompts, banned, eos_id=1):
+        assert len(row[0].token_ids) == 20 and 1 not in row[0].token_ids
+    # Warpers need the logits: no screened draw.
+    calls.clear()
+    generate_ids(screened, prompts, GenerateConfig(max_new_tokens=5, temperature=0.9, top_p=0.9, seed=5))
+    assert not calls
+
+
+@torch.no_grad()
+def test_sample_tokens_without_a_screen_samples_the_logits():
+    model = gpt(2)
+    hidden = model.hidden_states(torch.tensor([[3, 4, 5]]))[:, -1].repeat(4, 1)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1, 3)]
+    a = model.sample_tokens(hidden, 1.0, gens)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1, 3)]
+    assert torch.equal(a, model.sample_tokens(hidden, [1.0] * 4, gens)) and a[0] == a[2]
+    best = int(model.lm_head(hidden[:1]).argmax())
+    cold = model.sample_tokens(hidden, 0.01, None, suppress=best)
+    assert not bool((cold == best).any())
+    with pytest.raises(ValueError):
+        model.sample_tokens(hidden, [1.0, 1.0])

@@ -1,5 +1,6 @@
 """`gptforge chat` and the ChatSession under it: history, /reset, /exit, the context limit, streaming."""
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from gptforge.checkpoint import load_checkpoint
 from gptforge.config import GenerateConfig
 from gptforge.data.finetune import DEFAULT_CHAT_TEMPLATE
 from gptforge.errors import ConfigError
+from gptforge.inference import prepare_for_inference
 from tests.model_utils import save_tiny_checkpoint
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,?!\n<>|")
@@ -82,9 +84,10 @@ def test_cli_two_turns_reset_and_exit(checkpoint, loaded):
                            "--device", "cpu"], input=stdin, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
-    # The same conversation through the library gives the same replies, so the CLI kept the history,
-    # cleared it on /reset and stopped reading at /exit.
-    session = ChatSession(loaded.model, loaded.tokenizer, GenerateConfig(max_new_tokens=10, temperature=0.8, seed=1),
+    # The same conversation through the library, on the model prepared as the CLI prepares it, gives the
+    # same replies, so the CLI kept the history, cleared it on /reset and stopped reading at /exit.
+    model = prepare_for_inference(copy.deepcopy(loaded.model))
+    session = ChatSession(model, loaded.tokenizer, GenerateConfig(max_new_tokens=10, temperature=0.8, seed=1),
                           system="you are kind.")
     first = "".join(session.send("hello there"))
     second = "".join(session.send("and again?"))

@@ -170,6 +170,17 @@ class PackedLinear(nn.Module):
             return screen(x, self.forward, suppress)
         return ArgmaxScreen._full_argmax(self.forward(x), suppress)
 
+    def sample(self, x: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+               suppress: torch.Tensor) -> torch.Tensor:
+        """One draw a row from ``softmax(self(x) / temperature)``, (M,), through the screen when it is on
+        (:meth:`ArgmaxScreen.sample`: without computing the outputs), else from the outputs. ``temperature``
+        (M,) float64 > 0; ``seeds`` (M,) int64: each row's draw depends on its seed and its own input alone;
+        ``suppress`` (M,) int64: an output a row must not draw (-1: none)."""
+        screen = self.__dict__.get("_screen")
+        if screen is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+            return screen.sample(x, self.forward, temperature, seeds, suppress)
+        return ArgmaxScreen._full_sample(self.forward(x), temperature, seeds, suppress)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense (out_features, in_features) weight, rebuilt from the packed one (a copy)."""
@@ -327,8 +338,10 @@ class ArgmaxScreen:
         self._panels = panels
         self.out_features, self.in_features = n, k
         self.max_candidates = max(64, n // 16)
+        self.max_tries = 4096  # proposals a row may draw in sample() before the full layer decides it
         self.isa = -1  # the candidate scan's vector code: -1 the best here, 0 the scalar code (tests)
         self.last_candidates = 0  # candidates of the last call (all rows together), for benchmarks and logs
+        self.last_proposals = 0  # proposals of the last sample() call (all rows together)
 
     def __call__(self, x: torch.Tensor, full, suppress: Optional[int] = None) -> torch.Tensor:
         """Each row's argmax, (M,), for ``x`` (M, K) float32; ``full(x)`` gives the layer's outputs (the
@@ -348,11 +361,48 @@ class ArgmaxScreen:
             return self._full_argmax(full(x), suppress)
         return tokens
 
+    def sample(self, x: torch.Tensor, full, temperature: torch.Tensor, seeds: torch.Tensor,
+               suppress: torch.Tensor) -> torch.Tensor:
+        """A draw from ``softmax(l / temperature)`` for each row of the layer's float32 outputs ``l``, (M,),
+        without computing ``l``: rejection sampling from the screen's upper ends ``u = s + b >= l``.
+
+        A row proposes ``v`` with probability proportional to ``exp((u_v - max u) / T)``, computes the
+        layer's own float32 output ``l_v`` for it (one row of the weight), and accepts it with probability
+        ``exp((l_v - u_v) / T)``; so an accepted token has probability proportional to ``exp(l_v / T)``:
+        the softmax, exactly (up to float rounding, as any softmax). A few proposals a row: about 1.1 at
+        T = 1 on the demo model; more where the bounds are wide against T (kernels.cpp, screen_sample).
+        The uniforms come from a stream seeded by ``seeds[r]``, so a row's token depends on its own input,
+        temperature, ``suppress[r]`` (an output it must not draw; -1: none) and seed alone. A row the screen
+        cannot settle (a non-finite value, or ``max_tries`` rejections) is drawn from ``softmax(full(x) /
+        T)`` with a generator seeded by ``seeds[r]``.
+        """
+        from . import native
+
+        x = x.contiguous()
+        s = self._int8(x, None)  # (M, N)
+        tokens, self.last_proposals = native.load().screen_sample(
+            x, s, self._err, self._norm, self.kernel_name == "amx", suppress.contiguous(), self._panels,
+            self._dense, temperature.contiguous(), seeds.contiguous(), self.max_tries, self.isa)
+        missing = (tokens < 0).nonzero().flatten()
+        if missing.numel():
+            log.debug("argmax screen: %d rows sampled from the full layer", missing.numel())
+            tokens[missing] = self._full_sample(full(x[missing]), temperature[missing], seeds[missing],
+                                                suppress[missing])
+        return tokens
+
     @staticmethod
     def _full_argmax(logits: torch.Tensor, suppress: Optional[int]) -> torch.Tensor:
         if suppress is not None:
             logits[:, suppress] = float("-inf")
         return logits.argmax(dim=1)
+
+    @staticmethod
+    def _full_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                     suppress: torch.Tensor) -> torch.Tensor:
+        """:meth:`sample` from the outputs themselves (gptforge.model.gpt.draw_from_logits)."""
+        from .model.gpt import draw_from_logits
+
+        return draw_from_logits(logits, temperature, seeds, suppress).to(seeds.device)
 
 
 class NativeGELU(nn.Module):

@@ -24,9 +24,14 @@ def model_and_tokenizer():
     return prepare_for_inference(model), tokenizer
 
 
-def run(model, tokenizer, jobs: list[tuple[str, GenerateConfig, int | None]]) -> list[list[int]]:
-    """The tokens each (prompt, config, seed) job gets when all are submitted to one scheduler together."""
-    scheduler = Scheduler(model, tokenizer, max_batch_size=16).start()
+def run(model, tokenizer, jobs: list[tuple[str, GenerateConfig, int | None]], *, batch_invariant: bool = True,
+        ragged: bool | None = None) -> list[list[int]]:
+    """The tokens each (prompt, config, seed) job gets when all are submitted to one scheduler together
+    (``ragged=False``: one forward a row, as where the linear layers are not batch-invariant)."""
+    scheduler = Scheduler(model, tokenizer, max_batch_size=16, batch_invariant=batch_invariant)
+    if ragged is not None:
+        scheduler._ragged = ragged
+    scheduler.start()
     tokens: list[list[int]] = [[] for _ in jobs]
     done = threading.Semaphore(0)
 
@@ -91,11 +96,27 @@ def test_all_greedy_steps_read_the_argmax_screen_and_give_the_engines_tokens(mod
     assert len(calls) >= 11  # every decode step of the all-greedy batch
     want = [generate(model, tokenizer, p, greedy)[0][0].token_ids for p in prompts]
     assert together == want
-    # One sampled row: its step needs the logits, so no step of that batch reads the screen.
+    # A mixed batch: the greedy rows still read the screen, a plain sampled row is drawn through it as the
+    # engine draws it (GPT.sample_tokens), and a row that needs its logits (a penalty) gets them; each row
+    # gets what it gets alone.
     calls.clear()
+    draws = []
+    original_sample = type(model).sample_tokens
+    monkeypatch.setattr(type(model), "sample_tokens",
+                        lambda self, *a, **k: draws.append(1) or original_sample(self, *a, **k))
     sampled = GenerateConfig(max_new_tokens=14, temperature=1.0, ignore_eos=True)
-    mixed = run(model, tokenizer, [(p, greedy, None) for p in prompts] + [("zz", sampled, 3)])
-    assert not calls and mixed[:-1] == want
+    penalized = GenerateConfig(max_new_tokens=9, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
+    logged = GenerateConfig(max_new_tokens=10, temperature=0.7, logprobs=1, ignore_eos=True)
+    mixed = run(model, tokenizer, [(p, greedy, None) for p in prompts]
+                + [("zz", sampled, 3), ("qq", penalized, None), ("zz", logged, 3)])
+    assert len(calls) >= 11 and len(draws) >= 13
+    assert mixed[:5] == want
+    seeded = GenerateConfig(max_new_tokens=14, temperature=1.0, ignore_eos=True, seed=3)
+    assert mixed[5] == generate(model, tokenizer, "zz", seeded)[0][0].token_ids
+    assert mixed[6] == generate(model, tokenizer, "qq", penalized)[0][0].token_ids
+    # A sampled row with log-probabilities draws through the screen too (and its logits are formed besides).
+    assert mixed[7] == generate(model, tokenizer, "zz", GenerateConfig(max_new_tokens=10, temperature=0.7,
+                                                                      ignore_eos=True, seed=3))[0][0].token_ids
 
 
 def test_event_pump_delivers_every_event_in_order_with_few_wakeups():
@@ -139,3 +160,19 @@ def test_event_pump_delivers_every_event_in_order_with_few_wakeups():
         assert 1 <= wakeups < 200
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not panel_available(), reason="the argmax screen needs the native panel kernel")
+def test_every_decode_path_chooses_through_the_screen_alike(model_and_tokenizer):
+    # One forward a row hands the screen its hidden states as the ragged batch does: the same tokens, greedy
+    # and seeded samples alike. The padded batch of --no-batch-invariant (equal only up to rounding) runs
+    # through it too.
+    model, tokenizer = model_and_tokenizer
+    jobs = [("the cat", GenerateConfig(max_new_tokens=9, temperature=0.0, ignore_eos=True), None),
+            ("a dog ran", GenerateConfig(max_new_tokens=12, temperature=1.0, ignore_eos=True), 4),
+            ("x", GenerateConfig(max_new_tokens=7, temperature=0.6, logprobs=1, ignore_eos=True), 5),
+            ("sea", GenerateConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, ignore_eos=True), 6)]
+    ragged = run(model, tokenizer, jobs)
+    assert run(model, tokenizer, jobs, ragged=False) == ragged
+    padded = run(model, tokenizer, jobs, batch_invariant=False)
+    assert [len(t) for t in padded] == [9, 12, 7, 8]

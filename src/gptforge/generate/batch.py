@@ -82,7 +82,9 @@ class PromptBatch:
 
     @property
     def screened(self) -> bool:
-        """Whether the ``*_greedy`` methods read the LM head's argmax screen (prepared CPU float32 models)."""
+        """Whether the LM head has an argmax screen (prepared CPU float32 models), through which
+        ``GPT.greedy_tokens`` and ``GPT.sample_tokens`` choose from :meth:`prefill_hidden` and
+        :meth:`decode_hidden` without forming the logits."""
         return bool(getattr(self.model.lm_head, "screened", False))
 
     def prefill(self) -> torch.Tensor:
@@ -90,19 +92,18 @@ class PromptBatch:
         return self.model(self.idx, kv_cache=self.cache, attention_mask=self._mask(self.idx.shape[1]),
                           last_only=True)[:, -1]
 
-    def prefill_greedy(self, suppress: Optional[int] = None) -> torch.Tensor:
-        """:meth:`prefill`, then each row's argmax without forming the logits, (B,) (see :meth:`decode_greedy`)."""
+    def prefill_hidden(self) -> torch.Tensor:
+        """:meth:`prefill` up to the final hidden state of each row's last position, (B, C)."""
         hidden = self.model.hidden_states(self.idx, kv_cache=self.cache, attention_mask=self._mask(self.idx.shape[1]))
-        return self.model.greedy_tokens(hidden[:, -1], suppress)
+        return hidden[:, -1]
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, (B,); the logits for the next, (B, V)."""
         return self._step(self.forward, tokens)[:, -1]
 
-    def decode_greedy(self, tokens: torch.Tensor, suppress: Optional[int] = None) -> torch.Tensor:
-        """:meth:`decode`, then the argmax of each row's logits without forming them, (B,): the same tokens
-        as ``decode(tokens).argmax(-1)`` (``suppress`` excluded), see :meth:`GPT.greedy_tokens`."""
-        return self.model.greedy_tokens(self._step(self.model.hidden_states, tokens)[:, -1], suppress)
+    def decode_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` up to the final hidden states, (B, C)."""
+        return self._step(self.model.hidden_states, tokens)[:, -1]
 
     def _mask(self, width: int) -> Optional[torch.Tensor]:
         """The attention mask's first ``width`` columns; None when no row is padded."""

@@ -19,7 +19,7 @@ from ..model import GPT
 from ..tokenizer import Tokenizer
 from .batch import Completion, PromptBatch, check_context
 from .beam import beam_search
-from .processors import TokenHistory, argmax_only, process_logits
+from .processors import TokenHistory, argmax_only, process_logits, sample_only
 from .sampling import choose_tokens, make_generators, token_logprobs
 from .stopping import TextTracker
 
@@ -165,17 +165,28 @@ def _decode_steps(model: GPT, rows: list[_Row], config: GenerateConfig,
     history = TokenHistory([row.prompt_ids for row in rows], model.config.vocab_size, config, device)
     generators = make_generators(config.seed, len(rows), device)
     suppressible_eos = None if config.ignore_eos else eos_id
-    # Plain greedy decoding needs only each row's argmax, which a screened LM head finds without forming
-    # the logits (the same tokens; see gptforge.inference.ArgmaxScreen).
-    plain_argmax = batch.screened and argmax_only(config, history)
+    # A screened LM head (prepared CPU float32 models, gptforge.inference.ArgmaxScreen) chooses plain greedy
+    # and plain sampled tokens without forming the logits: the same argmax; draws from the same softmax
+    # (the logits are formed besides only for log-probabilities).
+    screened = "argmax" if batch.screened and argmax_only(config, history) else (
+        "sample" if batch.screened and sample_only(config, history) else None)
+
+    def pick(hidden: torch.Tensor, step: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(logits if log-probabilities need them, the tokens the screen chooses) from final hidden states."""
+        suppress = suppressible_eos if step < config.min_new_tokens else None
+        logits = model._logits(hidden.unsqueeze(1))[:, 0] if config.logprobs else None
+        if screened == "argmax":
+            return logits, model.greedy_tokens(hidden, suppress)
+        return logits, model.sample_tokens(hidden, config.temperature, generators, suppress)
+
     logits: Optional[torch.Tensor] = None  # (B, V), when the step needs them
-    chosen: Optional[torch.Tensor] = None  # (B,), when the argmax was found without them
-    if plain_argmax:
-        chosen = batch.prefill_greedy(suppressible_eos if config.min_new_tokens > 0 else None)
+    chosen: Optional[torch.Tensor] = None  # (B,), when the screen chose
+    if screened:
+        logits, chosen = pick(batch.prefill_hidden(), 0)
     else:
         logits = batch.prefill()
     for step in range(config.max_new_tokens):
-        if logits is not None:
+        if chosen is None:
             scores = process_logits(logits.float(), history, config, step=step, eos_id=suppressible_eos)
             tokens = choose_tokens(scores, config, generators)  # (B,)
         else:
@@ -188,9 +199,8 @@ def _decode_steps(model: GPT, rows: list[_Row], config: GenerateConfig,
         if all(row.done for row in rows):
             return
         history.append(tokens, token_list)
-        if plain_argmax:
-            suppress = suppressible_eos if step + 1 < config.min_new_tokens else None
-            logits, chosen = None, batch.decode_greedy(tokens, suppress)
+        if screened:
+            logits, chosen = pick(batch.decode_hidden(tokens), step + 1)
         else:
             logits = batch.decode(tokens)
 

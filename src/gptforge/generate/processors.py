@@ -181,6 +181,16 @@ def argmax_only(config: GenerateConfig, history: TokenHistory) -> bool:
             and history.ngrams is None)
 
 
+def sample_only(config: GenerateConfig, history: TokenHistory) -> bool:
+    """Whether the next token under ``config`` is a plain draw from ``softmax(logits / temperature)``: sampling
+    without top-k, top-p or min-p, penalties or bans (end-of-text before ``min_new_tokens`` aside: the
+    caller's to pass on). A screened LM head draws such tokens without the logits
+    (gptforge.inference.ArgmaxScreen.sample), and always so, log-probabilities or not (they are read from
+    the logits besides), so that asking for them never changes which tokens a seed gives."""
+    return (config.temperature > 0 and config.top_k is None and (config.top_p is None or config.top_p >= 1.0)
+            and not config.min_p and history.seen is None and history.counts is None and history.ngrams is None)
+
+
 def process_logits(logits: torch.Tensor, history: TokenHistory, config: GenerateConfig, *, step: int,
                    eos_id: Optional[int]) -> torch.Tensor:
     """Penalties and bans in Hugging Face's order: repetition, n-grams, then end-of-text before min_new_tokens.

@@ -51,7 +51,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-_ABI = 8  # must equal m.attr("ABI") in kernels.cpp
+_ABI = 9  # must equal m.attr("ABI") in kernels.cpp
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded extension or None once tried
 

@@ -35,6 +35,7 @@
 #include <torch/csrc/jit/api/object.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1067,6 +1068,25 @@ torch::Tensor attend_step(const torch::Tensor& qkv, const torch::Tensor& cache_k
 // bits); each row takes its first largest candidate, as torch.argmax would over the whole row. Returns
 // (tokens (M,) int64, the number of candidates); tokens is empty when s holds a non-finite value or
 // there are more than max_candidates (the caller then runs the full layer).
+constexpr float kRound = 8.0f / 16777216.0f;  // 8 u
+
+// The bound's per-row factors a, b (above) for the rows of x (m, k), in double from each row.
+void bound_factors(const float* xp, int64_t m, int64_t k, bool split_inputs, float* a_of, float* b_of) {
+  for (int64_t r = 0; r < m; ++r) {
+    double sq = 0.0, amax = 0.0;
+    for (int64_t t = 0; t < k; ++t) {
+      const double v = xp[r * k + t];
+      sq += v * v;
+      amax = std::max(amax, std::fabs(v));
+    }
+    const double x_norm = std::sqrt(sq);
+    const double rounding = (2.0 * k + 16.0) * x_norm / 16777216.0;
+    const double split = split_inputs ? std::sqrt(static_cast<double>(k)) * amax / (127.0 * 500.0) : 0.0;
+    a_of[r] = static_cast<float>(1.25 * (x_norm + split + rounding));
+    b_of[r] = static_cast<float>(1.25 * (split + 2.0 * rounding));
+  }
+}
+
 struct RowScan {
   float max, min;
   int64_t at;  // first index of max
@@ -1174,23 +1194,8 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
   const float* sp = s.data_ptr<float>();
   const float* ep = err.data_ptr<float>();
   const float* np = norm.data_ptr<float>();
-  constexpr float kRound = 8.0f / 16777216.0f;  // 8 u
-  // Per row factors of the bound.
   std::vector<float> a_of(m), b_of(m);
-  const float* xp = x_in.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) {
-    double sq = 0.0, amax = 0.0;
-    for (int64_t t = 0; t < k; ++t) {
-      const double v = xp[r * k + t];
-      sq += v * v;
-      amax = std::max(amax, std::fabs(v));
-    }
-    const double x_norm = std::sqrt(sq);
-    const double rounding = (2.0 * k + 16.0) * x_norm / 16777216.0;
-    const double split = split_inputs ? std::sqrt(static_cast<double>(k)) * amax / (127.0 * 500.0) : 0.0;
-    a_of[r] = static_cast<float>(1.25 * (x_norm + split + rounding));
-    b_of[r] = static_cast<float>(1.25 * (split + 2.0 * rounding));
-  }
+  bound_factors(x_in.data_ptr<float>(), m, k, split_inputs, a_of.data(), b_of.data());
   const float* ap = a_of.data();
   const float* bp = b_of.data();
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -1272,9 +1277,9 @@ constexpr float kLn2Hi = 0.693359375f;  // ln 2 = hi + lo, hi with few bits: n *
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kExpTaylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
 
-inline float gelu_tanh_scalar(float x) {
-  const float u = kGeluC * (x + kGeluA * (x * x * x));
-  float z = -2.0f * u;
+// exp(z) for float32 z, clamped to [-104, 89] first (e^-104 is 0 in float32, e^89 is inf); a NaN stays
+// NaN. Within a few ulp of the true value; the AVX-512 code below gives the same bits.
+inline float exp_scalar(float z) {
   z = -104.0f > z ? -104.0f : z;  // as _mm512_max_ps(-104, z): a NaN z stays NaN
   z = 89.0f < z ? 89.0f : z;
   const float n = std::nearbyint(z * kLog2e);
@@ -1282,28 +1287,36 @@ inline float gelu_tanh_scalar(float x) {
   r = std::fma(-n, kLn2Lo, r);
   float p = kExpTaylor[0];
   for (int i = 1; i < 8; ++i) p = std::fma(p, r, kExpTaylor[i]);
-  const float e = std::isnan(n) ? n : std::ldexp(p, static_cast<int>(n));
-  return x / (1.0f + e);
+  return std::isnan(n) ? n : std::ldexp(p, static_cast<int>(n));
+}
+
+inline float gelu_tanh_scalar(float x) {
+  const float u = kGeluC * (x + kGeluA * (x * x * x));
+  return x / (1.0f + exp_scalar(-2.0f * u));
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// exp_scalar on 16 lanes, bit for bit.
+__attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 z) {
+  z = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), z));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), z);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpTaylor[0]);
+  for (int k = 1; k < 8; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpTaylor[k]));
+  return _mm512_scalef_ps(p, n);
+}
+
 __attribute__((target("avx512f"))) void gelu_tanh_avx512(const float* x, float* y, int64_t count) {
   const __m512 c = _mm512_set1_ps(kGeluC), a = _mm512_set1_ps(kGeluA), minus2 = _mm512_set1_ps(-2.0f);
-  const __m512 lowest = _mm512_set1_ps(-104.0f), highest = _mm512_set1_ps(89.0f), log2e = _mm512_set1_ps(kLog2e);
-  const __m512 hi = _mm512_set1_ps(kLn2Hi), lo = _mm512_set1_ps(kLn2Lo), one = _mm512_set1_ps(1.0f);
+  const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < count; i += 16) {
     const int64_t left = count - i;
     const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
     const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
     const __m512 u = _mm512_mul_ps(c, _mm512_add_ps(v, _mm512_mul_ps(a, _mm512_mul_ps(_mm512_mul_ps(v, v), v))));
-    __m512 z = _mm512_mul_ps(minus2, u);
-    z = _mm512_min_ps(highest, _mm512_max_ps(lowest, z));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, hi, z);
-    r = _mm512_fnmadd_ps(n, lo, r);
-    __m512 p = _mm512_set1_ps(kExpTaylor[0]);
-    for (int k = 1; k < 8; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpTaylor[k]));
-    const __m512 e = _mm512_scalef_ps(p, n);
+    const __m512 e = exp_avx512(_mm512_mul_ps(minus2, u));
     _mm512_mask_storeu_ps(y + i, mask, _mm512_div_ps(v, _mm512_add_ps(one, e)));
   }
 }
@@ -1331,6 +1344,230 @@ torch::Tensor gelu_tanh(const torch::Tensor& x_in, int64_t isa) {
   torch::Tensor y = torch::empty_like(x);
   gelu_tanh_into(x.data_ptr<float>(), y.data_ptr<float>(), x.numel(), isa);
   return y;
+}
+
+// ---- screen_sample ----------------------------------------------------------------------------------
+// A draw from softmax(l / T) for each row, where l (M, N) are the float32 outputs of the layer that
+// screen_argmax screens, without computing l: rejection sampling from the screen's upper ends. With s the
+// int8 outputs and bound as in screen_argmax (|s - l| <= bound), u = s + bound >= l, so
+//   w_v = exp((u_v - max u) / T)   (0 for the suppressed output)
+// is at least the target weight exp((l_v - max u) / T) of every v. A proposal v is drawn with probability
+// w_v / sum w, its exact output l_v computed (one fma chain over k, the layer's bits), and it is accepted with
+// probability exp((l_v - max u) / T) / w_v; otherwise the row draws again. An accepted v has probability
+// proportional to w_v * exp((l_v - max u) / T) / w_v, i.e. to exp(l_v / T): exactly softmax(l / T), up to
+// float rounding as in any softmax. The acceptance rate is sum exp(l / T) / sum exp(u / T) (about 0.9 on
+// the demo model at T = 1, lower where bounds are wide against T).
+//
+// The uniforms come from a splitmix64 stream seeded by seeds[r]: a row's token depends on its own input,
+// temperature, suppressed output and seed alone, not on the other rows or the thread count; the AVX-512
+// and scalar code compute the same weights and sums bit for bit. Returns (tokens (M,), proposals drawn
+// in all); a row's token is -1 when its s holds a non-finite value, no output may be drawn, or max_tries
+// proposals were all rejected (the caller then samples it from the full layer).
+struct SplitMix64 {
+  uint64_t state;
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+};
+
+constexpr int64_t kSampleBlock = 64;  // weights summed per block; a draw scans blocks, then one block
+
+// The sum of one block's (up to) 64 weights: 16 lanes of 4 adds each in order, then a fixed tree.
+inline float block_tree(const float* lane) {
+  float h[8];
+  for (int j = 0; j < 8; ++j) h[j] = lane[j] + lane[j + 8];
+  for (int j = 0; j < 4; ++j) h[j] = h[j] + h[j + 4];
+  for (int j = 0; j < 2; ++j) h[j] = h[j] + h[j + 2];
+  return h[0] + h[1];
+}
+
+// u = s + bound over a row, and its largest value outside `suppress`; false when s is not finite.
+bool upper_row_scalar(const float* s, const float* err, const float* norm, float a, float b, int64_t n,
+                      int64_t suppress, float* u, float* umax) {
+  float check = 0.0f, best = -std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < n; ++v) {
+    u[v] = s[v] + ((err[v] * a + norm[v] * b) + kRound * std::fabs(s[v]));
+    check += s[v] * 0.0f;
+    if (v != suppress) best = u[v] > best ? u[v] : best;
+  }
+  *umax = best;
+  return check == 0.0f;
+}
+
+// w = exp((u - umax) * inv_t) in place (0 at suppress), and the per-block sums.
+void weigh_row_scalar(float* w, int64_t n, int64_t suppress, float umax, float inv_t, float* blocks) {
+  for (int64_t v = 0; v < n; ++v) w[v] = exp_scalar((w[v] - umax) * inv_t);
+  if (suppress >= 0 && suppress < n) w[suppress] = 0.0f;
+  for (int64_t b0 = 0; b0 < n; b0 += kSampleBlock) {
+    float lane[16];
+    for (int j = 0; j < 16; ++j) {
+      float acc = b0 + j < n ? w[b0 + j] : 0.0f;
+      for (int q = 1; q < 4; ++q) acc = acc + (b0 + 16 * q + j < n ? w[b0 + 16 * q + j] : 0.0f);
+      lane[j] = acc;
+    }
+    blocks[b0 / kSampleBlock] = block_tree(lane);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) bool upper_row_avx512(const float* s, const float* err, const float* norm,
+                                                         float a, float b, int64_t n, int64_t suppress, float* u,
+                                                         float* umax) {
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), round = _mm512_set1_ps(kRound);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), check = zero;
+  for (int64_t v = 0; v < n; v += 16) {
+    const int64_t left = n - v;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 sv = _mm512_maskz_loadu_ps(mask, s + v);
+    const __m512 bound = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, err + v), va),
+                      _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, norm + v), vb)),
+        _mm512_mul_ps(round, _mm512_abs_ps(sv)));
+    const __m512 uv = _mm512_add_ps(sv, bound);
+    _mm512_mask_storeu_ps(u + v, mask, uv);
+    check = _mm512_add_ps(check, _mm512_mul_ps(sv, zero));
+    __mmask16 keep = mask;
+    if (suppress >= v && suppress < v + 16) keep &= static_cast<__mmask16>(~(1u << (suppress - v)));
+    best = _mm512_mask_max_ps(best, keep, best, uv);
+  }
+  *umax = _mm512_reduce_max_ps(best);
+  return _mm512_cmp_ps_mask(check, zero, _CMP_EQ_OQ) == 0xFFFF;
+}
+
+__attribute__((target("avx512f"))) void weigh_row_avx512(float* w, int64_t n, int64_t suppress, float umax,
+                                                         float inv_t, float* blocks) {
+  const __m512 m = _mm512_set1_ps(umax), t = _mm512_set1_ps(inv_t);
+  for (int64_t b0 = 0; b0 < n; b0 += kSampleBlock) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int q = 0; q < 4; ++q) {
+      const int64_t v = b0 + 16 * q, left = n - v;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+      __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, w + v), m), t)));
+      if (suppress >= v && suppress < v + 16) e = _mm512_mask_mov_ps(e, static_cast<__mmask16>(1u << (suppress - v)), _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(w + v, mask, e);
+      acc = q == 0 ? e : _mm512_add_ps(acc, e);
+    }
+    float lane[16];
+    _mm512_storeu_ps(lane, acc);
+    blocks[b0 / kSampleBlock] = block_tree(lane);
+  }
+}
+#endif
+
+std::tuple<torch::Tensor, int64_t> screen_sample(const torch::Tensor& x_in, const torch::Tensor& s,
+                                                 const torch::Tensor& err, const torch::Tensor& norm,
+                                                 bool split_inputs, const torch::Tensor& suppress,
+                                                 const torch::Tensor& panels,
+                                                 const c10::optional<torch::Tensor>& dense,
+                                                 const torch::Tensor& temperature, const torch::Tensor& seeds,
+                                                 int64_t max_tries, int64_t isa) {
+  TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device().is_cpu(),
+              "s must be a contiguous float32 CPU (M, N) tensor");
+  const int64_t m = s.size(0), n = s.size(1);
+  check_panels(panels, torch::kFloat, n);
+  const int64_t k = panels.size(1);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == m && x_in.size(1) == k && x_in.scalar_type() == torch::kFloat &&
+                  x_in.is_contiguous() && x_in.device().is_cpu(),
+              "x must be a contiguous float32 CPU (", m, ", ", k, ") tensor");
+  const bool rows_dense = dense.has_value() && dense->defined();
+  if (rows_dense)
+    TORCH_CHECK(dense->dim() == 2 && dense->size(0) == n && dense->size(1) == k && dense->is_contiguous() &&
+                    dense->scalar_type() == torch::kFloat && dense->device().is_cpu(),
+                "dense must be the contiguous float32 (", n, ", ", k, ") weight");
+  for (const torch::Tensor* t : {&err, &norm})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                "err and norm must be contiguous float32 (", n, ")");
+  TORCH_CHECK(temperature.scalar_type() == torch::kDouble && temperature.numel() == m && temperature.is_contiguous(),
+              "temperature must be float64 with one value a row");
+  TORCH_CHECK(seeds.scalar_type() == torch::kLong && seeds.numel() == m && seeds.is_contiguous(),
+              "seeds must be int64 with one value a row");
+  TORCH_CHECK(suppress.scalar_type() == torch::kLong && suppress.numel() == m && suppress.is_contiguous(),
+              "suppress must be int64 with one value a row (-1: none)");
+  const float* xp = x_in.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* ep = err.data_ptr<float>();
+  const float* np = norm.data_ptr<float>();
+  const double* tp = temperature.data_ptr<double>();
+  const int64_t* seedp = seeds.data_ptr<int64_t>();
+  const int64_t* supp = suppress.data_ptr<int64_t>();
+  const float* wsrc = rows_dense ? dense->data_ptr<float>() : panels.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r)
+    TORCH_CHECK(tp[r] > 0.0 && std::isfinite(tp[r]), "temperature must be a positive finite number");
+  torch::Tensor tokens = torch::full({m}, -1, torch::kLong);
+  int64_t* out = tokens.data_ptr<int64_t>();
+  const bool vector = isa != 0 && panel_isa() >= 2;
+  std::atomic<int64_t> drawn{0};
+  {
+    py::gil_scoped_release release;
+    std::vector<float> a_of(m), b_of(m);
+    bound_factors(xp, m, k, split_inputs, a_of.data(), b_of.data());
+    const int64_t n_blocks = (n + kSampleBlock - 1) / kSampleBlock;
+    at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> w(n), blocks(n_blocks);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t sup = supp[r] >= 0 && supp[r] < n ? supp[r] : -1;
+        float umax = 0.0f;
+        bool finite;
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (vector)
+          finite = upper_row_avx512(sp + r * n, ep, np, a_of[r], b_of[r], n, sup, w.data(), &umax);
+        else
+#endif
+          finite = upper_row_scalar(sp + r * n, ep, np, a_of[r], b_of[r], n, sup, w.data(), &umax);
+        if (!finite || !std::isfinite(umax)) continue;  // -1: the caller takes the full layer
+        const float inv_t = static_cast<float>(1.0 / tp[r]);
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (vector)
+          weigh_row_avx512(w.data(), n, sup, umax, inv_t, blocks.data());
+        else
+#endif
+          weigh_row_scalar(w.data(), n, sup, umax, inv_t, blocks.data());
+        double total = 0.0;
+        for (int64_t b = 0; b < n_blocks; ++b) total += blocks[b];
+        if (!(total > 0.0)) continue;
+        SplitMix64 rng{static_cast<uint64_t>(seedp[r])};
+        const float* xr = xp + r * k;
+        int64_t tries = 0;
+        while (tries < max_tries) {
+          ++tries;
+          // The proposal: the block where the running sum passes u1 * total, then the output within it.
+          const double target = rng.uniform() * total;
+          double below = 0.0;
+          int64_t b = 0;
+          while (b + 1 < n_blocks && below + blocks[b] <= target) below += blocks[b++];
+          while (b > 0 && blocks[b] == 0.0f) --b;  // rounding carried the target past the last weight
+          const int64_t v0 = b * kSampleBlock, v1 = std::min(n, v0 + kSampleBlock);
+          double run = below;
+          int64_t v = -1;
+          for (int64_t j = v0; j < v1; ++j) {
+            if (w[j] == 0.0f) continue;
+            v = j;
+            run += w[j];
+            if (run > target) break;
+          }
+          if (v < 0) break;  // unreachable: the block's sum is positive
+          // The layer's float32 output for v: one fma chain over k in order, as the panel kernel computes it.
+          const float* col = rows_dense ? wsrc + v * k : wsrc + (v / kPanel) * k * kPanel + v % kPanel;
+          const int64_t stride = rows_dense ? 1 : kPanel;
+          float l = 0.0f;
+          for (int64_t t = 0; t < k; ++t) l = std::fma(xr[t], col[t * stride], l);
+          const double accept = std::exp((static_cast<double>(l) - umax) * static_cast<double>(inv_t)) / w[v];
+          if (rng.uniform() < accept) {
+            out[r] = v;
+            break;
+          }
+        }
+        drawn += tries;
+      }
+    });
+  }
+  return {tokens, drawn.load()};
 }
 
 // ---- decode_blocks --------------------------------------------------------------------------------------
@@ -1425,7 +1662,7 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
 
 // The calls release the GIL, as torch's own ops do: the server's HTTP thread runs while a layer computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI") = 8;  // bumped when a signature below changes
+  m.attr("ABI") = 9;  // bumped when a signature below changes
   m.attr("PANEL") = kPanel;
   m.attr("AMX_STRIP") = kAmxOut;
   m.attr("AMX_DEPTH") = kAmxDepth;
@@ -1466,6 +1703,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("screen_argmax", &screen_argmax, py::arg("x"), py::arg("s"), py::arg("err"), py::arg("norm"),
         py::arg("err_max"), py::arg("norm_max"), py::arg("split_inputs"), py::arg("suppress"),
         py::arg("panels"), py::arg("dense"), py::arg("max_candidates"), py::arg("isa") = -1);
+  m.def("screen_sample", &screen_sample, py::arg("x"), py::arg("s"), py::arg("err"), py::arg("norm"),
+        py::arg("split_inputs"), py::arg("suppress"), py::arg("panels"), py::arg("dense"), py::arg("temperature"),
+        py::arg("seeds"), py::arg("max_tries"), py::arg("isa") = -1);
   // decode_blocks releases the GIL itself, once it has read the plan.
   m.def("decode_blocks", &decode_blocks, py::arg("x"), py::arg("plan"), py::arg("n_head"), py::arg("cache_k"),
         py::arg("cache_v"), py::arg("length"), py::arg("starts"));

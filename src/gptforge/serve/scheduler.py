@@ -10,9 +10,11 @@ scheduler thread:
    copied into the shared cache;
 3. runs one decode step for every running sequence together, then picks each row's next token with the
    ``generate`` processors and sampling functions under that sequence's own parameters, history and
-   random generator. When every row is plain greedy (no log-probabilities, no penalties), a prepared
-   float32 model's LM head finds the tokens through its argmax screen, without forming the logits
-   (:class:`~gptforge.inference.ArgmaxScreen`: the same tokens).
+   random generator. On a prepared float32 model the LM head's argmax screen
+   (:class:`~gptforge.inference.ArgmaxScreen`) chooses the plain rows without forming their logits, as
+   the engine does for a lone prompt: plain greedy rows (no log-probabilities, no penalties) get the same
+   argmax, plain sampled rows (no top-k / top-p / min-p either) a draw from the same softmax; only the
+   other rows' logits are computed.
 
 The shared cache keeps the model's one-length-for-all-rows :class:`~gptforge.model.KVCache` (no model
 change): every row's tokens end at the shared length ``L`` and start at its own ``start``; earlier
@@ -51,7 +53,7 @@ from typing import Any, Callable, Optional, Sequence as Seq
 import torch
 
 from ..config import GenerateConfig
-from ..generate.processors import TokenHistory, argmax_only, process_logits
+from ..generate.processors import TokenHistory, argmax_only, process_logits, sample_only
 from ..generate.sampling import choose_tokens, make_generators, token_logprobs
 from ..generate.stopping import TextTracker
 from ..inference import linears_batch_invariant
@@ -143,10 +145,21 @@ def _cache_view(cache: KVCache, rows: slice, start: int, length: int) -> KVCache
     return view
 
 
-def _argmax_only(seq: Sequence) -> bool:
-    """Whether ``seq``'s next token is its logits' plain argmax (end-of-text before min_new_tokens included)."""
-    return argmax_only(seq.config, seq.history) and not (seq.eos_id is not None
-                                                          and seq.generated < seq.config.min_new_tokens)
+def _eos_banned(seq: Sequence) -> bool:
+    """Whether end-of-text may not come next (before min_new_tokens)."""
+    return seq.eos_id is not None and seq.generated < seq.config.min_new_tokens
+
+
+def _screen_kind(seq: Sequence) -> Optional[str]:
+    """How a screened LM head chooses ``seq``'s next token without its logits: "argmax" (plain greedy, no
+    log-probabilities, no end-of-text ban pending), "sample" (a plain draw from the softmax, log-probabilities
+    or not; an end-of-text ban is passed on), or None (the token comes from the logits: penalties, bans,
+    warpers; greedy with log-probabilities)."""
+    if argmax_only(seq.config, seq.history) and not _eos_banned(seq):
+        return "argmax"
+    if sample_only(seq.config, seq.history):
+        return "sample"
+    return None
 
 
 def _uses_prefix(model: torch.nn.Module) -> bool:
@@ -170,8 +183,8 @@ class Scheduler:
         # With batch-invariant linear layers (prepacked float32 or int8 on CPU), one batched forward with
         # row-by-row attention gives every row the bits it gets alone; otherwise each row runs alone.
         self._ragged = linears_batch_invariant(model)
-        # A prepared float32 LM head's argmax screen (gptforge.inference.ArgmaxScreen): a step whose rows
-        # are all plain greedy finds their tokens without forming the logits (the same tokens).
+        # A prepared float32 LM head's argmax screen (gptforge.inference.ArgmaxScreen): plain greedy and
+        # plain sampled rows are chosen without forming their logits (see _choose_hidden).
         self._screened = bool(getattr(getattr(model, "lm_head", None), "screened", False))
         self.stats = SchedulerStats()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -294,32 +307,40 @@ class Scheduler:
                 self._emit(seq, TokenEvent(seq.index, "", finish_reason="cancelled"))
                 continue
             try:
-                logits = self._prefill(seq)
+                last = self._prefill(seq)
             except Exception:  # e.g. out of memory: fail this sequence, keep serving the rest
                 log.exception("prefill failed")
                 self._emit(seq, TokenEvent(seq.index, "", finish_reason="error"))
                 self._discard_cache_row(seq)
                 continue
-            self._choose(seq, logits)
+            if self._screened:
+                self._choose_hidden([seq], last)
+            else:
+                self._choose(seq, last)
             if seq.finished:
                 self._discard_cache_row(seq)
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
-        """Run the prompt alone, exactly as PromptBatch does for one prompt; copy its keys/values in."""
+        """Run the prompt alone, exactly as PromptBatch does for one prompt; copy its keys/values in. Returns
+        the (1, V) logits of the first new token, or with a screened head the (1, 1, C) final hidden state
+        they come from."""
         model, config = self.model, seq.config
         device = model.wte.weight.device
         P = len(seq.prompt_ids)
         # Same cache size (hence the same tensor strides) as the engine allocates for this prompt.
         cache = model.new_kv_cache(1, P + config.max_new_tokens)
         idx = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)
-        logits = model(idx, kv_cache=cache, attention_mask=None, last_only=True)[:, -1]  # (1, V)
+        if self._screened:
+            last = model.hidden_states(idx, kv_cache=cache, attention_mask=None)[:, -1:]  # (1, 1, C)
+        else:
+            last = model(idx, kv_cache=cache, attention_mask=None, last_only=True)[:, -1]  # (1, V)
         self.stats.prompt_tokens += P
         seq.eos_id = None if config.ignore_eos else self.tokenizer.eos_id
         seq.history = TokenHistory([seq.prompt_ids], model.config.vocab_size, config, device)
         seq.generators = make_generators(seq.seed, 1, device)
         seq.text = TextTracker(self.tokenizer, seq.prompt_ids, config.stop)
         self._place(seq, cache, P)
-        return logits
+        return last
 
     def _place(self, seq: Sequence, cache: KVCache, P: int) -> None:
         """Give ``seq`` the next free row; its P cached positions end at the shared length."""
@@ -380,39 +401,40 @@ class Scheduler:
         device = self._cache.k.device
         tokens = torch.tensor([[seq.pending] for seq in rows], dtype=torch.long, device=device)  # (n, 1)
         positions = torch.tensor([[seq.length] for seq in rows], dtype=torch.long, device=device)  # (n, 1)
-        greedy: Optional[torch.Tensor] = None
+        hidden: Optional[torch.Tensor] = None
         if self.batch_invariant and self._ragged:
             # One forward for all rows: the linear layers are batch-invariant, and attention runs row by row
             # on each row's own keys (no padding, no mask), as in a lone prompt's decode step.
             view = _cache_view(self._cache, slice(0, n), 0, L)
             view.row_starts = [seq.start for seq in rows]
-            if self._screened and all(_argmax_only(seq) for seq in rows):
+            if self._screened:
                 hidden = self.model.hidden_states(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
-                greedy = self.model.greedy_tokens(hidden[:, -1])  # (n,)
-                logits = None
             else:
                 logits = self.model(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
         elif self.batch_invariant:
             # Each row alone, with exactly the call the engine makes for a lone prompt's decode step: its
             # own keys (a view of the shared cache, no padding), no mask, its own position.
-            logits = torch.cat([
-                self.model(tokens[i:i + 1], kv_cache=_cache_view(self._cache, slice(i, i + 1), seq.start, L - seq.start),
-                           attention_mask=None, position_ids=positions[i:i + 1])
-                for i, seq in enumerate(rows)])  # (n, 1, V)
+            run = self.model.hidden_states if self._screened else self.model
+            out = torch.cat([
+                run(tokens[i:i + 1], kv_cache=_cache_view(self._cache, slice(i, i + 1), seq.start, L - seq.start),
+                    attention_mask=None, position_ids=positions[i:i + 1])
+                for i, seq in enumerate(rows)])  # (n, 1, V), or (n, 1, C) hidden states
+            hidden, logits = (out, None) if self._screened else (None, out)
         else:
             starts = torch.tensor([seq.start for seq in rows], device=device)
             mask = (torch.arange(L + 1, device=device).unsqueeze(0) >= starts.unsqueeze(1)).long()  # (n, L + 1)
-            logits = self.model(tokens, kv_cache=_cache_view(self._cache, slice(0, n), 0, L), attention_mask=mask,
-                                position_ids=positions)
+            run = self.model.hidden_states if self._screened else self.model
+            out = run(tokens, kv_cache=_cache_view(self._cache, slice(0, n), 0, L), attention_mask=mask,
+                      position_ids=positions)
+            hidden, logits = (out, None) if self._screened else (None, out)
         self._length = L + 1
         self.stats.steps += 1
         rows = list(rows)
         for i, seq in enumerate(rows):
             seq.history.append(tokens[i], [seq.pending])
             seq.pending = None
-        if greedy is not None:
-            for i, seq in enumerate(rows):
-                self._take(seq, greedy[i:i + 1], None)
+        if hidden is not None:
+            self._choose_hidden(rows, hidden)
         else:
             self._choose_rows(rows, logits[:, -1].float())  # (n, V)
         for seq in [s for s in rows if s.finished]:
@@ -422,9 +444,50 @@ class Scheduler:
         """Pick ``seq``'s next token from its (1, V) logits with its own parameters; emit what it decides."""
         self._choose_rows([seq], logits.float())
 
+    def _choose_hidden(self, rows: list[Sequence], hidden: torch.Tensor) -> None:
+        """Pick each row's next token from its final hidden state, ``hidden`` (n, 1, C), under a screened LM
+        head, as the engine does for each alone: plain greedy rows through the head's argmax screen, plain
+        sampled rows drawn through it (``GPT.sample_tokens``, with the row's own generator), and the rest from
+        their logits (:meth:`_choose_rows`). Emit what each decides."""
+        kinds = [_screen_kind(seq) for seq in rows]
+        chosen: list[Optional[torch.Tensor]] = [None] * len(rows)
+        logits_of: list[Optional[torch.Tensor]] = [None] * len(rows)
+        greedy = [i for i, kind in enumerate(kinds) if kind == "argmax"]
+        if greedy:
+            tokens = self.model.greedy_tokens(hidden[greedy, -1])
+            for j, i in enumerate(greedy):
+                chosen[i] = tokens[j:j + 1]
+        drawn = [i for i, kind in enumerate(kinds) if kind == "sample"]
+        if drawn:
+            seqs = [rows[i] for i in drawn]
+            tokens = self.model.sample_tokens(
+                hidden[drawn, -1], [seq.config.temperature for seq in seqs],
+                [seq.generators[0] if seq.generators else None for seq in seqs],
+                [seq.eos_id if _eos_banned(seq) else None for seq in seqs])
+            for j, i in enumerate(drawn):
+                chosen[i] = tokens[j:j + 1]
+        rest = [i for i, kind in enumerate(kinds) if kind is None]
+        need = [i for i, kind in enumerate(kinds) if kind is None or rows[i].config.logprobs]
+        if need:
+            logits = self.model._logits(hidden[need]).float()[:, -1]  # (r, V): the forward's own head call
+            for j, i in enumerate(need):
+                logits_of[i] = logits[j:j + 1]
+        if rest:
+            tokens, views = self._pick_rows([rows[i] for i in rest], torch.cat([logits_of[i] for i in rest]))
+            for j, i in enumerate(rest):
+                chosen[i], logits_of[i] = tokens[j], views[j]
+        for i, seq in enumerate(rows):
+            self._take(seq, chosen[i], logits_of[i])
+
     def _choose_rows(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """:meth:`_pick_rows`, then emit what each row decides."""
+        tokens, views = self._pick_rows(rows, logits)
+        for i, seq in enumerate(rows):
+            self._take(seq, tokens[i], views[i])
+
+    def _pick_rows(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Pick each row's next token from ``logits`` (n, V) float, each with its own parameters, history and
-        generator, exactly as ``_choose`` would one by one; emit what each decides.
+        generator, exactly as ``_choose`` would one by one; returns each row's token, (1,), and logits, (1, V).
 
         Greedy rows, and seeded rows whose distributions are warped alike (same temperature, top-k, top-p,
         min-p), are chosen in one batched call each: the warpers, softmax, running sum, search and argmax
@@ -457,8 +520,7 @@ class Scheduler:
             picked = choose_tokens(batch, rows[members[0]].config, generators)  # (len(members),)
             for j, i in enumerate(members):
                 chosen[i] = picked[j:j + 1]
-        for i, seq in enumerate(rows):
-            self._take(seq, chosen[i], views[i])
+        return chosen, views
 
     def _take(self, seq: Sequence, token_t: torch.Tensor, logits: Optional[torch.Tensor]) -> None:
         """Record ``seq``'s chosen token (a (1,) tensor; its logits (1, V), needed for log-probabilities) and

@@ -176,3 +176,42 @@ def test_every_decode_path_chooses_through_the_screen_alike(model_and_tokenizer)
     assert run(model, tokenizer, jobs, ragged=False) == ragged
     padded = run(model, tokenizer, jobs, batch_invariant=False)
     assert [len(t) for t in padded] == [9, 12, 7, 8]
+
+
+@pytest.mark.parametrize("config", [GenerateConfig(max_new_tokens=8, temperature=0.0, ignore_eos=True),
+                                    GenerateConfig(max_new_tokens=8, temperature=0.9, ignore_eos=True),
+                                    GenerateConfig(max_new_tokens=8, temperature=0.9, top_k=5, ignore_eos=True)])
+def test_a_requests_choices_share_one_prefill(model_and_tokenizer, monkeypatch, config):
+    model, tokenizer = model_and_tokenizer
+    prefills = []
+    original = type(model).hidden_states
+    monkeypatch.setattr(type(model), "hidden_states",
+                        lambda self, idx, **k: (prefills.append(idx.shape[1]) if idx.shape[1] > 1 else None)
+                        or original(self, idx, **k))
+    ids = tokenizer.encode("the quick brown fox")
+    alone = [run(model, tokenizer, [("the quick brown fox", config, 10 + i)])[0] for i in range(3)]
+    assert len(prefills) == 3
+    prefills.clear()
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2).start()  # the third choice waits a step
+    tokens: list[list[int]] = [[], [], [], []]
+    done = threading.Semaphore(0)
+
+    def sink_for(j):
+        def sink(event):
+            if event.token_id is not None:
+                tokens[j].append(event.token_id)
+            if event.finish_reason is not None:
+                done.release()
+        return sink
+
+    group = object()
+    try:
+        scheduler.submit([Sequence(ids, config, sink_for(i), index=i, seed=10 + i, prefill_group=group)
+                          for i in range(3)] + [Sequence(ids, config, sink_for(3), seed=10)])
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop(timeout=10)
+    assert tokens[:3] == alone and tokens[3] == alone[0]
+    assert prefills == [len(ids), len(ids)]  # once for the group (across two admissions), once for the other
+    assert scheduler.stats.prompt_tokens == 2 * len(ids) and scheduler._group_prefill is None

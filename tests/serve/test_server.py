@@ -230,6 +230,10 @@ def test_n_seed_stop_logprobs_and_penalties(client, server):
     ref = generate(server.state.model, server.state.tokenizer, "abc",
                    GenerateConfig(max_new_tokens=10, temperature=1.0, num_return_sequences=3, seed=7))[0]
     assert [c["text"] for c in a["choices"]] == [c.text for c in ref]  # seed + choice index, like the engine
+    before = server.state.scheduler.stats.prompt_tokens
+    assert client.post("/v1/completions", json=base).json()["choices"] == a["choices"]
+    # The three choices shared one prefill (the same keys and values, computed once).
+    assert server.state.scheduler.stats.prompt_tokens - before == len(server.state.tokenizer.encode("abc"))
     # Stop strings: the first character of a greedy answer stops it before anything is returned.
     full = client.post("/v1/completions", json={**base, "n": 1, "temperature": 0}).json()["choices"][0]["text"]
     cut = client.post("/v1/completions", json={**base, "n": 1, "temperature": 0, "stop": [full[2:4]]}).json()

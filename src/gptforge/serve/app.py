@@ -499,10 +499,12 @@ class _Job:
         self.sequences = []
         for p, ids in enumerate(prompts_ids):
             gen = self._generate_config(self.max_tokens[p])
+            group = object()  # the prompt's n choices share one prefill
             for i in range(n):
                 index = p * n + i
                 seed = None if req.seed is None else req.seed + index
-                self.sequences.append(Sequence(ids, gen, self._sink, index=index, seed=seed, deadline=self.deadline))
+                self.sequences.append(Sequence(ids, gen, self._sink, index=index, seed=seed, deadline=self.deadline,
+                                               prefill_group=group))
 
     def _generate_config(self, max_tokens: int) -> GenerateConfig:
         req = self.req

@@ -89,13 +89,18 @@ class Sequence:
     """One generated sequence: a prompt, its decoding parameters, and where its events go.
 
     ``sink(event)`` is called on the scheduler thread (the app hands it a thread-safe callback).
-    ``seed`` seeds this sequence's own generator (None: the global RNG).
+    ``seed`` seeds this sequence's own generator (None: the global RNG). ``prefill_group``: sequences
+    submitted together with the same group, prompt and ``max_new_tokens`` (the ``n`` choices of one
+    request) share one prefill: the prompt runs once and each gets a copy of its keys and values (the same
+    bits it would compute alone).
     """
 
     def __init__(self, prompt_ids: Seq[int], config: GenerateConfig, sink: Callable[[TokenEvent], None], *,
-                 index: int = 0, seed: Optional[int] = None, deadline: Optional[float] = None):
+                 index: int = 0, seed: Optional[int] = None, deadline: Optional[float] = None,
+                 prefill_group: Optional[object] = None):
         self.prompt_ids = list(prompt_ids)
         self.config = config
+        self.prefill_group = prefill_group
         self.sink = sink
         self.index = index
         self.seed = seed
@@ -194,6 +199,8 @@ class Scheduler:
         self._stopping = False
         self._cache: Optional[KVCache] = None
         self._length = 0  # L: columns filled in the shared cache
+        # The last prefill of a prefill group, while more of its sequences wait: (key, cache, output).
+        self._group_prefill: Optional[tuple[tuple, KVCache, torch.Tensor]] = None
         self._thread = threading.Thread(target=self._loop, name="gptforge-scheduler", daemon=True)
 
     # ------------------------------------------------------------------------------------------------
@@ -296,6 +303,12 @@ class Scheduler:
                 self._emit(seq, TokenEvent(seq.index, "", finish_reason="cancelled"))
 
     def _admit(self, now: float) -> None:
+        self._admit_waiting(now)
+        with self._cond:
+            if not self._waiting:
+                self._group_prefill = None
+
+    def _admit_waiting(self, now: float) -> None:
         while len(self._running) < self.max_batch_size:
             with self._cond:
                 if not self._waiting:
@@ -319,6 +332,10 @@ class Scheduler:
                 self._choose(seq, last)
             if seq.finished:
                 self._discard_cache_row(seq)
+            with self._cond:  # the group's prefill stays only while the next waiting sequence shares it
+                if not (self._waiting and self._group_prefill is not None
+                        and self._waiting[0].prefill_group is self._group_prefill[0][0]):
+                    self._group_prefill = None
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
         """Run the prompt alone, exactly as PromptBatch does for one prompt; copy its keys/values in. Returns
@@ -327,14 +344,20 @@ class Scheduler:
         model, config = self.model, seq.config
         device = model.wte.weight.device
         P = len(seq.prompt_ids)
-        # Same cache size (hence the same tensor strides) as the engine allocates for this prompt.
-        cache = model.new_kv_cache(1, P + config.max_new_tokens)
-        idx = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)
-        if self._screened:
-            last = model.hidden_states(idx, kv_cache=cache, attention_mask=None)[:, -1:]  # (1, 1, C)
+        key = (seq.prefill_group, tuple(seq.prompt_ids), P + config.max_new_tokens)
+        shared = self._group_prefill
+        if seq.prefill_group is not None and shared is not None and shared[0] == key:
+            cache, last = shared[1], shared[2].clone()  # the group's prefill: the same computation, done once
         else:
-            last = model(idx, kv_cache=cache, attention_mask=None, last_only=True)[:, -1]  # (1, V)
-        self.stats.prompt_tokens += P
+            # Same cache size (hence the same tensor strides) as the engine allocates for this prompt.
+            cache = model.new_kv_cache(1, P + config.max_new_tokens)
+            idx = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)
+            if self._screened:
+                last = model.hidden_states(idx, kv_cache=cache, attention_mask=None)[:, -1:]  # (1, 1, C)
+            else:
+                last = model(idx, kv_cache=cache, attention_mask=None, last_only=True)[:, -1]  # (1, V)
+            self.stats.prompt_tokens += P
+            self._group_prefill = (key, cache, last.clone()) if seq.prefill_group is not None else None
         seq.eos_id = None if config.ignore_eos else self.tokenizer.eos_id
         seq.history = TokenHistory([seq.prompt_ids], model.config.vocab_size, config, device)
         seq.generators = make_generators(seq.seed, 1, device)

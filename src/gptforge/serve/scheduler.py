@@ -390,9 +390,10 @@ class Scheduler:
     def _remove(self, seq: Sequence) -> None:
         """Free ``seq``'s row: the last row moves into it so that running rows stay 0..n-1."""
         last = self._running[-1]
-        if last is not seq:
-            self._cache.k[:, seq.slot] = self._cache.k[:, last.slot]
-            self._cache.v[:, seq.slot] = self._cache.v[:, last.slot]
+        if last is not seq:  # its filled columns only (the rest is written before it is read)
+            used = slice(last.start, self._length)
+            self._cache.k[:, seq.slot, :, used] = self._cache.k[:, last.slot, :, used]
+            self._cache.v[:, seq.slot, :, used] = self._cache.v[:, last.slot, :, used]
             last.slot = seq.slot
             self._running[seq.slot] = last
         self._running.pop()

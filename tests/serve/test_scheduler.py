@@ -32,10 +32,19 @@ def run(model, tokenizer, jobs: list[tuple[str, GenerateConfig, int | None]], *,
     if ragged is not None:
         scheduler._ragged = ragged
     scheduler.start()
-    tokens: list[list[int]] = [[] for _ in jobs]
+    return collect(scheduler, lambda sink_for: [Sequence(tokenizer.encode(prompt), config, sink_for(j), seed=seed)
+                                                for j, (prompt, config, seed) in enumerate(jobs)])
+
+
+def collect(scheduler: Scheduler, make) -> list[list[int]]:
+    """Submit ``make(sink_for)`` (sequences whose sink j is ``sink_for(j)``) to the started ``scheduler``, wait
+    for all to finish, stop it; each sequence's token ids."""
+    tokens: list[list[int]] = []
     done = threading.Semaphore(0)
 
     def sink_for(j):
+        tokens.extend([] for _ in range(j + 1 - len(tokens)))
+
         def sink(event):
             if event.token_id is not None:
                 tokens[j].append(event.token_id)
@@ -44,9 +53,9 @@ def run(model, tokenizer, jobs: list[tuple[str, GenerateConfig, int | None]], *,
         return sink
 
     try:
-        scheduler.submit([Sequence(tokenizer.encode(prompt), config, sink_for(j), seed=seed)
-                          for j, (prompt, config, seed) in enumerate(jobs)])
-        for _ in jobs:
+        sequences = make(sink_for)
+        scheduler.submit(sequences)
+        for _ in sequences:
             assert done.acquire(timeout=60)
     finally:
         scheduler.stop(timeout=10)
@@ -193,25 +202,10 @@ def test_a_requests_choices_share_one_prefill(model_and_tokenizer, monkeypatch, 
     assert len(prefills) == 3
     prefills.clear()
     scheduler = Scheduler(model, tokenizer, max_batch_size=2).start()  # the third choice waits a step
-    tokens: list[list[int]] = [[], [], [], []]
-    done = threading.Semaphore(0)
-
-    def sink_for(j):
-        def sink(event):
-            if event.token_id is not None:
-                tokens[j].append(event.token_id)
-            if event.finish_reason is not None:
-                done.release()
-        return sink
-
     group = object()
-    try:
-        scheduler.submit([Sequence(ids, config, sink_for(i), index=i, seed=10 + i, prefill_group=group)
-                          for i in range(3)] + [Sequence(ids, config, sink_for(3), seed=10)])
-        for _ in range(4):
-            assert done.acquire(timeout=60)
-    finally:
-        scheduler.stop(timeout=10)
+    tokens = collect(scheduler, lambda sink_for: [
+        Sequence(ids, config, sink_for(i), index=i, seed=10 + i, prefill_group=group) for i in range(3)]
+        + [Sequence(ids, config, sink_for(3), seed=10)])
     assert tokens[:3] == alone and tokens[3] == alone[0]
     assert prefills == [len(ids), len(ids)]  # once for the group (across two admissions), once for the other
     assert scheduler.stats.prompt_tokens == 2 * len(ids) and scheduler._group_prefill is None

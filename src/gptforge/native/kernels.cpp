@@ -1168,19 +1168,20 @@ void collect(const float* s, int64_t n, float threshold, std::vector<int64_t>& o
   collect_scalar(s, n, threshold, out);
 }
 
-std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, const torch::Tensor& s,
-                                                 const torch::Tensor& err, const torch::Tensor& norm,
-                                                 double err_max, double norm_max, bool split_inputs,
-                                                 int64_t suppress,
-                                                 const torch::Tensor& panels,
-                                                 const c10::optional<torch::Tensor>& dense,
-                                                 int64_t max_candidates, int64_t isa) {
+// The arguments screen_argmax and screen_sample share: x (M, K), s (M, N), the float32 panels, err and norm
+// (N,), and the optional dense (N, K) weight. Returns M, N, K and whether the dense weight is given.
+struct ScreenShape { int64_t m, n, k; bool rows_dense; };
+ScreenShape check_screen(const torch::Tensor& x_in, const torch::Tensor& s, const torch::Tensor& err,
+                         const torch::Tensor& norm, const torch::Tensor& panels,
+                         const c10::optional<torch::Tensor>& dense) {
   TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device().is_cpu(),
               "s must be a contiguous float32 CPU (M, N) tensor");
   const int64_t m = s.size(0), n = s.size(1);
   check_panels(panels, torch::kFloat, n);
   const int64_t k = panels.size(1);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == m && x_in.size(1) == k, "x must be (", m, ", ", k, ")");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == m && x_in.size(1) == k && x_in.scalar_type() == torch::kFloat &&
+                  x_in.is_contiguous() && x_in.device().is_cpu(),
+              "x must be a contiguous float32 CPU (", m, ", ", k, ") tensor");
   const bool rows_dense = dense.has_value() && dense->defined();
   if (rows_dense)
     TORCH_CHECK(dense->dim() == 2 && dense->size(0) == n && dense->size(1) == k && dense->is_contiguous() &&
@@ -1189,8 +1190,25 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
   for (const torch::Tensor* t : {&err, &norm})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == torch::kFloat && t->is_contiguous(),
                 "err and norm must be contiguous float32 (", n, ")");
-  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.is_contiguous() && x_in.device().is_cpu(),
-              "x must be a contiguous float32 CPU tensor");
+  return {m, n, k, rows_dense};
+}
+
+// Output v's weights: a dense row (stride 1) or column v % 64 of panel v / 64 (stride 64).
+inline std::pair<const float*, int64_t> weight_of(const float* src, bool rows_dense, int64_t v, int64_t k) {
+  if (rows_dense) return {src + v * k, 1};
+  return {src + (v / kPanel) * k * kPanel + v % kPanel, kPanel};
+}
+
+std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, const torch::Tensor& s,
+                                                 const torch::Tensor& err, const torch::Tensor& norm,
+                                                 double err_max, double norm_max, bool split_inputs,
+                                                 int64_t suppress,
+                                                 const torch::Tensor& panels,
+                                                 const c10::optional<torch::Tensor>& dense,
+                                                 int64_t max_candidates, int64_t isa) {
+  const ScreenShape shape = check_screen(x_in, s, err, norm, panels, dense);
+  const int64_t m = shape.m, n = shape.n, k = shape.k;
+  const bool rows_dense = shape.rows_dense;
   const float* sp = s.data_ptr<float>();
   const float* ep = err.data_ptr<float>();
   const float* np = norm.data_ptr<float>();
@@ -1238,9 +1256,7 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
     const float* src = rows_dense ? dense->data_ptr<float>() : panels.data_ptr<float>();
     float* dst = own.data_ptr<float>();
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t v = picked[j];
-      const float* col = rows_dense ? src + v * k : src + (v / kPanel) * k * kPanel + v % kPanel;
-      const int64_t stride = rows_dense ? 1 : kPanel;
+      const auto [col, stride] = weight_of(src, rows_dense, picked[j], k);
       float* out = dst + (j / kPanel) * k * kPanel + j % kPanel;
       for (int64_t t = 0; t < k; ++t) out[t * kPanel] = col[t * stride];
     }
@@ -1467,22 +1483,9 @@ std::tuple<torch::Tensor, int64_t> screen_sample(const torch::Tensor& x_in, cons
                                                  const c10::optional<torch::Tensor>& dense,
                                                  const torch::Tensor& temperature, const torch::Tensor& seeds,
                                                  int64_t max_tries, int64_t isa) {
-  TORCH_CHECK(s.dim() == 2 && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device().is_cpu(),
-              "s must be a contiguous float32 CPU (M, N) tensor");
-  const int64_t m = s.size(0), n = s.size(1);
-  check_panels(panels, torch::kFloat, n);
-  const int64_t k = panels.size(1);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == m && x_in.size(1) == k && x_in.scalar_type() == torch::kFloat &&
-                  x_in.is_contiguous() && x_in.device().is_cpu(),
-              "x must be a contiguous float32 CPU (", m, ", ", k, ") tensor");
-  const bool rows_dense = dense.has_value() && dense->defined();
-  if (rows_dense)
-    TORCH_CHECK(dense->dim() == 2 && dense->size(0) == n && dense->size(1) == k && dense->is_contiguous() &&
-                    dense->scalar_type() == torch::kFloat && dense->device().is_cpu(),
-                "dense must be the contiguous float32 (", n, ", ", k, ") weight");
-  for (const torch::Tensor* t : {&err, &norm})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == torch::kFloat && t->is_contiguous(),
-                "err and norm must be contiguous float32 (", n, ")");
+  const ScreenShape shape = check_screen(x_in, s, err, norm, panels, dense);
+  const int64_t m = shape.m, n = shape.n, k = shape.k;
+  const bool rows_dense = shape.rows_dense;
   TORCH_CHECK(temperature.scalar_type() == torch::kDouble && temperature.numel() == m && temperature.is_contiguous(),
               "temperature must be float64 with one value a row");
   TORCH_CHECK(seeds.scalar_type() == torch::kLong && seeds.numel() == m && seeds.is_contiguous(),
@@ -1553,8 +1556,7 @@ std::tuple<torch::Tensor, int64_t> screen_sample(const torch::Tensor& x_in, cons
           }
           if (v < 0) break;  // unreachable: the block's sum is positive
           // The layer's float32 output for v: one fma chain over k in order, as the panel kernel computes it.
-          const float* col = rows_dense ? wsrc + v * k : wsrc + (v / kPanel) * k * kPanel + v % kPanel;
-          const int64_t stride = rows_dense ? 1 : kPanel;
+          const auto [col, stride] = weight_of(wsrc, rows_dense, v, k);
           float l = 0.0f;
           for (int64_t t = 0; t < k; ++t) l = std::fma(xr[t], col[t * stride], l);
           const double accept = std::exp((static_cast<double>(l) - umax) * static_cast<double>(inv_t)) / w[v];

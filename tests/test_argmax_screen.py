@@ -267,6 +267,11 @@ def test_screened_sampling_respects_suppress_and_falls_back_exactly():
     assert counts[top] == 0 and layer._screen.last_proposals == 0
     stat, dof = chi_square(counts, probs)
     assert stat < dof + 6 * (2 * dof) ** 0.5
+    # A temperature so low against the bounds that proposals are nearly always rejected: the full layer
+    # takes over after max_tries proposals a row, and the draw is still the softmax's (here its argmax).
+    layer._screen.max_tries = 64
+    cold = layer.sample(x[:8], torch.full((8,), 1e-4, dtype=torch.float64), torch.arange(8), torch.full((8,), -1))
+    assert torch.equal(cold, logits.argmax().repeat(8)) and layer._screen.last_proposals <= 8 * 64
     seeds = torch.tensor([3, 4, 3])
     t = torch.ones(3, dtype=torch.float64)
     a = layer.sample(x[:3], t, seeds, torch.full((3,), -1))

@@ -338,7 +338,10 @@ class ArgmaxScreen:
         self._panels = panels
         self.out_features, self.in_features = n, k
         self.max_candidates = max(64, n // 16)
-        self.max_tries = 4096  # proposals a row may draw in sample() before the full layer decides it
+        # Proposals a row may draw in sample() before the full layer decides it (~2 us each). Where the bounds
+        # are wide against the temperature (T -> 0) nearly every proposal is rejected, and the full layer
+        # should take over soon; at the usual acceptance rates (0.5 or more) 64 all fail once in 1e19.
+        self.max_tries = 64
         self.isa = -1  # the candidate scan's vector code: -1 the best here, 0 the scalar code (tests)
         self.last_candidates = 0  # candidates of the last call (all rows together), for benchmarks and logs
         self.last_proposals = 0  # proposals of the last sample() call (all rows together)

@@ -342,3 +342,5 @@ def test_sample_tokens_without_a_screen_samples_the_logits():
     assert not bool((cold == best).any())
     with pytest.raises(ValueError):
         model.sample_tokens(hidden, [1.0, 1.0])
+    with pytest.raises(ValueError, match="temperatures > 0"):
+        model.sample_tokens(hidden, 0.0)

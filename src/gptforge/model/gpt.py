@@ -372,6 +372,8 @@ class GPT(nn.Module):
         gens = [None] * B if generators is None else list(generators)
         if len(temps) != B or len(bans) != B or len(gens) != B:
             raise ValueError(f"temperature, suppress and generators need one value per row ({B})")
+        if not all(t > 0 and math.isfinite(t) for t in temps):
+            raise ValueError(f"sampling needs finite temperatures > 0 (0 is greedy: greedy_tokens), got {temps}")
         seeds = torch.cat([torch.randint(0, 2 ** 63 - 1, (1,), generator=g, device=g.device if g is not None else "cpu")
                            .cpu() for g in gens])
         t = torch.tensor(temps, dtype=torch.float64)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from .config import KV_CACHE_DTYPES
 from .errors import ConfigError
+from .model.gpt import draw_from_logits
 from .native import panel_available
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class PackedLinear(nn.Module):
         screen = self.__dict__.get("_screen")
         if screen is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
             return screen.sample(x, self.forward, temperature, seeds, suppress)
-        return ArgmaxScreen._full_sample(self.forward(x), temperature, seeds, suppress)
+        return draw_from_logits(self.forward(x), temperature, seeds, suppress)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -389,8 +390,8 @@ class ArgmaxScreen:
         missing = (tokens < 0).nonzero().flatten()
         if missing.numel():
             log.debug("argmax screen: %d rows sampled from the full layer", missing.numel())
-            tokens[missing] = self._full_sample(full(x[missing]), temperature[missing], seeds[missing],
-                                                suppress[missing])
+            tokens[missing] = draw_from_logits(full(x[missing]), temperature[missing], seeds[missing],
+                                               suppress[missing])
         return tokens
 
     @staticmethod
@@ -398,14 +399,6 @@ class ArgmaxScreen:
         if suppress is not None:
             logits[:, suppress] = float("-inf")
         return logits.argmax(dim=1)
-
-    @staticmethod
-    def _full_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                     suppress: torch.Tensor) -> torch.Tensor:
-        """:meth:`sample` from the outputs themselves (gptforge.model.gpt.draw_from_logits)."""
-        from .model.gpt import draw_from_logits
-
-        return draw_from_logits(logits, temperature, seeds, suppress).to(seeds.device)
 
 
 class NativeGELU(nn.Module):

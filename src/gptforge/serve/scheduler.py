@@ -304,8 +304,9 @@ class Scheduler:
 
     def _admit(self, now: float) -> None:
         self._admit_waiting(now)
-        with self._cond:
-            if not self._waiting:
+        with self._cond:  # a group's prefill stays only while the next waiting sequence shares it
+            if self._group_prefill is not None and not (
+                    self._waiting and self._waiting[0].prefill_group is self._group_prefill[0][0]):
                 self._group_prefill = None
 
     def _admit_waiting(self, now: float) -> None:
@@ -326,21 +327,15 @@ class Scheduler:
                 self._emit(seq, TokenEvent(seq.index, "", finish_reason="error"))
                 self._discard_cache_row(seq)
                 continue
-            if self._screened:
-                self._choose_hidden([seq], last)
-            else:
-                self._choose(seq, last)
+            self._choose_from([seq], last)
             if seq.finished:
                 self._discard_cache_row(seq)
-            with self._cond:  # the group's prefill stays only while the next waiting sequence shares it
-                if not (self._waiting and self._group_prefill is not None
-                        and self._waiting[0].prefill_group is self._group_prefill[0][0]):
-                    self._group_prefill = None
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
         """Run the prompt alone, exactly as PromptBatch does for one prompt; copy its keys/values in. Returns
-        the (1, V) logits of the first new token, or with a screened head the (1, 1, C) final hidden state
-        they come from."""
+        what :meth:`_choose_from` takes: the (1, 1, V) logits of the first new token, or with a screened
+        head the (1, 1, C) final hidden state they come from. A sequence of the group whose prefill was the
+        last one (another choice of the same request) reuses it; any other prefill replaces it."""
         model, config = self.model, seq.config
         device = model.wte.weight.device
         P = len(seq.prompt_ids)
@@ -355,7 +350,7 @@ class Scheduler:
             if self._screened:
                 last = model.hidden_states(idx, kv_cache=cache, attention_mask=None)[:, -1:]  # (1, 1, C)
             else:
-                last = model(idx, kv_cache=cache, attention_mask=None, last_only=True)[:, -1]  # (1, V)
+                last = model(idx, kv_cache=cache, attention_mask=None, last_only=True)  # (1, 1, V)
             self.stats.prompt_tokens += P
             self._group_prefill = (key, cache, last.clone()) if seq.prefill_group is not None else None
         seq.eos_id = None if config.ignore_eos else self.tokenizer.eos_id
@@ -425,48 +420,43 @@ class Scheduler:
         device = self._cache.k.device
         tokens = torch.tensor([[seq.pending] for seq in rows], dtype=torch.long, device=device)  # (n, 1)
         positions = torch.tensor([[seq.length] for seq in rows], dtype=torch.long, device=device)  # (n, 1)
-        hidden: Optional[torch.Tensor] = None
+        # The forward's output goes to _choose_from: hidden states under a screened head, else logits.
+        run = self.model.hidden_states if self._screened else self.model
         if self.batch_invariant and self._ragged:
             # One forward for all rows: the linear layers are batch-invariant, and attention runs row by row
             # on each row's own keys (no padding, no mask), as in a lone prompt's decode step.
             view = _cache_view(self._cache, slice(0, n), 0, L)
             view.row_starts = [seq.start for seq in rows]
-            if self._screened:
-                hidden = self.model.hidden_states(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
-            else:
-                logits = self.model(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
+            out = run(tokens, kv_cache=view, attention_mask=None, position_ids=positions)
         elif self.batch_invariant:
             # Each row alone, with exactly the call the engine makes for a lone prompt's decode step: its
             # own keys (a view of the shared cache, no padding), no mask, its own position.
-            run = self.model.hidden_states if self._screened else self.model
             out = torch.cat([
                 run(tokens[i:i + 1], kv_cache=_cache_view(self._cache, slice(i, i + 1), seq.start, L - seq.start),
                     attention_mask=None, position_ids=positions[i:i + 1])
-                for i, seq in enumerate(rows)])  # (n, 1, V), or (n, 1, C) hidden states
-            hidden, logits = (out, None) if self._screened else (None, out)
+                for i, seq in enumerate(rows)])
         else:
             starts = torch.tensor([seq.start for seq in rows], device=device)
             mask = (torch.arange(L + 1, device=device).unsqueeze(0) >= starts.unsqueeze(1)).long()  # (n, L + 1)
-            run = self.model.hidden_states if self._screened else self.model
             out = run(tokens, kv_cache=_cache_view(self._cache, slice(0, n), 0, L), attention_mask=mask,
                       position_ids=positions)
-            hidden, logits = (out, None) if self._screened else (None, out)
         self._length = L + 1
         self.stats.steps += 1
         rows = list(rows)
         for i, seq in enumerate(rows):
             seq.history.append(tokens[i], [seq.pending])
             seq.pending = None
-        if hidden is not None:
-            self._choose_hidden(rows, hidden)
-        else:
-            self._choose_rows(rows, logits[:, -1].float())  # (n, V)
+        self._choose_from(rows, out)
         for seq in [s for s in rows if s.finished]:
             self._remove(seq)
 
-    def _choose(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Pick ``seq``'s next token from its (1, V) logits with its own parameters; emit what it decides."""
-        self._choose_rows([seq], logits.float())
+    def _choose_from(self, rows: list[Sequence], out: torch.Tensor) -> None:
+        """Pick and emit each row's next token from the forward's last position, ``out`` (n, 1, ·): final
+        hidden states under a screened head (:meth:`_choose_hidden`), else logits (:meth:`_choose_rows`)."""
+        if self._screened:
+            self._choose_hidden(rows, out)
+        else:
+            self._choose_rows(rows, out[:, -1].float())  # (n, V)
 
     def _choose_hidden(self, rows: list[Sequence], hidden: torch.Tensor) -> None:
         """Pick each row's next token from its final hidden state, ``hidden`` (n, 1, C), under a screened LM
@@ -511,7 +501,7 @@ class Scheduler:
 
     def _pick_rows(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Pick each row's next token from ``logits`` (n, V) float, each with its own parameters, history and
-        generator, exactly as ``_choose`` would one by one; returns each row's token, (1,), and logits, (1, V).
+        generator, exactly as each would alone; returns each row's token, (1,), and logits, (1, V).
 
         Greedy rows, and seeded rows whose distributions are warped alike (same temperature, top-k, top-p,
         min-p), are chosen in one batched call each: the warpers, softmax, running sum, search and argmax

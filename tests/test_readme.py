@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,3 +29,7 @@ def test_python_api_examples_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs/api/checkpoints/latest").is_file()
     assert namespace["logits"].shape == (1, 16, 50257)
     assert namespace["model"].num_parameters() == 124_439_808
+    assert namespace["greedy"].shape == namespace["drawn"].shape == (2,)
+    with torch.inference_mode():
+        logits = namespace["served"].lm_head(namespace["hidden"])
+    assert torch.equal(namespace["greedy"], logits.argmax(-1))

@@ -1,7 +1,7 @@
 """Greedy decoding speed of gptforge (float32 and int8) against Hugging Face ``transformers``, same weights.
 
     python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 32] [--batch-sizes 1 8] [--repeats 5]
-                                [--skip-transformers] [--threads N] [--profile]
+                                [--skip-transformers] [--threads N] [--profile] [--profile-batch B]
 
 Builds a randomly initialised GPT-2 124M (``GPT2LMHeadModel(GPT2Config())``, fixed seed), saves it with
 ``save_pretrained`` to a temporary folder and loads that folder into gptforge with ``load_hf_folder``, so
@@ -318,6 +318,14 @@ def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context:
         t_head = median_time(head_only)
         t_greedy = median_time(greedy_step)
         t_greedy_head = median_time(lambda: model.greedy_tokens(hidden_x))
+        # A sampled token at temperature 1 from the final hidden states: through the screen (a draw by
+        # rejection, GPT.sample_tokens), against the full head, softmax and inverse CDF.
+        from gptforge.config import GenerateConfig
+        from gptforge.generate.sampling import choose_tokens
+
+        sampling = GenerateConfig(temperature=1.0)
+        t_sample_head = median_time(lambda: model.sample_tokens(hidden_x, 1.0))
+        t_full_sample = median_time(lambda: choose_tokens(model.lm_head(hidden_x), sampling))
         c = model.config
         q = torch.randn(batch, c.n_head, 1, c.head_dim)
         views = [(cache.k[i, :, :, :context + 1], cache.v[i, :, :, :context + 1]) for i in range(c.n_layer)]
@@ -342,6 +350,9 @@ def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context:
     screened = getattr(model.lm_head, "screened", False)
     print(f"greedy step (blocks + argmax)  {t_greedy * 1e3:7.2f} ms (the head's argmax alone "
           f"{t_greedy_head * 1e3:.2f} ms{', through the argmax screen' if screened else ''})")
+    print(f"a sampled token (T = 1)        {t_sample_head * 1e3:7.2f} ms from the hidden states"
+          f"{' through the argmax screen' if screened else ''}, against {t_full_sample * 1e3:.2f} ms for the "
+          f"full head, softmax and draw")
     print(f"linear layers alone ({len(linears)})       {t_lin * 1e3:7.2f} ms ({t_lin / t_step:.0%} of the step; "
           f"LM head {t_head * 1e3:.2f} ms)")
     print(f"attention (SDPA) alone ({model.config.n_layer})     {t_attn * 1e3:7.2f} ms ({t_attn / t_step:.0%})")
@@ -363,6 +374,8 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true", help="gptforge only (no ratios, no token check)")
     parser.add_argument("--skip-int8", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also break one gptforge decode step down")
+    parser.add_argument("--profile-batch", type=int, default=1, metavar="B",
+                        help="rows of the --profile step (the server runs up to 16)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model: checks the script runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--bandwidth", help=argparse.SUPPRESS)
@@ -377,6 +390,8 @@ def main() -> None:
         return
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.profile_batch < 1:
+        parser.error("--profile-batch must be at least 1")
 
     impls = [i for i in IMPLS if not (args.skip_transformers and i.startswith("transformers"))
              and not (args.skip_int8 and i.endswith("int8"))]
@@ -414,9 +429,9 @@ def main() -> None:
                 r["ratio"], r["ratio_range"] = statistics.median(ratios), (min(ratios), max(ratios))
         report(args, impls, results, bandwidth)
         if args.profile:
-            profile_step(tmp, args.threads, int8=False)
+            profile_step(tmp, args.threads, int8=False, batch=args.profile_batch)
             if "gptforge int8" in impls:
-                profile_step(tmp, args.threads, int8=True)
+                profile_step(tmp, args.threads, int8=True, batch=args.profile_batch)
 
 
 def report(args, impls, results, bandwidth: list[dict]) -> None:

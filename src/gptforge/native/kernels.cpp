@@ -327,27 +327,34 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const int8_t* w) {
 
 template <typename W, int R>
 __attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs<W>& a) {
+  const int64_t depth = a.k, ldx = a.ldx, prefetch = a.prefetch;
+  const float* const x = a.x;
   for (int s = 0; s < 4 && a.valid > s * 16; ++s) {  // the panel as four 16-wide strips
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    const W* ws = a.w + s * 16;
-    for (int64_t k = 0; k < a.k; ++k) {
-      if (a.prefetch > 0) _mm_prefetch(reinterpret_cast<const char*>(ws + (k + a.prefetch) * kPanel), _MM_HINT_T0);
+    const W* const ws = a.w + s * 16;
+    for (int64_t k = 0; k < depth; ++k) {
+      if (prefetch > 0) _mm_prefetch(reinterpret_cast<const char*>(ws + (k + prefetch) * kPanel), _MM_HINT_T0);
       const __m256 w0 = load8(ws + k * kPanel), w1 = load8(ws + k * kPanel + 8);
       for (int r = 0; r < R; ++r) {
-        const __m256 b = _mm256_broadcast_ss(a.x + r * a.ldx + k);
+        const __m256 b = _mm256_broadcast_ss(x + r * ldx + k);
         acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
       }
     }
-    float tmp[16];
+    // All accumulators out first, by constant indices: a runtime index into `acc` (the loop below) made GCC
+    // keep the array in memory and store every accumulator at every k-step (the 6-row tile ran at 40% of
+    // the FMA peak on a Zen 3).
+    float tmp[R][16];
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(tmp[r], acc[r][0]);
+      _mm256_storeu_ps(tmp[r] + 8, acc[r][1]);
+    }
     const int64_t n = std::min<int64_t>(16, a.valid - s * 16);
     for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(tmp, acc[r][0]);
-      _mm256_storeu_ps(tmp + 8, acc[r][1]);
       float* yr = a.y + r * a.ldy + s * 16;
       for (int64_t j = 0; j < n; ++j) {
-        float v = tmp[j];
+        float v = tmp[r][j];
         if (a.scale != nullptr) v = v * a.scale[s * 16 + j];
         yr[j] = a.bias != nullptr ? v + a.bias[s * 16 + j] : v;
       }

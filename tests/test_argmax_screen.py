@@ -42,7 +42,7 @@ def full_argmax(layer: PackedLinear, x: torch.Tensor, suppress=None) -> torch.Te
 
 @pytest.mark.parametrize("kernel", SCREEN_KERNELS)
 @pytest.mark.parametrize("dense", [False, True])
-@pytest.mark.parametrize("isa", [-1, 0])  # the candidate scan's vector code, and its scalar code
+@pytest.mark.parametrize("isa", [-1, 1, 0])  # the row scans' best vector code, AVX2 at most, the scalar code
 @torch.no_grad()
 def test_screen_equals_the_full_argmax(kernel, dense, isa):
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_screen_equals_the_full_argmax(kernel, dense, isa):
 
 
 @pytest.mark.parametrize("kernel", SCREEN_KERNELS)
-@pytest.mark.parametrize("isa", [-1, 0])
+@pytest.mark.parametrize("isa", [-1, 1, 0])
 @torch.no_grad()
 def test_ties_and_near_ties_give_the_first_largest_as_torch_argmax(kernel, isa):
     torch.manual_seed(1)
@@ -96,7 +96,7 @@ def test_fallbacks_give_the_same_answer():
     x[1, 3] = float("nan")
     x[2, 0] = float("inf")
     # NaN and inf rows: the full layer's argmax (NaN logits: torch.argmax's answer), other rows as well.
-    for isa in (-1, 0):
+    for isa in (-1, 1, 0):
         layer._screen.isa = isa
         assert torch.equal(layer.argmax(x), full_argmax(layer, x))
     x = torch.randn(4, 48)
@@ -293,8 +293,10 @@ def test_screened_sampling_is_row_independent_and_the_same_in_scalar_code(dense)
     assert 0 <= int(got.min()) and int(got.max()) < n
     for r in range(9):
         assert layer.sample(x[r:r + 1], t[r:r + 1], seeds[r:r + 1], suppress[r:r + 1])[0] == got[r]
-    layer._screen.isa = 0
-    assert torch.equal(layer.sample(x, t, seeds, suppress), got)
+    for isa in (1, 0):  # AVX2 at most, and the scalar code: the same weights and sums, the same draws
+        layer._screen.isa = isa
+        assert torch.equal(layer.sample(x, t, seeds, suppress), got)
+    layer._screen.isa = -1
     other = layer.sample(x, t, seeds + 1, suppress)
     assert not torch.equal(other, got)  # the seed decides
 

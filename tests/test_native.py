@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import math
 import shutil
 
 import pytest
@@ -497,17 +498,21 @@ def test_decode_attention_matches_sdpa_and_each_row_is_computed_alone(head_dim):
 
 
 @needs_native
-@pytest.mark.skipif(not native.gelu_available(), reason="the native GELU has vector code for AVX-512 only")
+@pytest.mark.skipif(not native.gelu_available(), reason="the native GELU has vector code for AVX2 and AVX-512 only")
 def test_native_gelu_is_accurate_and_its_vector_code_equals_the_scalar_reference():
     module = native.load()
     torch.manual_seed(6)
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e20, -1e20, 3e38, -3e38, float("inf"), float("-inf"),
                             float("nan")])
     x = torch.cat([torch.randn(40_000) * 3, torch.linspace(-60, 60, 2001), special])
+    x = torch.cat([x, torch.linspace(-10.7, -10.1, 3001)])  # exp(-2u) near overflow
     vector, scalar = module.gelu_tanh(x), module.gelu_tanh(x, 0)
     nan = torch.isnan(vector)
     assert torch.equal(nan, torch.isnan(scalar)) and torch.equal(vector[~nan], scalar[~nan])
-    for n in (1, 15, 17, 33):  # the masked tail: every value through the same vector code
+    for level in range(1, module.gelu_isa() + 1):  # each vector level: AVX2, AVX-512
+        y = module.gelu_tanh(x, level)
+        assert torch.equal(torch.isnan(y), nan) and torch.equal(y[~nan], scalar[~nan]), f"level {level}"
+    for n in (1, 7, 9, 15, 17, 33):  # the tails: every value gets the same bits
         assert torch.equal(module.gelu_tanh(x[:n]), vector[:n])
     aten = F.gelu(x, approximate="tanh")
     assert torch.equal(torch.isnan(aten), nan)
@@ -521,6 +526,26 @@ def test_native_gelu_is_accurate_and_its_vector_code_equals_the_scalar_reference
     assert float(((vector.double() - reference).abs() / reference.abs())[big].max()) < 5e-6
     grid = x.view(-1)[:40_000].view(200, 200)[:, ::2]  # non-contiguous input
     assert torch.equal(module.gelu_tanh(grid), module.gelu_tanh(grid.contiguous()))
+
+
+@needs_native
+def test_native_exp_levels_equal_the_scalar_reference():
+    module = native.load()
+    # Over the clamps, into subnormal results (below about -87.3) and overflow (above about 88.7), where
+    # AVX2 applies 2^n as two powers of two, and around 0 and the rounding points of n.
+    x = torch.cat([torch.linspace(-110, 95, 200_001), torch.linspace(-104.5, -86, 20_001),
+                   torch.linspace(88, 89.5, 5001), torch.randn(10_000) * 20,
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 0.5 * math.log(2)])])
+    scalar = module.exp_values(x, 0)
+    nan = torch.isnan(scalar)
+    assert int(nan.sum()) == 1
+    for level in range(1, module.gelu_isa() + 1):
+        y = module.exp_values(x, level)
+        assert torch.equal(torch.isnan(y), nan) and torch.equal(y[~nan], scalar[~nan]), f"level {level}"
+    reference = torch.exp(x.double().clamp(-104, 89))
+    finite = torch.isfinite(reference) & (reference > 1e-37) & (reference < 3e38)
+    assert float(((scalar.double() - reference).abs() / reference)[finite].max()) < 4e-7
+    assert float(scalar[x < -104].max()) == 0.0 and bool(torch.isinf(scalar[(x > 89) & ~nan]).all())
 
 
 @needs_native

@@ -343,7 +343,7 @@ class ArgmaxScreen:
         # are wide against the temperature (T -> 0) nearly every proposal is rejected, and the full layer
         # should take over soon; at the usual acceptance rates (0.5 or more) 64 all fail once in 1e19.
         self.max_tries = 64
-        self.isa = -1  # the candidate scan's vector code: -1 the best here, 0 the scalar code (tests)
+        self.isa = -1  # the row scans' vector code: -1 the best here, 1 AVX2 at most, 0 the scalar code (tests)
         self.last_candidates = 0  # candidates of the last call (all rows together), for benchmarks and logs
         self.last_proposals = 0  # proposals of the last sample() call (all rows together)
 
@@ -406,7 +406,7 @@ class NativeGELU(nn.Module):
     input: ``x / (1 + exp(-2u))``, the same function as ``0.5 x (1 + tanh(u))``, with its own vectorized
     exp (kernels.cpp, ``gelu_tanh``); within a few float32 roundings of ATen's, ~4.5x faster on 16 decode rows
     (ATen's was the largest op left in a decode step). Other input (another device or dtype, or one that
-    needs a gradient) takes ``F.gelu``. ``prepare_for_inference`` swaps it in where AVX-512 is there, and
+    needs a gradient) takes ``F.gelu``. ``prepare_for_inference`` swaps it in where AVX2 or AVX-512 is there, and
     the one-call decode step runs the same kernel, so both paths keep giving the same bits."""
 
     native_gelu = True  # what GPT's decode plan looks for

@@ -201,7 +201,7 @@ def amx_available() -> bool:
 
 
 def gelu_available() -> bool:
-    """Whether the native tanh GELU runs here with vector code (native kernels built; AVX-512)."""
+    """Whether the native tanh GELU runs here with vector code (native kernels built; AVX2 or AVX-512)."""
     module = load()
     return module is not None and int(module.gelu_isa()) >= 1
 

@@ -1157,20 +1157,78 @@ __attribute__((target("avx512f"))) void collect_avx512(const float* s, int64_t n
   for (; v < n; ++v)
     if (s[v] >= threshold) out.push_back(v);
 }
+
+// Lanes 0 .. left-1 of 8 set (left may be <= 0 or >= 8).
+__attribute__((target("avx2,fma"))) inline __m256i first_lanes(int64_t left) {
+  const int32_t l = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(left, 0), 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(l), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+__attribute__((target("avx2,fma"))) RowScan scan_row_avx2(const float* s, int64_t n) {
+  __m256 hi = _mm256_set1_ps(s[0]), lo = hi, check = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t v = 0;
+  for (; v + 8 <= n; v += 8) {
+    const __m256 x = _mm256_loadu_ps(s + v);
+    hi = _mm256_max_ps(hi, x);
+    lo = _mm256_min_ps(lo, x);
+    check = _mm256_add_ps(check, _mm256_mul_ps(x, zero));
+  }
+  float his[8], los[8];
+  _mm256_storeu_ps(his, hi);
+  _mm256_storeu_ps(los, lo);
+  RowScan out{his[0], los[0], 0, true};
+  for (int j = 1; j < 8; ++j) {
+    out.max = his[j] > out.max ? his[j] : out.max;
+    out.min = los[j] < out.min ? los[j] : out.min;
+  }
+  float tail = 0.0f;
+  for (; v < n; ++v) {
+    out.max = s[v] > out.max ? s[v] : out.max;
+    out.min = s[v] < out.min ? s[v] : out.min;
+    tail += s[v] * 0.0f;
+  }
+  out.finite = tail == 0.0f && _mm256_movemask_ps(_mm256_cmp_ps(check, zero, _CMP_EQ_OQ)) == 0xFF;
+  if (!out.finite) return out;
+  for (v = 0; s[v] != out.max; ++v) {}
+  out.at = v;
+  return out;
+}
+
+__attribute__((target("avx2,fma"))) void collect_avx2(const float* s, int64_t n, float threshold,
+                                                      std::vector<int64_t>& out) {
+  const __m256 t = _mm256_set1_ps(threshold);
+  int64_t v = 0;
+  for (; v + 8 <= n; v += 8) {
+    unsigned hit = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + v), t, _CMP_GE_OQ)));
+    while (hit) {
+      out.push_back(v + __builtin_ctz(hit));
+      hit &= hit - 1;
+    }
+  }
+  for (; v < n; ++v)
+    if (s[v] >= threshold) out.push_back(v);
+}
 #endif
 
-// vector: whether to use the AVX-512 code (when the CPU has it: panel_isa() 2); the scalar code gives the
-// same results.
-RowScan scan_row(const float* s, int64_t n, bool vector) {
+// The row scans' vector code by level (isa: -1 the best this CPU has, else at most that level, as
+// panel_isa() counts: 2 AVX-512, 1 AVX2, 0 the scalar code); every level gives the same results.
+int vector_level(int64_t isa) {
+  return static_cast<int>(isa < 0 ? panel_isa() : std::min<int64_t>(isa, panel_isa()));
+}
+
+RowScan scan_row(const float* s, int64_t n, int level) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (vector && panel_isa() >= 2) return scan_row_avx512(s, n);
+  if (level >= 2) return scan_row_avx512(s, n);
+  if (level == 1) return scan_row_avx2(s, n);
 #endif
   return scan_row_scalar(s, n);
 }
 
-void collect(const float* s, int64_t n, float threshold, std::vector<int64_t>& out, bool vector) {
+void collect(const float* s, int64_t n, float threshold, std::vector<int64_t>& out, int level) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (vector && panel_isa() >= 2) return collect_avx512(s, n, threshold, out);
+  if (level >= 2) return collect_avx512(s, n, threshold, out);
+  if (level == 1) return collect_avx2(s, n, threshold, out);
 #endif
   collect_scalar(s, n, threshold, out);
 }
@@ -1216,6 +1274,7 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
   const ScreenShape shape = check_screen(x_in, s, err, norm, panels, dense);
   const int64_t m = shape.m, n = shape.n, k = shape.k;
   const bool rows_dense = shape.rows_dense;
+  const int level = vector_level(isa);
   const float* sp = s.data_ptr<float>();
   const float* ep = err.data_ptr<float>();
   const float* np = norm.data_ptr<float>();
@@ -1235,7 +1294,7 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
     std::vector<int64_t> picked;                 // all rows' candidates
     for (int64_t r = 0; r < m; ++r) {
       const float* sr = sp + r * n;
-      const RowScan scan = scan_row(sr, n, isa != 0);
+      const RowScan scan = scan_row(sr, n, level);
       if (!scan.finite) return {tokens, 0};
       // floor0 <= floor (suppress: some other output's lower end; with one output, nothing wins anyway).
       float floor = scan.at == suppress ? -kInf : sr[scan.at] - bound_of(r, scan.at);
@@ -1246,7 +1305,7 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
       const double below = static_cast<double>(floor) - most - 1e-6 * (std::fabs(floor) + most);
       const float threshold = floor == -kInf ? -kInf : std::nextafter(static_cast<float>(below), -kInf);
       std::vector<int64_t> near;
-      collect(sr, n, threshold, near, isa != 0);
+      collect(sr, n, threshold, near, level);
       for (const int64_t v : near) floor = std::max(floor, sr[v] - bound_of(r, v));
       for (const int64_t v : near)
         if (v != suppress && sr[v] + bound_of(r, v) >= floor) rows[r].push_back(v);
@@ -1290,9 +1349,10 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
 // computed as x / (1 + exp(-2u)): the same function (1 + tanh(u) = 2 / (1 + exp(-2u))), without the
 // cancellation of 1 + tanh(u) for negative x. exp(z), z clamped to [-104, 89]: n = round(z log2(e)),
 // r = z - n ln2 (two fused steps, ln2 split in two), a degree-7 Taylor polynomial in r (|r| <= 0.35: its
-// truncation error is 6e-9, under float32's rounding) by fused Horner steps, times 2^n (exact). ATen's
-// vectorized tanh GELU takes ~70-90 us for 16 rows of 3072 on this machine; this ~15. The AVX-512 code and
-// the scalar reference do the same operations in the same order: the same bits (tests/test_native.py).
+// truncation error is 6e-9, under float32's rounding) by fused Horner steps, times 2^n (one rounding).
+// ATen's vectorized tanh GELU took ~70-90 us for 16 rows of 3072 on an Intel Xeon; this ~15. The AVX-512
+// and AVX2 code and the scalar reference do the same operations in the same order: the same bits
+// (tests/test_native.py).
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -1301,7 +1361,7 @@ constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kExpTaylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
 
 // exp(z) for float32 z, clamped to [-104, 89] first (e^-104 is 0 in float32, e^89 is inf); a NaN stays
-// NaN. Within a few ulp of the true value; the AVX-512 code below gives the same bits.
+// NaN. Within a few ulp of the true value; the AVX-512 and AVX2 code below give the same bits.
 inline float exp_scalar(float z) {
   z = -104.0f > z ? -104.0f : z;  // as _mm512_max_ps(-104, z): a NaN z stays NaN
   z = 89.0f < z ? 89.0f : z;
@@ -1343,10 +1403,50 @@ __attribute__((target("avx512f"))) void gelu_tanh_avx512(const float* x, float* 
     _mm512_mask_storeu_ps(y + i, mask, _mm512_div_ps(v, _mm512_add_ps(one, e)));
   }
 }
+
+// exp_scalar on 8 lanes, bit for bit. AVX2 has no scalef: 2^n is applied as two powers of two, 2^(n >> 1)
+// and then the rest. n is in [-150, 128] after the clamp and p in [0.7, 1.42], so the first product is
+// exact (a normal float) and only the second rounds: once, as ldexp and scalef round.
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 z) {
+  z = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), z));  // NaN stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), z);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+  for (int k = 1; k < 8; ++k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[k]));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 two1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 two2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  const __m256 out = _mm256_mul_ps(_mm256_mul_ps(p, two1), two2);
+  return _mm256_blendv_ps(out, n, _mm256_cmp_ps(n, n, _CMP_UNORD_Q));  // NaN in, NaN out
+}
+
+__attribute__((target("avx2,fma"))) void gelu_tanh_avx2(const float* x, float* y, int64_t count) {
+  const __m256 c = _mm256_set1_ps(kGeluC), a = _mm256_set1_ps(kGeluA), minus2 = _mm256_set1_ps(-2.0f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 u = _mm256_mul_ps(c, _mm256_add_ps(v, _mm256_mul_ps(a, _mm256_mul_ps(_mm256_mul_ps(v, v), v))));
+    const __m256 e = exp_avx2(_mm256_mul_ps(minus2, u));
+    _mm256_storeu_ps(y + i, _mm256_div_ps(v, _mm256_add_ps(one, e)));
+  }
+  for (; i < count; ++i) y[i] = gelu_tanh_scalar(x[i]);  // the same operations: the same bits
+}
+
+__attribute__((target("avx512f"))) void exp_store_avx512(const float* x, float* y) {
+  _mm512_storeu_ps(y, exp_avx512(_mm512_loadu_ps(x)));
+}
+__attribute__((target("avx2,fma"))) void exp_store_avx2(const float* x, float* y) {
+  _mm256_storeu_ps(y, exp_avx2(_mm256_loadu_ps(x)));
+}
 #endif
 
-// 1: the AVX-512 code (panel_isa() 2), 0: the scalar reference only.
-int64_t gelu_isa() { return panel_isa() >= 2 ? 1 : 0; }
+// 2: the AVX-512 code, 1: AVX2 + FMA, 0: the scalar reference only (as panel_isa()).
+int64_t gelu_isa() { return panel_isa(); }
 
 // y = gelu_tanh(x) over `count` floats (y may be x), split over threads in whole 16-value chunks.
 void gelu_tanh_into(const float* x, float* y, int64_t count, int64_t isa) {
@@ -1355,10 +1455,31 @@ void gelu_tanh_into(const float* x, float* y, int64_t count, int64_t isa) {
   at::parallel_for(0, chunks, 1024, [&](int64_t c0, int64_t c1) {
     const int64_t begin = c0 * 16, end = std::min(count, c1 * 16);
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (level >= 1) return gelu_tanh_avx512(x + begin, y + begin, end - begin);
+    if (level >= 2) return gelu_tanh_avx512(x + begin, y + begin, end - begin);
+    if (level == 1) return gelu_tanh_avx2(x + begin, y + begin, end - begin);
 #endif
     for (int64_t i = begin; i < end; ++i) y[i] = gelu_tanh_scalar(x[i]);
   });
+}
+
+// exp of every value (float32, for the tests: the vector levels against the scalar reference).
+torch::Tensor exp_values(const torch::Tensor& x_in, int64_t isa) {
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.device().is_cpu(), "expected a float32 CPU tensor");
+  const torch::Tensor x = x_in.contiguous();
+  torch::Tensor y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t count = x.numel();
+  const int level = static_cast<int>(isa < 0 ? gelu_isa() : std::min<int64_t>(isa, gelu_isa()));
+  int64_t i = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (level >= 2)
+    for (; i + 16 <= count; i += 16) exp_store_avx512(xp + i, yp + i);
+  if (level == 1)
+    for (; i + 8 <= count; i += 8) exp_store_avx2(xp + i, yp + i);
+#endif
+  for (; i < count; ++i) yp[i] = exp_scalar(xp[i]);
+  return y;
 }
 
 torch::Tensor gelu_tanh(const torch::Tensor& x_in, int64_t isa) {
@@ -1382,8 +1503,8 @@ torch::Tensor gelu_tanh(const torch::Tensor& x_in, int64_t isa) {
 // the demo model at T = 1, lower where bounds are wide against T).
 //
 // The uniforms come from a splitmix64 stream seeded by seeds[r]: a row's token depends on its own input,
-// temperature, suppressed output and seed alone, not on the other rows or the thread count; the AVX-512
-// and scalar code compute the same weights and sums bit for bit. Returns (tokens (M,), proposals drawn
+// temperature, suppressed output and seed alone, not on the other rows or the thread count; the AVX-512,
+// AVX2 and scalar code compute the same weights and sums bit for bit. Returns (tokens (M,), proposals drawn
 // in all); a row's token is -1 when its s holds a non-finite value, no output may be drawn, or max_tries
 // proposals were all rejected (the caller then samples it from the full layer).
 struct SplitMix64 {
@@ -1481,6 +1602,63 @@ __attribute__((target("avx512f"))) void weigh_row_avx512(float* w, int64_t n, in
     blocks[b0 / kSampleBlock] = block_tree(lane);
   }
 }
+
+// The AVX2 code of upper_row and weigh_row: the same operations on 8 lanes (weigh_row's 16 lanes of a
+// block as two vectors), the same bits.
+__attribute__((target("avx2,fma"))) bool upper_row_avx2(const float* s, const float* err, const float* norm,
+                                                        float a, float b, int64_t n, int64_t suppress, float* u,
+                                                        float* umax) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), round = _mm256_set1_ps(kRound);
+  const __m256 zero = _mm256_setzero_ps(), minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 best = minus_inf, check = zero;
+  for (int64_t v = 0; v < n; v += 8) {
+    const __m256i valid = first_lanes(n - v);
+    const __m256 sv = _mm256_maskload_ps(s + v, valid);
+    const __m256 bound = _mm256_add_ps(
+        _mm256_add_ps(_mm256_mul_ps(_mm256_maskload_ps(err + v, valid), va),
+                      _mm256_mul_ps(_mm256_maskload_ps(norm + v, valid), vb)),
+        _mm256_mul_ps(round, _mm256_andnot_ps(sign, sv)));
+    const __m256 uv = _mm256_add_ps(sv, bound);
+    _mm256_maskstore_ps(u + v, valid, uv);
+    check = _mm256_add_ps(check, _mm256_mul_ps(sv, zero));
+    __m256i keep = valid;
+    if (suppress >= v && suppress < v + 8)
+      keep = _mm256_andnot_si256(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(suppress - v))), keep);
+    best = _mm256_max_ps(best, _mm256_blendv_ps(minus_inf, uv, _mm256_castsi256_ps(keep)));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, best);
+  float top = lanes[0];
+  for (int j = 1; j < 8; ++j) top = lanes[j] > top ? lanes[j] : top;
+  *umax = top;
+  return _mm256_movemask_ps(_mm256_cmp_ps(check, zero, _CMP_EQ_OQ)) == 0xFF;
+}
+
+__attribute__((target("avx2,fma"))) void weigh_row_avx2(float* w, int64_t n, int64_t suppress, float umax,
+                                                        float inv_t, float* blocks) {
+  const __m256 m = _mm256_set1_ps(umax), t = _mm256_set1_ps(inv_t);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t b0 = 0; b0 < n; b0 += kSampleBlock) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int q = 0; q < 8; ++q) {  // q: 16-lane step q / 2, half q % 2
+      const int64_t v = b0 + 8 * q, left = n - v;
+      if (left <= 0) break;
+      const __m256i valid = first_lanes(left);
+      __m256 e = _mm256_and_ps(_mm256_castsi256_ps(valid),
+                               exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(w + v, valid), m), t)));
+      if (suppress >= v && suppress < v + 8)
+        e = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(suppress - v)))), e);
+      _mm256_maskstore_ps(w + v, valid, e);
+      acc[q % 2] = q < 2 ? e : _mm256_add_ps(acc[q % 2], e);
+    }
+    float lanes[16];
+    _mm256_storeu_ps(lanes, acc[0]);
+    _mm256_storeu_ps(lanes + 8, acc[1]);
+    blocks[b0 / kSampleBlock] = block_tree(lanes);
+  }
+}
 #endif
 
 std::tuple<torch::Tensor, int64_t> screen_sample(const torch::Tensor& x_in, const torch::Tensor& s,
@@ -1511,7 +1689,7 @@ std::tuple<torch::Tensor, int64_t> screen_sample(const torch::Tensor& x_in, cons
     TORCH_CHECK(tp[r] > 0.0 && std::isfinite(tp[r]), "temperature must be a positive finite number");
   torch::Tensor tokens = torch::full({m}, -1, torch::kLong);
   int64_t* out = tokens.data_ptr<int64_t>();
-  const bool vector = isa != 0 && panel_isa() >= 2;
+  const int level = vector_level(isa);
   std::atomic<int64_t> drawn{0};
   {
     py::gil_scoped_release release;
@@ -1525,16 +1703,20 @@ std::tuple<torch::Tensor, int64_t> screen_sample(const torch::Tensor& x_in, cons
         float umax = 0.0f;
         bool finite;
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (vector)
+        if (level >= 2)
           finite = upper_row_avx512(sp + r * n, ep, np, a_of[r], b_of[r], n, sup, w.data(), &umax);
+        else if (level == 1)
+          finite = upper_row_avx2(sp + r * n, ep, np, a_of[r], b_of[r], n, sup, w.data(), &umax);
         else
 #endif
           finite = upper_row_scalar(sp + r * n, ep, np, a_of[r], b_of[r], n, sup, w.data(), &umax);
         if (!finite || !std::isfinite(umax)) continue;  // -1: the caller takes the full layer
         const float inv_t = static_cast<float>(1.0 / tp[r]);
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (vector)
+        if (level >= 2)
           weigh_row_avx512(w.data(), n, sup, umax, inv_t, blocks.data());
+        else if (level == 1)
+          weigh_row_avx2(w.data(), n, sup, umax, inv_t, blocks.data());
         else
 #endif
           weigh_row_scalar(w.data(), n, sup, umax, inv_t, blocks.data());
@@ -1708,6 +1890,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prefetch") = kAmxPrefetch, py::call_guard<py::gil_scoped_release>());
   m.def("amx_isa", &amx_isa);
   m.def("gelu_isa", &gelu_isa);
+  m.def("exp_values", &exp_values, py::arg("x"), py::arg("isa") = -1);
   m.def("gelu_tanh", &gelu_tanh, py::arg("x"), py::arg("isa") = -1, py::call_guard<py::gil_scoped_release>());
   m.def("screen_argmax", &screen_argmax, py::arg("x"), py::arg("s"), py::arg("err"), py::arg("norm"),
         py::arg("err_max"), py::arg("norm_max"), py::arg("split_inputs"), py::arg("suppress"),

@@ -868,13 +868,93 @@ struct AttnArgs {
   float* out;      // D values
 };
 
-// scores[j] = exp(scores[j] - m) in place; returns their sum, added in j order.
+// ---- exp ----------------------------------------------------------------------------------------------
+// exp(z), z clamped to [-104, 89]: n = round(z log2(e)), r = z - n ln2 (two fused steps, ln2 split in two),
+// a degree-7 Taylor polynomial in r (|r| <= 0.35: its truncation error is 6e-9, under float32's rounding)
+// by fused Horner steps, times 2^n (one rounding). For the GELU, attention's softmax and the screen's
+// sampling weights; the AVX-512 and AVX2 code give the scalar reference's bits (tests/test_native.py).
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2Hi = 0.693359375f;  // ln 2 = hi + lo, hi with few bits: n * hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpTaylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+
+// exp(z) for float32 z, clamped to [-104, 89] first (e^-104 is 0 in float32, e^89 is inf); a NaN stays
+// NaN. Within a few ulp of the true value; the AVX-512 and AVX2 code below give the same bits.
+inline float exp_scalar(float z) {
+  z = -104.0f > z ? -104.0f : z;  // as _mm512_max_ps(-104, z): a NaN z stays NaN
+  z = 89.0f < z ? 89.0f : z;
+  const float n = std::nearbyint(z * kLog2e);
+  float r = std::fma(-n, kLn2Hi, z);
+  r = std::fma(-n, kLn2Lo, r);
+  float p = kExpTaylor[0];
+  for (int i = 1; i < 8; ++i) p = std::fma(p, r, kExpTaylor[i]);
+  return std::isnan(n) ? n : std::ldexp(p, static_cast<int>(n));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// exp_scalar on 16 lanes, bit for bit.
+__attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 z) {
+  z = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), z));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), z);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpTaylor[0]);
+  for (int k = 1; k < 8; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpTaylor[k]));
+  return _mm512_scalef_ps(p, n);
+}
+
+// exp_scalar on 8 lanes, bit for bit. AVX2 has no scalef: 2^n is applied as two powers of two, 2^(n >> 1)
+// and then the rest. n is in [-150, 128] after the clamp and p in [0.7, 1.42], so the first product is
+// exact (a normal float) and only the second rounds: once, as ldexp and scalef round.
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 z) {
+  z = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), z));  // NaN stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), z);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+  for (int k = 1; k < 8; ++k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[k]));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 two1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 two2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  const __m256 out = _mm256_mul_ps(_mm256_mul_ps(p, two1), two2);
+  return _mm256_blendv_ps(out, n, _mm256_cmp_ps(n, n, _CMP_UNORD_Q));  // NaN in, NaN out
+}
+
+#endif
+
+// scores[j] = exp(scores[j] - m) in place (exp_scalar's bits at every level: a vector exp, ~8x faster
+// than std::exp, which took most of a decode step's attention); returns their sum, added in j order.
+#if defined(__x86_64__) && defined(__GNUC__)
+// The whole vectors of exponentiate; returns how many scores they took.
+__attribute__((target("avx512f"))) int64_t exponentiate_avx512(float* scores, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(scores + j, exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vm)));
+  return j;
+}
+
+__attribute__((target("avx2,fma"))) int64_t exponentiate_avx2(float* scores, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(scores + j, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vm)));
+  return j;
+}
+#endif
+
 float exponentiate(float* scores, int64_t n, float m) {
+  int64_t j = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  const int64_t level = panel_isa();
+  if (level >= 2) j = exponentiate_avx512(scores, n, m);
+  if (level == 1) j = exponentiate_avx2(scores, n, m);
+#endif
+  for (; j < n; ++j) scores[j] = exp_scalar(scores[j] - m);
   float sum = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    scores[j] = std::exp(scores[j] - m);
-    sum += scores[j];
-  }
+  for (j = 0; j < n; ++j) sum += scores[j];
   return sum;
 }
 
@@ -1347,50 +1427,17 @@ std::tuple<torch::Tensor, int64_t> screen_argmax(const torch::Tensor& x_in, cons
 // ---- gelu_tanh -------------------------------------------------------------------------------------
 // GELU in its tanh form (GPT-2's "gelu_new"), 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3),
 // computed as x / (1 + exp(-2u)): the same function (1 + tanh(u) = 2 / (1 + exp(-2u))), without the
-// cancellation of 1 + tanh(u) for negative x. exp(z), z clamped to [-104, 89]: n = round(z log2(e)),
-// r = z - n ln2 (two fused steps, ln2 split in two), a degree-7 Taylor polynomial in r (|r| <= 0.35: its
-// truncation error is 6e-9, under float32's rounding) by fused Horner steps, times 2^n (one rounding).
-// ATen's vectorized tanh GELU took ~70-90 us for 16 rows of 3072 on an Intel Xeon; this ~15. The AVX-512
-// and AVX2 code and the scalar reference do the same operations in the same order: the same bits
-// (tests/test_native.py).
+// cancellation of 1 + tanh(u) for negative x, exp being exp_scalar's. ATen's vectorized tanh GELU took
+// ~70-90 us for 16 rows of 3072 on an Intel Xeon; this ~15. The AVX-512 and AVX2 code and the scalar
+// reference do the same operations in the same order: the same bits (tests/test_native.py).
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2Hi = 0.693359375f;  // ln 2 = hi + lo, hi with few bits: n * hi is exact
-constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kExpTaylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-
-// exp(z) for float32 z, clamped to [-104, 89] first (e^-104 is 0 in float32, e^89 is inf); a NaN stays
-// NaN. Within a few ulp of the true value; the AVX-512 and AVX2 code below give the same bits.
-inline float exp_scalar(float z) {
-  z = -104.0f > z ? -104.0f : z;  // as _mm512_max_ps(-104, z): a NaN z stays NaN
-  z = 89.0f < z ? 89.0f : z;
-  const float n = std::nearbyint(z * kLog2e);
-  float r = std::fma(-n, kLn2Hi, z);
-  r = std::fma(-n, kLn2Lo, r);
-  float p = kExpTaylor[0];
-  for (int i = 1; i < 8; ++i) p = std::fma(p, r, kExpTaylor[i]);
-  return std::isnan(n) ? n : std::ldexp(p, static_cast<int>(n));
-}
-
 inline float gelu_tanh_scalar(float x) {
   const float u = kGeluC * (x + kGeluA * (x * x * x));
   return x / (1.0f + exp_scalar(-2.0f * u));
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// exp_scalar on 16 lanes, bit for bit.
-__attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 z) {
-  z = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), z));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), z);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpTaylor[0]);
-  for (int k = 1; k < 8; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpTaylor[k]));
-  return _mm512_scalef_ps(p, n);
-}
-
 __attribute__((target("avx512f"))) void gelu_tanh_avx512(const float* x, float* y, int64_t count) {
   const __m512 c = _mm512_set1_ps(kGeluC), a = _mm512_set1_ps(kGeluA), minus2 = _mm512_set1_ps(-2.0f);
   const __m512 one = _mm512_set1_ps(1.0f);
@@ -1402,26 +1449,6 @@ __attribute__((target("avx512f"))) void gelu_tanh_avx512(const float* x, float* 
     const __m512 e = exp_avx512(_mm512_mul_ps(minus2, u));
     _mm512_mask_storeu_ps(y + i, mask, _mm512_div_ps(v, _mm512_add_ps(one, e)));
   }
-}
-
-// exp_scalar on 8 lanes, bit for bit. AVX2 has no scalef: 2^n is applied as two powers of two, 2^(n >> 1)
-// and then the rest. n is in [-150, 128] after the clamp and p in [0.7, 1.42], so the first product is
-// exact (a normal float) and only the second rounds: once, as ldexp and scalef round.
-__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 z) {
-  z = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), z));  // NaN stays NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), z);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
-  for (int k = 1; k < 8; ++k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[k]));
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 two1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-  const __m256 two2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  const __m256 out = _mm256_mul_ps(_mm256_mul_ps(p, two1), two2);
-  return _mm256_blendv_ps(out, n, _mm256_cmp_ps(n, n, _CMP_UNORD_Q));  // NaN in, NaN out
 }
 
 __attribute__((target("avx2,fma"))) void gelu_tanh_avx2(const float* x, float* y, int64_t count) {

@@ -17,7 +17,8 @@ The kernel, by what this machine has:
   multiply-add chain over ``k = 0 .. K-1`` in order, so its bits do not depend on the row count, the
   thread count or the instruction set, by construction. On the Intel Xeon CI machine the 49 linear layers
   of a GPT-2 124M decode step run 1.2-1.4x faster than on oneDNN at 1-32 rows, and faster than MKL at
-  every row count (benchmarks/panel_kernel.py).
+  every row count (benchmarks/panel_kernel.py); on an AMD Zen 3 (AVX2 only) about as fast as oneDNN at
+  4-8 rows, 1.15-1.25x faster at 16-32, and 0.8x at 1 row.
 - ``"onednn"`` elsewhere: oneDNN's blocked layout and inner product (the path ``torch.compile`` takes on
   CPU with weight freezing), whose reduction order was measured not to depend on the row count.
   ``batch_size=1`` picks its matrix-vector layout: 5-15% faster at batch 1, slower for batches, and it

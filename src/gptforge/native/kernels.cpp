@@ -1192,8 +1192,26 @@ RowScan scan_row_scalar(const float* s, int64_t n) {
   return out;
 }
 
-void collect_scalar(const float* s, int64_t n, float threshold, std::vector<int64_t>& out) {
-  for (int64_t v = 0; v < n; ++v)
+// The end of a vector scan: `out` holds the lanes' max and min, `lanes_finite` their check; values v .. n-1
+// are left. Adds those, then finds the first index of the max.
+RowScan finish_scan(RowScan out, const float* s, int64_t v, int64_t n, bool lanes_finite) {
+  float tail = 0.0f;
+  for (; v < n; ++v) {
+    out.max = s[v] > out.max ? s[v] : out.max;
+    out.min = s[v] < out.min ? s[v] : out.min;
+    tail += s[v] * 0.0f;
+  }
+  // Any NaN makes a sum NaN; an infinity gives NaN too (inf * 0).
+  out.finite = tail == 0.0f && lanes_finite;
+  if (!out.finite) return out;
+  for (v = 0; s[v] != out.max; ++v) {}
+  out.at = v;
+  return out;
+}
+
+// The outputs from `from` on that reach the threshold (a vector collect passes its scalar tail here).
+void collect_scalar(const float* s, int64_t n, float threshold, std::vector<int64_t>& out, int64_t from = 0) {
+  for (int64_t v = from; v < n; ++v)
     if (s[v] >= threshold) out.push_back(v);
 }
 
@@ -1208,19 +1226,8 @@ __attribute__((target("avx512f"))) RowScan scan_row_avx512(const float* s, int64
     lo = _mm512_min_ps(lo, x);
     check = _mm512_add_ps(check, _mm512_mul_ps(x, zero));
   }
-  RowScan out{_mm512_reduce_max_ps(hi), _mm512_reduce_min_ps(lo), 0, true};
-  float tail = 0.0f;
-  for (; v < n; ++v) {
-    out.max = s[v] > out.max ? s[v] : out.max;
-    out.min = s[v] < out.min ? s[v] : out.min;
-    tail += s[v] * 0.0f;
-  }
-  // Any NaN lane makes the sum NaN; an infinity gives NaN too (inf * 0).
-  out.finite = tail == 0.0f && _mm512_cmp_ps_mask(check, zero, _CMP_EQ_OQ) == 0xFFFF;
-  if (!out.finite) return out;
-  for (v = 0; s[v] != out.max; ++v) {}
-  out.at = v;
-  return out;
+  const RowScan lanes{_mm512_reduce_max_ps(hi), _mm512_reduce_min_ps(lo), 0, true};
+  return finish_scan(lanes, s, v, n, _mm512_cmp_ps_mask(check, zero, _CMP_EQ_OQ) == 0xFFFF);
 }
 
 __attribute__((target("avx512f"))) void collect_avx512(const float* s, int64_t n, float threshold,
@@ -1234,8 +1241,7 @@ __attribute__((target("avx512f"))) void collect_avx512(const float* s, int64_t n
       hit &= hit - 1;
     }
   }
-  for (; v < n; ++v)
-    if (s[v] >= threshold) out.push_back(v);
+  collect_scalar(s, n, threshold, out, v);
 }
 
 // Lanes 0 .. left-1 of 8 set (left may be <= 0 or >= 8).
@@ -1257,22 +1263,12 @@ __attribute__((target("avx2,fma"))) RowScan scan_row_avx2(const float* s, int64_
   float his[8], los[8];
   _mm256_storeu_ps(his, hi);
   _mm256_storeu_ps(los, lo);
-  RowScan out{his[0], los[0], 0, true};
+  RowScan lanes{his[0], los[0], 0, true};
   for (int j = 1; j < 8; ++j) {
-    out.max = his[j] > out.max ? his[j] : out.max;
-    out.min = los[j] < out.min ? los[j] : out.min;
+    lanes.max = his[j] > lanes.max ? his[j] : lanes.max;
+    lanes.min = los[j] < lanes.min ? los[j] : lanes.min;
   }
-  float tail = 0.0f;
-  for (; v < n; ++v) {
-    out.max = s[v] > out.max ? s[v] : out.max;
-    out.min = s[v] < out.min ? s[v] : out.min;
-    tail += s[v] * 0.0f;
-  }
-  out.finite = tail == 0.0f && _mm256_movemask_ps(_mm256_cmp_ps(check, zero, _CMP_EQ_OQ)) == 0xFF;
-  if (!out.finite) return out;
-  for (v = 0; s[v] != out.max; ++v) {}
-  out.at = v;
-  return out;
+  return finish_scan(lanes, s, v, n, _mm256_movemask_ps(_mm256_cmp_ps(check, zero, _CMP_EQ_OQ)) == 0xFF);
 }
 
 __attribute__((target("avx2,fma"))) void collect_avx2(const float* s, int64_t n, float threshold,
@@ -1286,8 +1282,7 @@ __attribute__((target("avx2,fma"))) void collect_avx2(const float* s, int64_t n,
       hit &= hit - 1;
     }
   }
-  for (; v < n; ++v)
-    if (s[v] >= threshold) out.push_back(v);
+  collect_scalar(s, n, threshold, out, v);
 }
 #endif
 

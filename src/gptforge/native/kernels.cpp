@@ -329,12 +329,18 @@ template <typename W, int R>
 __attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs<W>& a) {
   const int64_t depth = a.k, ldx = a.ldx, prefetch = a.prefetch;
   const float* const x = a.x;
-  for (int s = 0; s < 4 && a.valid > s * 16; ++s) {  // the panel as four 16-wide strips
+  for (int s = 0; s < 4 && a.valid > s * 16; ++s) {  // the panel as four 16-wide strips (four passes)
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const W* const ws = a.w + s * 16;
+    const int64_t l2_step = a.l2 != nullptr ? a.l2_first + s * depth : 0;
+    const char* l2_line = a.l2 != nullptr ? a.l2 + l2_step * a.l2_lines / a.l2_iters * 64 : nullptr;
+    int64_t l2_sum = a.l2 != nullptr ? l2_step * a.l2_lines % a.l2_iters : 0;
     for (int64_t k = 0; k < depth; ++k) {
       if (prefetch > 0) _mm_prefetch(reinterpret_cast<const char*>(ws + (k + prefetch) * kPanel), _MM_HINT_T0);
+      if (a.l2 != nullptr)  // as in tile_avx512
+        for (l2_sum += a.l2_lines; l2_sum >= a.l2_iters; l2_sum -= a.l2_iters, l2_line += 64)
+          _mm_prefetch(l2_line, _MM_HINT_T1);
       const __m256 w0 = load8(ws + k * kPanel), w1 = load8(ws + k * kPanel + 8);
       for (int r = 0; r < R; ++r) {
         const __m256 b = _mm256_broadcast_ss(x + r * ldx + k);
@@ -431,15 +437,17 @@ torch::Tensor panel_forward(const torch::Tensor& x_in, const torch::Tensor& pack
   // Rows go in balanced groups of at most 6 (12 on AVX-512): 8 rows on AVX2 as 4 + 4, not 6 + 2.
   const int64_t most = level == 2 ? kWideTileRows : kTileRows;
   const int64_t groups = (m + most - 1) / most, base = m / groups, extra = m % groups;
-  // With several passes over a panel (AVX-512 tiles of 7-12 rows make two, and 13 rows or more make two
-  // tiles), only the first reads it from memory and the others run from L2 while memory idles. So when
-  // prefetching, every pass also loads an even share of the thread's next panel into L2 (one float32
-  // 16-row decode step: ~10% faster, benchmarks/README.md).
-  auto tile_passes = [&](int64_t rows) -> int64_t { return level == 2 && rows > kTileRows ? 2 : 1; };
+  // With several passes over a panel (7 rows or more: AVX-512 tiles of 7-12 rows make two, 13 rows or more
+  // make two tiles; AVX2 makes two tiles), only the first reads it from memory and the others run from L2
+  // while memory idles. So when prefetching, every pass also loads an even share of the thread's next
+  // panel into L2 (all 49 float32 layers of a 16-row decode step: ~10% faster on AVX-512, 15-30% on AVX2,
+  // benchmarks/README.md). An AVX2 tile's k-loops are its four 16-output strips, each reading its own
+  // quarter of every k-row: a tile reads the panel once, so only a second tile re-reads it.
+  auto tile_passes = [&](int64_t rows) -> int64_t { return level == 2 ? (rows > kTileRows ? 2 : 1) : 4; };
   int64_t passes = 0;
   for (int64_t g = 0; g < groups; ++g) passes += tile_passes(base + (g < extra ? 1 : 0));
   const int64_t lines = k * kPanel * static_cast<int64_t>(sizeof(W)) / 64;
-  const bool ahead = passes >= 2 && prefetch > 0;
+  const bool ahead = (level == 2 ? passes : groups) >= 2 && prefetch > 0;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t g = 0, r0 = 0, done = 0; g < groups; ++g) {

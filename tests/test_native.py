@@ -560,3 +560,51 @@ def test_native_gelu_module_falls_back_where_the_kernel_does_not_apply():
     assert x.grad is not None
     x32 = torch.randn(3, 5)
     assert torch.allclose(act(x32), F.gelu(x32, approximate="tanh"), atol=1e-6)
+
+
+def _threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@needs_native
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_release_thread_pool_ends_the_calling_threads_openmp_workers_until_its_next_parallel_op():
+    # libgomp keeps a worker pool per thread that ran parallel work; the server's scheduler needs the
+    # loading thread's pool gone (gptforge.native.release_thread_pool). Seen here as threads of the process.
+    import threading
+
+    native.load()
+    x = torch.randn(1 << 22)
+
+    def parallel_op():
+        torch.set_num_threads(2)
+        (x * 2.0).sum()  # big enough for ATen's parallel_for: the calling thread's pool gets a worker
+
+    results = {}
+
+    def in_a_thread():  # a fresh thread, so the test owns the pool it measures
+        parallel_op()
+        with_pool = _threads()
+        results["released"] = native.release_thread_pool()
+        results["after"] = _threads()
+        parallel_op()
+        results["again"] = _threads()
+        results["with_pool"] = with_pool
+
+    threads = torch.get_num_threads()
+    try:
+        t = threading.Thread(target=in_a_thread)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert results["released"] is True
+    assert results["after"] == results["with_pool"] - 1  # its one worker (2 threads) ended
+    assert results["again"] == results["with_pool"]  # and the next parallel op started it again
+
+
+def test_release_thread_pool_never_builds_the_kernels(monkeypatch, fresh_state):
+    monkeypatch.setattr(native, "build", lambda *a, **k: pytest.fail("release_thread_pool built the kernels"))
+    assert native.release_thread_pool() is False

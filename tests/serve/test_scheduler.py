@@ -209,3 +209,17 @@ def test_a_requests_choices_share_one_prefill(model_and_tokenizer, monkeypatch, 
     assert tokens[:3] == alone and tokens[3] == alone[0]
     assert prefills == [len(ids), len(ids)]  # once for the group (across two admissions), once for the other
     assert scheduler.stats.prompt_tokens == 2 * len(ids) and scheduler._group_prefill is None
+
+
+def test_start_releases_the_calling_threads_openmp_pool(model_and_tokenizer, monkeypatch):
+    # The thread that starts the scheduler usually loaded the model; its idle OpenMP workers would make the
+    # scheduler thread's workers sleep between parallel ops (gptforge.native.release_thread_pool).
+    from gptforge import native
+
+    model, tokenizer = model_and_tokenizer
+    calls = []
+    monkeypatch.setattr(native, "release_thread_pool", lambda: calls.append(threading.current_thread()) or True)
+    scheduler = Scheduler(model, tokenizer)
+    scheduler.start()
+    scheduler.stop(timeout=10)
+    assert calls == [threading.current_thread()]

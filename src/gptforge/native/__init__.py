@@ -200,6 +200,19 @@ def amx_available() -> bool:
     return module is not None and int(module.amx_isa()) >= 1
 
 
+def release_thread_pool() -> bool:
+    """End the calling thread's idle OpenMP worker threads (torch's intra-op threads); they start again on
+    its next parallel op. Call it from the thread that loaded a model before another thread runs it (the
+    server's scheduler): libgomp keeps one worker pool per thread that ran parallel work, and once the
+    pools' threads outnumber the CPUs, all of them sleep between parallel regions instead of spinning, so
+    every op of the running thread pays a wake-up (~30% of a 16-row decode step on 2 cores,
+    benchmarks/README.md). Does not build the native kernels: returns whether a pool was released (False
+    where they are not loaded yet, as on GPU-only runs, with an OpenMP runtime older than 5.0, or while a
+    parallel region runs)."""
+    module = _state.get("module")
+    return bool(module.release_thread_pool()) if module is not None else False
+
+
 def gelu_available() -> bool:
     """Whether the native tanh GELU runs here with vector code (native kernels built; AVX2 or AVX-512)."""
     module = load()

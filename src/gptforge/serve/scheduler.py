@@ -206,6 +206,12 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------------
     # Any thread
     def start(self) -> "Scheduler":
+        """Start the scheduler thread. Also ends the calling thread's idle OpenMP workers (it usually loaded
+        the model): with them alive the scheduler thread's own workers would sleep between parallel ops
+        instead of spinning (gptforge.native.release_thread_pool)."""
+        from .. import native
+
+        native.release_thread_pool()
         self._thread.start()
         return self
 

@@ -21,6 +21,9 @@
 - ``decode_blocks``: a prepared model's whole decode step (all blocks) in one call, with the same ATen
   ops and layer kernels as the Python loop; each layer's cache write and attention is one native call.
 
+- ``release_thread_pool``: ends the calling thread's idle OpenMP workers, so that the thread that runs the
+  model (the server's scheduler) keeps its own workers spinning between parallel ops (see its docstring).
+
 What the C++ calls remove is the per-op cost of calling torch from Python, which at decode sizes is as
 large as the matrix products (see benchmarks/README.md, "Decoding").
 

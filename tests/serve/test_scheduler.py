@@ -213,12 +213,12 @@ def test_a_requests_choices_share_one_prefill(model_and_tokenizer, monkeypatch, 
 
 def test_start_releases_the_calling_threads_openmp_pool(model_and_tokenizer, monkeypatch):
     # The thread that starts the scheduler usually loaded the model; its idle OpenMP workers would make the
-    # scheduler thread's workers sleep between parallel ops (gptforge.native.release_thread_pool).
-    from gptforge import native
+    # scheduler thread's workers sleep between parallel ops (gptforge.runtime.release_thread_pool).
+    from gptforge.serve import scheduler as scheduler_module
 
     model, tokenizer = model_and_tokenizer
     calls = []
-    monkeypatch.setattr(native, "release_thread_pool", lambda: calls.append(threading.current_thread()) or True)
+    monkeypatch.setattr(scheduler_module, "release_thread_pool", lambda: calls.append(threading.current_thread()) or True)
     scheduler = Scheduler(model, tokenizer)
     scheduler.start()
     scheduler.stop(timeout=10)

@@ -21,9 +21,6 @@
 - ``decode_blocks``: a prepared model's whole decode step (all blocks) in one call, with the same ATen
   ops and layer kernels as the Python loop; each layer's cache write and attention is one native call.
 
-- ``release_thread_pool``: ends the calling thread's idle OpenMP workers, so that the thread that runs the
-  model (the server's scheduler) keeps its own workers spinning between parallel ops (see its docstring).
-
 What the C++ calls remove is the per-op cost of calling torch from Python, which at decode sizes is as
 large as the matrix products (see benchmarks/README.md, "Decoding").
 
@@ -201,19 +198,6 @@ def amx_available() -> bool:
     Sapphire Rapids or later, on an OS that lets this process use it)."""
     module = load()
     return module is not None and int(module.amx_isa()) >= 1
-
-
-def release_thread_pool() -> bool:
-    """End the calling thread's idle OpenMP worker threads (torch's intra-op threads); they start again on
-    its next parallel op. Call it from the thread that loaded a model before another thread runs it (the
-    server's scheduler): libgomp keeps one worker pool per thread that ran parallel work, and once the
-    pools' threads outnumber the CPUs, all of them sleep between parallel regions instead of spinning, so
-    every op of the running thread pays a wake-up (~30% of a 16-row decode step on 2 cores,
-    benchmarks/README.md). Does not build the native kernels: returns whether a pool was released (False
-    where they are not loaded yet, as on GPU-only runs, with an OpenMP runtime older than 5.0, or while a
-    parallel region runs)."""
-    module = _state.get("module")
-    return bool(module.release_thread_pool()) if module is not None else False
 
 
 def gelu_available() -> bool:

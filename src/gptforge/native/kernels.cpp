@@ -59,16 +59,6 @@
 #include <unistd.h>
 #endif
 
-// omp_pause_resource_all (OpenMP 5.0: libgomp of GCC 10, LLVM 9), weak: a runtime without it still loads.
-#if defined(_OPENMP) && !defined(_WIN32) && \
-    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
-#define GPTFORGE_OMP_PAUSE 1
-#include <omp.h>
-#pragma weak omp_pause_resource_all
-#else
-#define GPTFORGE_OMP_PAUSE 0
-#endif
-
 namespace {
 
 // Round half to even for |v| < 2^22 in the default rounding mode, like torch.round; unlike
@@ -1889,21 +1879,6 @@ torch::Tensor decode_blocks(torch::Tensor x, const py::list& plan, int64_t n_hea
   return x;
 }
 
-// ---- release_thread_pool -------------------------------------------------------------------------------
-// Ends the calling thread's OpenMP worker threads (they start again on its next parallel region). libgomp
-// keeps a pool of workers for every thread that ran a parallel region, and counts them all: once the
-// count exceeds the CPUs, every pool's workers wait between regions by sleeping after ~100 spins instead
-// of ~300,000. A thread that runs the model while the loading thread's idle pool still exists (the
-// server's scheduler) then pays a futex wake-up per parallel region: ~30% of a 16-row decode step on 2
-// cores (benchmarks/README.md). False where the OpenMP runtime predates 5.0 or refused (a region still
-// running).
-bool release_thread_pool() {
-#if GPTFORGE_OMP_PAUSE
-  return &omp_pause_resource_all != nullptr && omp_pause_resource_all(omp_pause_soft) == 0;
-#else
-  return false;
-#endif
-}
 }  // namespace
 
 // The calls release the GIL, as torch's own ops do: the server's HTTP thread runs while a layer computes.
@@ -1936,7 +1911,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_features"), py::arg("bias"), py::arg("isa") = -1, py::arg("prefetch") = kPrefetchInt8,
         py::call_guard<py::gil_scoped_release>());
   m.def("panel_isa", &panel_isa);
-  m.def("release_thread_pool", &release_thread_pool);
   py::class_<AmxInt8Linear, LinearKernel>(m, "AmxInt8Linear")
       .def(py::init<torch::Tensor, torch::Tensor, int64_t, int64_t>())
       .def("__call__", &AmxInt8Linear::forward, py::arg("x"), py::arg("bias"),

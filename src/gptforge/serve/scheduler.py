@@ -58,6 +58,7 @@ from ..generate.sampling import choose_tokens, make_generators, token_logprobs
 from ..generate.stopping import TextTracker
 from ..inference import linears_batch_invariant
 from ..model import GPT, KVCache
+from ..runtime import release_thread_pool
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -208,10 +209,8 @@ class Scheduler:
     def start(self) -> "Scheduler":
         """Start the scheduler thread. Also ends the calling thread's idle OpenMP workers (it usually loaded
         the model): with them alive the scheduler thread's own workers would sleep between parallel ops
-        instead of spinning (gptforge.native.release_thread_pool)."""
-        from .. import native
-
-        native.release_thread_pool()
+        instead of spinning (gptforge.runtime.release_thread_pool)."""
+        release_thread_pool()
         self._thread.start()
         return self
 

@@ -247,6 +247,31 @@ struct TileArgs {
   int64_t l2_lines, l2_iters, l2_first;
 };
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The share of TileArgs::l2 that one pass loads: a pass starting `offset` k-steps into the tile's own
+// steps loads, after its k-step i, the lines up to (l2_first + offset + i + 1) * l2_lines / l2_iters,
+// counted without a division. Does nothing where `l2` is null.
+struct L2Share {
+  const char* line = nullptr;
+  int64_t sum = 0, lines = 0, iters = 1;
+
+  template <typename W>
+  L2Share(const TileArgs<W>& a, int64_t offset) {
+    if (a.l2 == nullptr) return;
+    const int64_t first = a.l2_first + offset;
+    line = a.l2 + first * a.l2_lines / a.l2_iters * 64;
+    sum = first * a.l2_lines % a.l2_iters;
+    lines = a.l2_lines;
+    iters = a.l2_iters;
+  }
+
+  __attribute__((always_inline)) inline void step() {
+    if (line == nullptr) return;
+    for (sum += lines; sum >= iters; sum -= iters, line += 64) _mm_prefetch(line, _MM_HINT_T1);
+  }
+};
+#endif
+
 // The reference: what every vector tile below must equal bit for bit.
 template <typename W>
 void tile_scalar(int rows, const TileArgs<W>& a) {
@@ -285,9 +310,7 @@ __attribute__((target("avx512f"))) void tile_avx512(const TileArgs<W>& a) {
     for (int r = 0; r < R; ++r)
       for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
     const W* wh = a.w + h * S * 16;
-    const int64_t l2_step = a.l2 != nullptr ? a.l2_first + h * a.k : 0;
-    const char* l2_line = a.l2 != nullptr ? a.l2 + l2_step * a.l2_lines / a.l2_iters * 64 : nullptr;
-    int64_t l2_sum = a.l2 != nullptr ? l2_step * a.l2_lines % a.l2_iters : 0;
+    L2Share l2(a, h * a.k);
     for (int64_t k = 0; k < a.k; ++k) {
       const W* wk = wh + k * kPanel;
       if (a.prefetch > 0) {  // a prefetch past the panel's end is harmless: it never faults
@@ -295,9 +318,7 @@ __attribute__((target("avx512f"))) void tile_avx512(const TileArgs<W>& a) {
         for (int64_t line = 0; line < static_cast<int64_t>(S * 16 * sizeof(W)); line += 64)
           _mm_prefetch(ahead + line, _MM_HINT_T0);
       }
-      if (a.l2 != nullptr)  // the lines up to (i + 1) * l2_lines / l2_iters after k-step i, without a division
-        for (l2_sum += a.l2_lines; l2_sum >= a.l2_iters; l2_sum -= a.l2_iters, l2_line += 64)
-          _mm_prefetch(l2_line, _MM_HINT_T1);
+      l2.step();
       __m512 w[S];
       for (int s = 0; s < S; ++s) w[s] = load16(wk + 16 * s);
       for (int r = 0; r < R; ++r) {
@@ -333,14 +354,10 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs<W>& a) {
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const W* const ws = a.w + s * 16;
-    const int64_t l2_step = a.l2 != nullptr ? a.l2_first + s * depth : 0;
-    const char* l2_line = a.l2 != nullptr ? a.l2 + l2_step * a.l2_lines / a.l2_iters * 64 : nullptr;
-    int64_t l2_sum = a.l2 != nullptr ? l2_step * a.l2_lines % a.l2_iters : 0;
+    L2Share l2(a, s * depth);
     for (int64_t k = 0; k < depth; ++k) {
       if (prefetch > 0) _mm_prefetch(reinterpret_cast<const char*>(ws + (k + prefetch) * kPanel), _MM_HINT_T0);
-      if (a.l2 != nullptr)  // as in tile_avx512
-        for (l2_sum += a.l2_lines; l2_sum >= a.l2_iters; l2_sum -= a.l2_iters, l2_line += 64)
-          _mm_prefetch(l2_line, _MM_HINT_T1);
+      l2.step();
       const __m256 w0 = load8(ws + k * kPanel), w1 = load8(ws + k * kPanel + 8);
       for (int r = 0; r < R; ++r) {
         const __m256 b = _mm256_broadcast_ss(x + r * ldx + k);

@@ -55,9 +55,10 @@ def test_release_thread_pool_ends_the_calling_threads_openmp_workers_until_its_n
 
 @needs_proc
 def test_the_pause_function_comes_from_the_openmp_runtime_torch_loaded():
-    maps = open("/proc/self/maps").read()
+    with open("/proc/self/maps") as f:
+        maps = f.read()
     functions = runtime._omp_pause_functions()
-    if "libgomp" in maps or "libomp" in maps:
+    if any(name in maps for name in runtime._OPENMP_RUNTIMES):
         assert functions, "an OpenMP runtime is loaded but no omp_pause_resource_all was found"
 
 

@@ -56,3 +56,12 @@ def test_panel_kernel_benchmark_checks_bit_invariance_before_timing():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "invariance checks: all hold" in done.stdout
     assert "panel vs oneDNN" in done.stdout
+
+
+def test_thread_pool_benchmark_times_the_three_threads():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/thread_pool.py"), "--tiny", "--steps", "2",
+                           "--rounds", "1", "--batch", "2", "--context", "4"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "second, released" in done.stdout
+    assert len([line for line in done.stdout.splitlines() if line.strip().startswith("1 ")]) == 1

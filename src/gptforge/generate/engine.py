@@ -174,7 +174,7 @@ def _decode_steps(model: GPT, rows: list[_Row], config: GenerateConfig,
     def pick(hidden: torch.Tensor, step: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(logits if log-probabilities need them, the tokens the screen chooses) from final hidden states."""
         suppress = suppressible_eos if step < config.min_new_tokens else None
-        logits = model._logits(hidden.unsqueeze(1))[:, 0] if config.logprobs else None
+        logits = model.logits(hidden.unsqueeze(1))[:, 0] if config.logprobs else None
         if screened == "argmax":
             return logits, model.greedy_tokens(hidden, suppress)
         return logits, model.sample_tokens(hidden, config.temperature, generators, suppress)

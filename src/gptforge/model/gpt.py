@@ -330,9 +330,10 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask, position_ids=position_ids)
         if last_only:
             x = x[:, -1:, :]
-        return self._logits(x)
+        return self.logits(x)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits (..., vocab_size) from final hidden states ``x`` (..., C)."""
         head = self.lm_head
         rows = x.shape[0] * x.shape[1]
         if type(head) is nn.Linear and x.device.type == "cpu" and rows <= 16 and not torch.is_grad_enabled():
@@ -352,7 +353,7 @@ class GPT(nn.Module):
         tokens while reading a quarter of the head's bytes."""
         if getattr(self.lm_head, "screened", False):
             return self.lm_head.argmax(x, suppress)
-        logits = self._logits(x.unsqueeze(1))[:, 0]
+        logits = self.logits(x.unsqueeze(1))[:, 0]
         if suppress is not None:
             logits[:, suppress] = float("-inf")
         return logits.argmax(dim=-1)
@@ -381,7 +382,7 @@ class GPT(nn.Module):
         head = self.lm_head
         if getattr(head, "screened", False):
             return head.sample(x, t, seeds, banned).to(x.device)
-        return draw_from_logits(self._logits(x.unsqueeze(1))[:, 0], t, seeds, banned).to(x.device)
+        return draw_from_logits(self.logits(x.unsqueeze(1))[:, 0], t, seeds, banned).to(x.device)
 
     @staticmethod
     def _attention_mask(B, T, start, attention_mask, cached, device) -> Optional[torch.Tensor]:

@@ -488,7 +488,7 @@ class Scheduler:
         rest = [i for i, kind in enumerate(kinds) if kind is None]
         need = [i for i, kind in enumerate(kinds) if kind is None or rows[i].config.logprobs]
         if need:
-            logits = self.model._logits(hidden[need]).float()[:, -1]  # (r, V): the forward's own head call
+            logits = self.model.logits(hidden[need]).float()[:, -1]  # (r, V): the forward's own head call
             for j, i in enumerate(need):
                 logits_of[i] = logits[j:j + 1]
         if rest:

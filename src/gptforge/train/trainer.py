@@ -124,7 +124,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     def restore(self, path: Path) -> dict[str, Any]:
         """Optimizer, counters, data position, grad scaler and every random state from a checkpoint's
-        training files; returns its trainer state, whose caller-specific entries the caller reads."""
+        training files (its weights are the caller's to load); returns the trainer state, whose own
+        entries (``extra_state``) the caller reads back."""
         self.optimizer.load_state_dict(torch.load(path / ckpt.OPTIMIZER_FILE, map_location=self.device,
                                                   weights_only=True))
         state = json.loads((path / ckpt.TRAINER_STATE_FILE).read_text(encoding="utf-8"))

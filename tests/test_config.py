@@ -1,5 +1,8 @@
 """Config schemas: presets, YAML files, --section.key=value overrides, type and range checks."""
 
+import dataclasses
+import re
+
 import pytest
 
 from gptforge.config import (MODEL_PRESETS, GenerateConfig, ModelConfig, describe_config, load_run_config,
@@ -96,3 +99,47 @@ def test_describe_config_lists_keys_with_docs():
     assert "train.max_steps: int = 1000" in text
     assert "Optimizer steps to run." in text
     assert "model.n_embd" in text
+
+
+def test_pretraining_and_fine_tuning_share_each_loop_and_optimizer_option():
+    from gptforge.config import FinetuneConfig, LoopConfig, OptimizerConfig, TrainConfig, field_docs
+
+    shared = {f.name for piece in (LoopConfig, OptimizerConfig) for f in dataclasses.fields(piece)}
+    assert len(shared) == 18
+    for cls in (TrainConfig, FinetuneConfig):
+        assert shared <= {f.name for f in dataclasses.fields(cls)}
+        docs = field_docs(cls)
+        assert all(docs.get(name) == field_docs(piece).get(name) for piece in (LoopConfig, OptimizerConfig)
+                   for name in (f.name for f in dataclasses.fields(piece)))  # the piece's docstring, everywhere
+    # Fine-tuning keeps its own defaults for the shared options.
+    ft, tc = FinetuneConfig(), TrainConfig()
+    assert (ft.learning_rate, ft.beta2, ft.max_steps, ft.tensorboard) == (5e-4, 0.999, 200, False)
+    assert (tc.learning_rate, tc.beta2, tc.max_steps, tc.tensorboard) == (1e-3, 0.95, 1000, True)
+
+
+@pytest.mark.parametrize("section", ["train", "finetune"])
+def test_a_shared_option_is_checked_under_its_section_name(section):
+    from gptforge.config import FinetuneConfig, TrainConfig
+
+    made = TrainConfig() if section == "train" else FinetuneConfig(checkpoint="x", train_file="y")
+    for key, value, message in (("grad_clip", -1.0, "grad_clip must be >= 0"),
+                                ("batch_size", 0, "batch_size must be at least 1"),
+                                ("beta2", 1.0, "beta2 must be in [0.0, 1.0)"), ("dtype", "int8", "dtype must be auto")):
+        with pytest.raises(ConfigError, match=re.escape(f"{section}.{message}")):
+            dataclasses.replace(made, **{key: value}).validate()
+
+
+@pytest.mark.parametrize("space, message", [
+    (dict(lora_rank=[4, 0]), "tune.lora_rank holds 0, which fine-tuning refuses: finetune.lora_rank must be at least 1"),
+    (dict(lora_rank=[]), "tune.lora_rank must be a non-empty list of ranks"),
+    (dict(learning_rate=[0.0, 1e-2]), "tune.learning_rate holds 0.0"),
+    (dict(dropout=[0.1, 1.0]), "tune.dropout holds 1.0, which fine-tuning refuses: finetune.dropout must be in"),
+    (dict(weight_decay=[-0.1, 0.1]), "tune.weight_decay holds -0.1"),
+    (dict(warmup_steps=[5, 2]), "tune.warmup_steps must be [low, high] with low <= high"),
+])
+def test_a_search_space_is_checked_by_the_fine_tuning_options_it_draws(space, message):
+    from gptforge.config import FinetuneConfig, TuneConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TuneConfig(**space).validate_against(FinetuneConfig(checkpoint="x", train_file="y", strategy="lora"))
+    TuneConfig(lora_rank=[2, 4]).validate_against(FinetuneConfig(checkpoint="x", train_file="y"))

@@ -558,18 +558,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_convert)
 
+    # The shortcuts of the finetune command take their choices and defaults from FinetuneConfig.
+    from .config import FINETUNE_STRATEGIES, FINETUNE_TASKS, FinetuneConfig
+
     p = sub.add_parser("finetune", help="fine-tune a model for a task (lm, classify, tokens)",
                        description="Fine-tune a pretrained model. Any fine-tuning key can also be given as "
                                    "--key=value (e.g. --learning_rate=1e-3 --patience=3); --help-config lists them.")
-    p.add_argument("--task", choices=["lm", "classify", "tokens"], default=None,
-                   help="lm (instruction/chat data), classify (text → label), tokens (word → tag)")
+    p.add_argument("--task", choices=FINETUNE_TASKS, default=None,
+                   help=f"lm (instruction/chat data), classify (text → label), tokens (word → tag) "
+                        f"(default: {FinetuneConfig.task})")
     p.add_argument("--checkpoint", default=None, help="model to start from: checkpoint, run folder, HF folder or hub id")
     p.add_argument("--train", default=None, metavar="FILE", help="training examples (JSONL, CSV or CoNLL)")
     p.add_argument("--val", default=None, metavar="FILE", help="validation examples (default: hold out val_fraction of --train)")
     p.add_argument("--config", default=None, help="YAML file of fine-tuning keys")
-    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/finetune)")
-    p.add_argument("--strategy", choices=["full", "top-k", "head", "lora", "adapter", "prefix"], default=None,
-                   help="which weights train (default: full)")
+    p.add_argument("--out", default=None, metavar="DIR", help=f"run folder (default: {FinetuneConfig.out_dir})")
+    p.add_argument("--strategy", choices=FINETUNE_STRATEGIES, default=None,
+                   help=f"which weights train (default: {FinetuneConfig.strategy})")
     p.add_argument("--train-on-prompt", action="store_true", help="lm: also learn the prompt tokens")
     p.add_argument("--merge", action="store_true", help="lora: also write a full checkpoint with the update merged in")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")

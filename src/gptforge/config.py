@@ -108,81 +108,106 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The pretraining loop: optimisation, schedule, evaluation and checkpoints."""
+class OptimizerConfig:
+    """AdamW and its warmup: the optimizer piece that pretraining and fine-tuning share."""
 
-    out_dir: str = "runs/demo"
-    """Run folder: checkpoints/, metrics.jsonl, TensorBoard events and loss curve."""
-    max_steps: int = 1000
-    """Optimizer steps to run."""
-    batch_size: int = 16
-    """Sequences per micro-batch on each process."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
     learning_rate: float = 1e-3
     """Peak learning rate, reached at the end of warmup."""
-    min_lr: float = 1e-4
-    """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 100
     """Steps of linear warmup from 0 to learning_rate."""
-    lr_decay_steps: Optional[int] = None
-    """Step at which cosine decay reaches min_lr; None means max_steps."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to parameters with 2+ dimensions (weights, embeddings), not to biases or LayerNorm."""
+    """AdamW weight decay on trainable parameters with 2+ dimensions (weight matrices, embeddings), not on biases or LayerNorm."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def validate(self) -> "OptimizerConfig":
+        section = _section(self)
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"{section}.learning_rate must be a positive number, got {self.learning_rate}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{section}.{name} must be >= 0, got {getattr(self, name)}")
+        _in_range(self, "beta1", 0.0, 1.0, right_open=True)
+        _in_range(self, "beta2", 0.0, 1.0, right_open=True)
+        return self
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoopConfig:
+    """The training loop's piece that pretraining and fine-tuning share: run folder, steps, batches,
+    evaluation and checkpoint schedule, seed, device."""
+
+    out_dir: str = "runs/demo"
+    """Run folder: checkpoints/, metrics.jsonl, TensorBoard events and the loss curve (fine-tuning adds best/ and report.json)."""
+    max_steps: int = 1000
+    """Optimizer steps to run. With early stopping (fine-tuning) it is an upper bound."""
+    batch_size: int = 16
+    """Sequences (examples) per micro-batch on each process."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
     eval_interval: int = 100
     """Evaluate on validation data every this many steps (and at the end)."""
-    eval_batches: int = 20
-    """Micro-batches averaged for each evaluation."""
-    log_interval: int = 10
-    """Append training metrics to metrics.jsonl every this many steps."""
     checkpoint_interval: int = 500
-    """Write a checkpoint every this many steps (and at the end)."""
+    """Write a resumable checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 2
-    """How many of the newest step checkpoints to keep."""
+    """How many of the newest resumable checkpoints to keep (fine-tuning keeps best/ apart)."""
     seed: int = 1337
-    """Seed for initialisation, data sampling and dropout."""
+    """Seed for initialisation (of the model, or of a task head), the data order and dropout."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     dtype: str = "auto"
     """auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16 or float16."""
-    compile: bool = False
-    """Wrap the model in torch.compile."""
     tensorboard: bool = True
     """Write TensorBoard event files to out_dir/tensorboard."""
-    max_minutes: Optional[float] = None
-    """Stop (and checkpoint) after this many minutes of training even if max_steps is not reached."""
     overwrite: bool = False
     """Start afresh even if out_dir already holds checkpoints (they are deleted first)."""
 
+    def validate(self) -> "LoopConfig":
+        section = _section(self)
+        _positive(self, "max_steps", "batch_size", "grad_accum_steps", "eval_interval", "checkpoint_interval",
+                  "keep_checkpoints")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{section}.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"{section}.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+
+@dataclass
+class TrainConfig(OptimizerConfig, LoopConfig):
+    """The pretraining loop: the shared loop and optimizer pieces, the cosine schedule to min_lr and
+    pretraining's own options."""
+
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    lr_decay_steps: Optional[int] = None
+    """Step at which cosine decay reaches min_lr; None means max_steps."""
+    eval_batches: int = 20
+    """Micro-batches averaged for each evaluation."""
+    log_interval: int = 10
+    """Append training metrics to metrics.jsonl every this many steps."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    max_minutes: Optional[float] = None
+    """Stop (and checkpoint) after this many minutes of training even if max_steps is not reached."""
+
     def validate(self) -> "TrainConfig":
-        _positive(self, "max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches",
-                  "log_interval", "checkpoint_interval", "keep_checkpoints")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ConfigError(f"train.learning_rate must be a positive number, got {self.learning_rate}")
+        LoopConfig.validate(self)
+        OptimizerConfig.validate(self)
+        _positive(self, "eval_batches", "log_interval")
         if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.learning_rate):
             raise ConfigError(
                 f"train.min_lr must be between 0 and train.learning_rate ({self.learning_rate}), got {self.min_lr}"
             )
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
             raise ConfigError(f"train.lr_decay_steps must be at least 1, got {self.lr_decay_steps}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        _in_range(self, "beta1", 0.0, 1.0, right_open=True)
-        _in_range(self, "beta2", 0.0, 1.0, right_open=True)
-        if self.grad_clip < 0:
-            raise ConfigError(f"train.grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"train.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
         return self
@@ -458,17 +483,22 @@ def field_docs(cls: type) -> dict[str, str]:
     """The one-line docstrings written under each field of a config dataclass."""
     import inspect
 
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
     docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = nxt.value.value.strip()
+    # Base classes first: a field declared in a shared piece (LoopConfig, OptimizerConfig) keeps its
+    # docstring when a section redeclares it only to change its default.
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = nxt.value.value.strip()
     return docs
 
 
@@ -583,8 +613,13 @@ def _did_you_mean(name: str, choices, prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
+def _section(obj: Any) -> str:
+    """The section an option is reported under: ``train`` for TrainConfig, ``finetune`` for FinetuneConfig."""
+    return type(obj).__name__.replace("Config", "").lower()
+
+
 def _positive(obj: Any, *names: str) -> None:
-    section = type(obj).__name__.replace("Config", "").lower()
+    section = _section(obj)
     for name in names:
         value = getattr(obj, name)
         if value < 1:
@@ -592,7 +627,7 @@ def _positive(obj: Any, *names: str) -> None:
 
 
 def _in_range(obj: Any, name: str, lo: float, hi: float, right_open: bool = False) -> None:
-    section = type(obj).__name__.replace("Config", "").lower()
+    section = _section(obj)
     value = getattr(obj, name)
     ok = lo <= value < hi if right_open else lo <= value <= hi
     if not ok:
@@ -617,8 +652,11 @@ _LOWER_IS_BETTER = ("val_loss", "perplexity", "bits_per_byte")
 
 
 @dataclass
-class FinetuneConfig:
-    """Fine-tuning a pretrained GPT for a task: language modelling, classification or token tagging."""
+class FinetuneConfig(OptimizerConfig, LoopConfig):
+    """Fine-tuning a pretrained GPT for a task: language modelling, classification or token tagging.
+
+    The loop and optimizer options are the shared pieces' (one flat section: ``--learning_rate=1e-3``);
+    only their defaults differ from pretraining's, restated here."""
 
     task: str = "classify"
     """lm (instruction / chat data), classify (one label per text) or tokens (one tag per word)."""
@@ -630,8 +668,6 @@ class FinetuneConfig:
     """Validation examples in the same format; None holds out val_fraction of train_file."""
     val_fraction: float = 0.1
     """Share of train_file held out for validation when val_file is not given."""
-    out_dir: str = "runs/finetune"
-    """Run folder: best/, checkpoints/, metrics.jsonl, report.json."""
     strategy: str = "full"
     """Which weights train: full, top-k, head, lora, adapter or prefix."""
     top_k_layers: int = 2
@@ -656,32 +692,12 @@ class FinetuneConfig:
     """lm: template that turns an example into text (None: gptforge's default chat template)."""
     max_length: int = 256
     """Longest example in tokens (capped at the model's block_size); longer ones are truncated."""
-    max_steps: int = 200
-    """Optimizer steps to run (an upper bound when early stopping is on)."""
     epochs: Optional[float] = None
     """When set, train for this many passes over the training data instead of max_steps."""
-    batch_size: int = 16
-    """Examples per micro-batch."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    learning_rate: float = 5e-4
-    """Peak learning rate, reached at the end of warmup."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at learning_rate times this."""
-    warmup_steps: int = 10
-    """Steps of linear warmup from 0 to learning_rate."""
-    weight_decay: float = 0.01
-    """AdamW weight decay on the trainable weight matrices (not on biases or LayerNorm)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.999
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
     dropout: float = 0.1
     """Dropout set on every dropout layer of the model (and the task head) while fine-tuning."""
-    eval_interval: int = 50
-    """Evaluate on the validation data every this many steps (and at the end)."""
     metric: str = "auto"
     """Validation metric for early stopping and the best checkpoint (auto: val_loss, accuracy or entity_f1)."""
     mode: str = "auto"
@@ -692,20 +708,17 @@ class FinetuneConfig:
     """Smallest change of the metric that counts as an improvement."""
     evaluate_before: bool = True
     """Evaluate the starting model on the validation data too, for the before/after report."""
+    # Fine-tuning's defaults for the shared options (documented in LoopConfig and OptimizerConfig).
+    out_dir: str = "runs/finetune"
+    max_steps: int = 200
+    learning_rate: float = 5e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    beta2: float = 0.999
+    eval_interval: int = 50
     checkpoint_interval: int = 100
-    """Write a resumable checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 1
-    """How many of the newest resumable checkpoints to keep (best/ is kept apart)."""
-    seed: int = 1337
-    """Seed for the head's initialisation, the data order and dropout."""
-    device: str = "auto"
-    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
-    dtype: str = "auto"
-    """auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16 or float16."""
     tensorboard: bool = False
-    """Write TensorBoard event files to out_dir/tensorboard."""
-    overwrite: bool = False
-    """Start afresh even if out_dir already holds checkpoints (they are deleted first)."""
 
     def validate(self) -> "FinetuneConfig":
         if self.task not in FINETUNE_TASKS:
@@ -721,25 +734,21 @@ class FinetuneConfig:
             raise ConfigError("no model to fine-tune: set checkpoint (a checkpoint folder or Hugging Face model)")
         if not self.train_file:
             raise ConfigError("no training data: set train_file")
-        _positive(self, "top_k_layers", "lora_rank", "adapter_bottleneck", "prefix_length", "max_length",
-                  "max_steps", "batch_size", "grad_accum_steps", "eval_interval", "checkpoint_interval",
-                  "keep_checkpoints")
+        LoopConfig.validate(self)
+        OptimizerConfig.validate(self)
+        _positive(self, "top_k_layers", "lora_rank", "adapter_bottleneck", "prefix_length", "max_length")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"finetune.epochs must be > 0, got {self.epochs}")
         if self.val_file is None:
             _in_range(self, "val_fraction", 0.0, 1.0, right_open=True)
             if self.val_fraction == 0:
                 raise ConfigError("finetune.val_fraction must be > 0 when no val_file is given")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ConfigError(f"finetune.learning_rate must be a positive number, got {self.learning_rate}")
         _in_range(self, "min_lr_ratio", 0.0, 1.0)
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "min_delta", "lora_dropout"):
+        for name in ("min_delta", "lora_dropout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lora_alpha > 0:
             raise ConfigError(f"finetune.lora_alpha must be > 0, got {self.lora_alpha}")
-        _in_range(self, "beta1", 0.0, 1.0, right_open=True)
-        _in_range(self, "beta2", 0.0, 1.0, right_open=True)
         _in_range(self, "dropout", 0.0, 1.0, right_open=True)
         if self.lora_targets is not None and (isinstance(self.lora_targets, str) or not self.lora_targets):
             raise ConfigError(f"finetune.lora_targets must be a non-empty list of layer names, got {self.lora_targets!r}")
@@ -751,10 +760,6 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.mode must be auto, min or max, got {self.mode!r}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"finetune.patience must be at least 1 (or null to never stop early), got {self.patience}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"finetune.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"finetune.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
     @property
@@ -795,25 +800,37 @@ class TuneConfig:
     """Trials that run to the end before any is pruned."""
 
     def validate(self) -> "TuneConfig":
-        for name in ("learning_rate", "weight_decay", "warmup_steps", "dropout"):
+        """The shape of the search space; whether fine-tuning accepts its values is :meth:`validate_against`'s."""
+        for name in _TUNE_RANGES:
             bounds = getattr(self, name)
             if bounds is None:
                 continue
             if not isinstance(bounds, list) or len(bounds) != 2 or not bounds[0] <= bounds[1]:
                 raise ConfigError(f"tune.{name} must be [low, high] with low <= high, got {bounds!r}")
-            if bounds[0] < 0:
-                raise ConfigError(f"tune.{name} must not go below 0, got {bounds!r}")
-        if self.learning_rate is not None and self.learning_rate[0] <= 0:
-            raise ConfigError(f"tune.learning_rate is drawn log-uniformly, so its low end must be > 0, "
-                              f"got {self.learning_rate!r}")
-        if self.dropout is not None and self.dropout[1] >= 1:
-            raise ConfigError(f"tune.dropout must stay below 1, got {self.dropout!r}")
-        if self.lora_rank is not None and (not self.lora_rank or any(r < 1 for r in self.lora_rank)):
-            raise ConfigError(f"tune.lora_rank must be a non-empty list of ranks >= 1, got {self.lora_rank!r}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, list) or not self.lora_rank):
+            raise ConfigError(f"tune.lora_rank must be a non-empty list of ranks, got {self.lora_rank!r}")
         _positive(self, "trials")
         if self.pruner_warmup_evals < 0 or self.startup_trials < 0:
             raise ConfigError("tune.pruner_warmup_evals and tune.startup_trials must be >= 0")
         return self
+
+    def validate_against(self, config: FinetuneConfig) -> "TuneConfig":
+        """Every value the search may draw is one that ``config`` accepts. Each value is checked by
+        :meth:`FinetuneConfig.validate`, where the option is defined (ranges are intervals, so their ends
+        suffice); log-uniform learning rates need a low end above 0, which that check also asks."""
+        self.validate()
+        base = config.to_dict()
+        for name in (*_TUNE_RANGES, "lora_rank"):
+            for value in getattr(self, name) or []:
+                try:
+                    _build(FinetuneConfig, {**base, name: value}, "finetune").validate()
+                except ConfigError as exc:
+                    raise ConfigError(f"tune.{name} holds {value!r}, which fine-tuning refuses: {exc}") from None
+        return self
+
+
+# The options a search draws from a [low, high] range.
+_TUNE_RANGES = ("learning_rate", "weight_decay", "warmup_steps", "dropout")
 
 
 def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -1,11 +1,12 @@
-"""The fine-tuning loop: one process, exact resume, evaluation before and after, early stopping.
+"""Fine-tuning: one process, exact resume, evaluation before and after, early stopping.
 
 A run reads its examples (:mod:`.data`), wraps the pretrained GPT for the task (a ``TaskModel`` with a
-fresh head for classify / tokens), sets which weights train (:mod:`.strategies`) and takes AdamW steps
-over the trainable parameters only, with linear warmup then cosine decay, gradient accumulation and
-clipping. Every ``eval_interval`` steps it evaluates on the validation examples; the best evaluation so
-far is kept in ``out_dir/best`` and :class:`EarlyStopping` ends the run after ``patience`` evaluations
-without improvement. The run folder::
+fresh head for classify / tokens) and sets which weights train (:mod:`.strategies`); the shared
+:class:`~gptforge.train.trainer.Trainer` then takes AdamW steps over the trainable parameters only, with
+linear warmup then cosine decay, gradient accumulation and clipping, checkpoints and exact restore. Every
+``eval_interval`` steps the run evaluates on the validation examples; the best evaluation so far is kept in
+``out_dir/best`` and :class:`EarlyStopping` ends the run after ``patience`` evaluations without
+improvement. The run folder::
 
     out_dir/
       config.json          the resolved fine-tuning config
@@ -20,14 +21,10 @@ without improvement. The run folder::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import math
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -39,17 +36,16 @@ from ..config import PEFT_STRATEGIES, FinetuneConfig
 from ..convert import load_pretrained
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fsutil import write_json_atomic
-from ..runtime import autocast_dtype, resolve_device
-from ..train.metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, plot_loss_curve, truncate_metrics
-from ..train.optim import lr_at, param_groups
-from ..train.rng import get_rng_state, set_rng_state
-from .data import TaskData, batches_per_epoch, epoch_order, load_task_data, make_batch
+from ..runtime import resolve_device
+from ..train.metrics import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve
+from ..train.optim import lr_at
+from ..train.trainer import Trainer, clear_run_outputs
+from .data import Encoded, TaskData, epoch_order, load_task_data, make_batch
 from .report import evaluate_task, forward_loss, pad_id_of
 from .strategies import apply_strategy, base_model, count_parameters, set_dropout
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 BEST_DIR = "best"
@@ -184,15 +180,53 @@ def save_finetuned(path: Path, model: torch.nn.Module, tokenizer, config: dict[s
                                 **training_state)
 
 
+class EpochBatches:
+    """Fine-tuning's :class:`~gptforge.train.trainer.BatchSource`: each epoch visits the examples in a
+    permutation fixed by (seed, epoch), so (epoch, batch) is the whole data position."""
+
+    def __init__(self, examples: list[Encoded], *, batch_size: int, grad_accum_steps: int, seed: int, pad_id: int):
+        self.examples, self.batch_size, self.grad_accum_steps = examples, batch_size, grad_accum_steps
+        self.seed, self.pad_id = seed, pad_id
+        self.epoch = self.batch_in_epoch = 0
+        self.order = epoch_order(len(examples), batch_size, seed, self.epoch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.order)
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        return [self._next_batch() for _ in range(self.grad_accum_steps)]
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self.batch_in_epoch >= len(self.order):
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.order = epoch_order(len(self.examples), self.batch_size, self.seed, self.epoch)
+        indices = self.order[self.batch_in_epoch]
+        self.batch_in_epoch += 1
+        batch = make_batch([self.examples[i] for i in indices], self.pad_id)
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def count_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
+        """The real (unpadded) tokens of the step."""
+        return sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.order = epoch_order(len(self.examples), self.batch_size, self.seed, self.epoch)
+
+
 class _Run:
-    """One fine-tuning run; ``__init__`` sets everything up, :meth:`train` loops."""
+    """Fine-tuning's parts around the shared :class:`Trainer`: the task model and strategy, evaluation
+    with the best checkpoint and early stopping, the before / after report. ``__init__`` sets up."""
 
     def __init__(self, config: FinetuneConfig, *, resume: bool, progress: bool, on_eval: Optional[EvalCallback]):
         self.config, self.progress, self.on_eval = config, progress, on_eval
         self.out_dir = Path(config.out_dir)
         self.device = resolve_device(config.device)
-        self.autocast_dtype, scaled = autocast_dtype(config.dtype, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
         resume_from = self._prepare_out_dir(resume)
 
         source = load_pretrained(config.checkpoint, device="cpu")
@@ -221,30 +255,30 @@ class _Run:
         apply_strategy(model, config)
         self.model = model.to(self.device).train()
         self.trainable, self.total = count_parameters(model)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
-                                           betas=(config.beta1, config.beta2), **({"fused": True} if fused else {}))
-        per_epoch = batches_per_epoch(len(self.data.train), config.batch_size)
-        self.max_steps = (math.ceil(config.epochs * per_epoch / config.grad_accum_steps)
-                          if config.epochs is not None else config.max_steps)
         self.pad_id = pad_id_of(self.tokenizer)
+        batches = EpochBatches(self.data.train, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
+                               seed=config.seed, pad_id=self.pad_id)
+        self.max_steps = (math.ceil(config.epochs * batches.batches_per_epoch / config.grad_accum_steps)
+                          if config.epochs is not None else config.max_steps)
         self.early = EarlyStopping(config.patience, config.stop_mode, config.min_delta)
-        self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
-        self.elapsed_before = self.train_time_before = 0.0
+        self.train_time_before = 0.0
         self.before: Optional[dict[str, Any]] = None
-        self.last_checkpoint: Optional[Path] = None
+        kind = self.task["type"]
+
+        def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            loss_sum, scored, _ = forward_loss(model, batch, kind)
+            return loss_sum / scored.clamp(min=1)
+
+        # Each step's loss is logged, quietly: the evaluations are a fine-tuning run's news.
+        self.trainer = Trainer(self.model, config, device=self.device, batches=batches, loss_fn=loss_fn,
+                               lr_at=self._lr, max_steps=self.max_steps, evaluate=self._evaluate_and_keep_best,
+                               write_checkpoint=self._write_checkpoint, extra_state=self._extra_state,
+                               step_log_level=logging.DEBUG)
         if resume_from is not None:
             self._restore(resume_from)
         else:
             torch.manual_seed(config.seed + 1)  # dropout draws, independent of the head's init
-        self.order = epoch_order(len(self.data.train), config.batch_size, config.seed, self.epoch)
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out_dir / RUN_CONFIG_FILE, config.to_dict())
-        if resume_from is not None:
-            truncate_metrics(self.out_dir / METRICS_FILE, self.step)
-        self.metrics = MetricsWriter(self.out_dir, tensorboard=config.tensorboard,
-                                     purge_step=self.step + 1 if resume_from is not None else None)
+        self.trainer.start(config.to_dict(), resumed=resume_from is not None)
 
     # ----------------------------------------------------------------------------------------------
     def _prepare_out_dir(self, resume: bool) -> Optional[Path]:
@@ -265,9 +299,7 @@ class _Run:
         for path in leftovers:
             log.info("overwrite: deleting %s", path)
             shutil.rmtree(path)
-        for name in (METRICS_FILE, LOSS_CURVE_FILE, REPORT_FILE, CONFUSION_MATRIX_FILE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+        clear_run_outputs(out, REPORT_FILE, CONFUSION_MATRIX_FILE)
         return None
 
     def _restore(self, path: Path) -> None:
@@ -276,148 +308,71 @@ class _Run:
             raise DataError(f"the labels of {self.config.train_file} differ from those the run in {self.out_dir} "
                             f"was started with ({', '.join(saved_task['labels'])})")
         load_trained_weights(self.model, path, self.config.strategy)
-        self.optimizer.load_state_dict(torch.load(path / ckpt.OPTIMIZER_FILE, map_location=self.device,
-                                                  weights_only=True))
-        state = json.loads((path / ckpt.TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.tokens_seen, self.elapsed_before = state["tokens_seen"], state["elapsed_s"]
+        state = self.trainer.restore(path)
         self.train_time_before = state["train_time_s"]
         self.before = state["before"]
         self.early.load_state_dict(state["early_stopping"])
-        if state.get("grad_scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["grad_scaler"])
-        set_rng_state(state["rng"], self.device)
-        self.last_checkpoint = path
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"train_time_s": self._train_time(), "before": self.before, "early_stopping": self.early.state_dict()}
+
+    def _train_time(self) -> float:
+        return self.train_time_before + self.trainer.train_time
 
     # ----------------------------------------------------------------------------------------------
     def train(self) -> FinetuneResult:
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        config = self.config
-        t_start = time.monotonic()
-        train_time = 0.0
-        stopped_early = self.early.should_stop
-        if self.step == 0 and config.evaluate_before:
+        config, trainer = self.config, self.trainer
+        if trainer.step == 0 and config.evaluate_before:
             self.before = self._evaluate()
-            self._record({"step": 0, **_prefixed(self.before["metrics"])})
+            trainer.record({"step": 0, **_prefixed(self.before["metrics"])})
             log.info("before fine-tuning: %s", _brief(self.before["metrics"]))
         log.info("fine-tuning %s of %s parameters (%s) for steps %d..%d", f"{self.trainable:,}", f"{self.total:,}",
-                 config.strategy, self.step + 1, self.max_steps)
-        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=not self.progress)
-        try:
-            with logging_redirect_tqdm() if self.progress else contextlib.nullcontext():
-                while self.step < self.max_steps and not stopped_early:
-                    lr = self._lr(self.step)
-                    t0 = time.monotonic()
-                    loss, tokens = self._train_step(lr)
-                    train_time += time.monotonic() - t0
-                    self.step += 1
-                    self.tokens_seen += tokens
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    self._record({"step": self.step, "train_loss": loss, "lr": lr})
-                    last = self.step == self.max_steps
-                    if self.step % config.eval_interval == 0 or last:
-                        stopped_early = self._evaluate_and_keep_best()
-                    if self.step % config.checkpoint_interval == 0 or last or stopped_early:
-                        self._save_checkpoint(self.elapsed_before + time.monotonic() - t_start,
-                                              self.train_time_before + train_time)
-            if stopped_early:
-                log.info("early stopping at step %d: %s has not improved on %.4f (step %s) for %d evaluations",
-                         self.step, config.stop_metric, self.early.best, self.early.best_step, self.early.bad_evals)
-        finally:
-            bar.close()
-            self.metrics.close()
-        return self._finish(t_start, self.train_time_before + train_time, stopped_early)
+                 config.strategy, trainer.step + 1, self.max_steps)
+        stopped_early = trainer.run(stopped=self.early.should_stop, progress=self.progress).stopped
+        if stopped_early:
+            log.info("early stopping at step %d: %s has not improved on %.4f (step %s) for %d evaluations",
+                     trainer.step, config.stop_metric, self.early.best, self.early.best_step, self.early.bad_evals)
+        return self._finish(stopped_early)
 
     def _lr(self, step: int) -> float:
         c = self.config
         return lr_at(step, learning_rate=c.learning_rate, min_lr=c.learning_rate * c.min_lr_ratio,
                      warmup_steps=c.warmup_steps, decay_steps=self.max_steps)
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        if self.batch_in_epoch >= len(self.order):
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self.order = epoch_order(len(self.data.train), self.config.batch_size, self.config.seed, self.epoch)
-        indices = self.order[self.batch_in_epoch]
-        self.batch_in_epoch += 1
-        batch = make_batch([self.data.train[i] for i in indices], self.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-    def _train_step(self, lr: float) -> tuple[float, int]:
-        """One optimizer step over grad_accum_steps micro-batches: (mean loss, real tokens seen)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        n = self.config.grad_accum_steps
-        total = torch.zeros((), device=self.device)
-        tokens = 0
-        for _ in range(n):
-            batch = self._next_batch()
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                loss_sum, scored, _ = forward_loss(self.model, batch, self.task["type"])
-                loss = loss_sum / scored.clamp(min=1) / n
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-            tokens += int(batch["attention_mask"].sum())
-        if self.config.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                           self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total.item(), tokens
-
     def _evaluate(self) -> dict[str, Any]:
         return evaluate_task(self.model, self.data.val, self.task, pad_id=self.pad_id,
                              batch_size=self.config.batch_size, device=self.device,
-                             autocast_dtype=self.autocast_dtype)
+                             autocast_dtype=self.trainer.autocast_dtype)
 
     def _evaluate_and_keep_best(self) -> bool:
         """Evaluate, save best/ on improvement; True when early stopping says to stop."""
+        step = self.trainer.step
         result = self._evaluate()
         metrics = result["metrics"]
-        self._record({"step": self.step, **_prefixed(metrics)})
-        log.info("step %d: %s", self.step, _brief(metrics))
+        self.trainer.record({"step": step, **_prefixed(metrics)})
+        log.info("step %d: %s", step, _brief(metrics))
         if self.on_eval is not None:
-            self.on_eval(self.step, metrics)
+            self.on_eval(step, metrics)
         value = metrics.get(self.config.stop_metric)
         if value is None:
             raise ConfigError(f"metric {self.config.stop_metric!r} cannot be computed on this validation data; "
                               "choose another (--metric=...)")
-        stop = self.early.update(value, self.step)
+        stop = self.early.update(value, step)
         if self.early.improved:
             save_finetuned(self.out_dir / BEST_DIR, self.model, self.tokenizer,
-                           {**self.config_dict, "best": {"step": self.step, self.config.stop_metric: value}},
+                           {**self.config_dict, "best": {"step": step, self.config.stop_metric: value}},
                            self.config.strategy)
         return stop
 
-    def _save_checkpoint(self, elapsed_s: float, train_time_s: float) -> None:
-        name = f"step-{self.step:07d}"
-        trainer_state = {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "tokens_seen": self.tokens_seen, "elapsed_s": elapsed_s, "train_time_s": train_time_s,
-            "before": self.before, "early_stopping": self.early.state_dict(),
-            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": get_rng_state(self.device),
-        }
-        path = self.out_dir / ckpt.CHECKPOINTS_DIR / name
-        save_finetuned(path, self.model, self.tokenizer, self.config_dict, self.config.strategy,
-                       optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state)
-        ckpt.update_latest(self.out_dir, name)
-        ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
-        self.last_checkpoint = path
+    def _write_checkpoint(self, path: Path, **training_state: Any) -> None:
+        save_finetuned(path, self.model, self.tokenizer, self.config_dict, self.config.strategy, **training_state)
 
-    def _finish(self, t_start: float, train_time: float, stopped_early: bool) -> FinetuneResult:
-        config, out = self.config, self.out_dir
+    def _finish(self, stopped_early: bool) -> FinetuneResult:
+        config, out, trainer = self.config, self.out_dir, self.trainer
         best = out / BEST_DIR
         if not ckpt.is_complete(best):
             raise CheckpointError(f"the run in {out} has no best checkpoint ({best}); was it ever evaluated?")
-        if self.early.best_step != self.step:
+        if self.early.best_step != trainer.step:
             load_trained_weights(self.model, best, config.strategy)
         after = self._evaluate()
         merged = None
@@ -429,7 +384,7 @@ class _Run:
             merged = ckpt.save_checkpoint(out / MERGED_DIR, self.model, self.tokenizer, merged_config,
                                           state=ckpt.task_model_state(self.model))
         report = {"task": self.task["type"], "strategy": config.strategy, "labels": self.task["labels"],
-                  "metric": config.stop_metric, "best_step": self.early.best_step, "steps": self.step,
+                  "metric": config.stop_metric, "best_step": self.early.best_step, "steps": trainer.step,
                   "before": self.before, "after": after}
         write_json_atomic(out / REPORT_FILE, report)
         if self.task["type"] == "classify":
@@ -437,18 +392,16 @@ class _Run:
 
             plot_confusion_matrix(after["report"], out / CONFUSION_MATRIX_FILE)
         plot_loss_curve(out / METRICS_FILE, out / LOSS_CURVE_FILE)
+        train_time = self._train_time()
         return FinetuneResult(
-            task=self.task["type"], strategy=config.strategy, labels=list(self.task["labels"]), steps=self.step,
+            task=self.task["type"], strategy=config.strategy, labels=list(self.task["labels"]), steps=trainer.step,
             metric=config.stop_metric, best_step=self.early.best_step, best_value=self.early.best,
             stopped_early=stopped_early, before=self.before, after=after, best_checkpoint=best,
-            last_checkpoint=self.last_checkpoint, merged_checkpoint=merged, out_dir=out,
-            trainable_parameters=self.trainable, total_parameters=self.total, tokens_seen=self.tokens_seen,
-            tokens_per_s=self.tokens_seen / train_time if train_time > 0 else 0.0,
-            elapsed_s=self.elapsed_before + time.monotonic() - t_start, model=self.model.eval(),
+            last_checkpoint=trainer.last_checkpoint, merged_checkpoint=merged, out_dir=out,
+            trainable_parameters=self.trainable, total_parameters=self.total, tokens_seen=trainer.tokens_seen,
+            tokens_per_s=trainer.tokens_seen / train_time if train_time > 0 else 0.0,
+            elapsed_s=trainer.elapsed_s, model=self.model.eval(),
         )
-
-    def _record(self, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
 
 
 def _same_setting(saved: Any, now: Any) -> bool:

@@ -85,7 +85,7 @@ def tune(config: FinetuneConfig, space: TuneConfig, *, trials: Optional[int] = N
     import optuna
 
     config.validate()
-    space.validate()
+    space.validate_against(config)
     if space.lora_rank is not None and config.strategy != "lora":
         log.warning("tune.lora_rank is ignored: strategy is %s, not lora", config.strategy)
     n_trials = trials or space.trials

@@ -1,6 +1,9 @@
-"""Pretraining: a model-agnostic loop with accumulation, clipping, evaluation, checkpoints, exact resume and DDP."""
+"""Training: one core (:class:`Trainer`) for pretraining and fine-tuning, with accumulation, clipping,
+evaluation, checkpoints, exact resume and DDP; and pretraining itself (:func:`pretrain`)."""
 
-from .loop import TrainResult, pretrain
 from .optim import build_optimizer, lr_at, param_groups, schedule_for
+from .pretrain import TrainResult, pretrain
+from .trainer import BatchSource, RunOutcome, Trainer
 
-__all__ = ["TrainResult", "pretrain", "build_optimizer", "lr_at", "param_groups", "schedule_for"]
+__all__ = ["BatchSource", "RunOutcome", "Trainer", "TrainResult", "pretrain", "build_optimizer", "lr_at",
+           "param_groups", "schedule_for"]

@@ -1,4 +1,5 @@
-"""Random training windows drawn from a token memmap, reproducible across resumes and process counts.
+"""Random training windows drawn from a token memmap, reproducible across resumes and process counts:
+the :class:`~gptforge.train.trainer.BatchSource` of pretraining.
 
 Each optimizer step draws the start offsets of the *global* batch (world_size × grad_accum_steps ×
 batch_size windows) from one seeded generator, and every process reads only its own slice. So two
@@ -8,10 +9,13 @@ micro-batches sees, and the generator's state is the whole "data position" a che
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from ..evaluate.lm import gather_windows
+from ..data.windows import gather_windows
+from .rng import decode_tensor, encode_tensor
 
 
 class BatchSampler:
@@ -47,8 +51,19 @@ class BatchSampler:
         return [gather_windows(self.data, chunks[m, self.rank], self.block_size)
                 for m in range(self.grad_accum_steps)]
 
+    def count_tokens(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Every step counts the global batch's tokens, whatever this process's share."""
+        return self.tokens_per_step
+
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
 
     def load_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position as trainer-state entries (the global batch size is kept for the record)."""
+        return {"global_batch_size": self.global_batch_size, "batch_generator": encode_tensor(self.state())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_state(decode_tensor(state["batch_generator"]))

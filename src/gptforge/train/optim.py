@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..config import TrainConfig
+from ..config import OptimizerConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig,
+def build_optimizer(model: torch.nn.Module, config: OptimizerConfig,
                     device_type: str = "cpu", *, fused: Optional[bool] = None) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`, using the fused CUDA kernel when it is available."""
     if fused is None:

@@ -46,3 +46,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(decode_tensor(state["torch"]))
     if device.type == "cuda" and state.get("cuda"):
         torch.cuda.set_rng_state(decode_tensor(state["cuda"]), device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (CUDA's with torch's)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

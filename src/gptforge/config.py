@@ -1,7 +1,10 @@
 """Typed configuration: dataclass schemas, YAML presets and ``--section.key=value`` overrides.
 
-Every field carries a one-line docstring (the string literal under it), which ``gptforge train --help-config``
-prints. This module imports no torch so that the CLI can parse and validate a config in milliseconds.
+Every field carries a docstring (the string literal under it), which ``gptforge train --help-config``
+prints and which is the ``--help`` of the flag that ``gptforge generate``, ``chat`` and ``serve`` derive from
+the field (:func:`flag` declares what a flag adds: aliases, allowed values); the field's default is the
+flag's and the dataclass's ``validate()`` checks the value, for the CLI, the Python API and the server alike.
+This module imports no torch so that the CLI can parse and validate a config in milliseconds.
 
 A run config is a YAML file with up to three sections::
 
@@ -71,6 +74,7 @@ def check_choices(obj: Any) -> None:
         allowed = list(choices) + (["null"] if f.default is None else [])
         listed = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
         raise ConfigError(f"{f.name} must be {listed}, got {value!r}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Model presets are plain data, so they live beside the schema they fill (gptforge.model re-exports them).

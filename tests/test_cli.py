@@ -28,7 +28,7 @@ def tiny_checkpoint(tmp_path) -> Path:
     (["generate", "--checkpoint", "x", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     (["generate", "--checkpoint", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["generate", "--checkpoint", "x", "--max-new-tokens", "0"], "must be at least 1, got 0"),
-    (["generate", "--checkpoint", "x", "--seed", "abc"], "invalid int value: 'abc'"),
+    (["generate", "--checkpoint", "x", "--seed", "abc"], "argument --seed: must be an integer, got 'abc'"),
     (["prepare", "--corpus", "x"], "the following arguments are required: --out"),
     (["generate", "--checkpoint", "x", "--train.max_steps=3"], "belong to `gptforge train`"),
 ])
@@ -163,3 +163,71 @@ def test_output_flags_before_or_after_the_subcommand(argv, quiet, verbose):
 
     args, _ = build_parser().parse_known_args(argv)
     assert (args.quiet, args.verbose) == (quiet, verbose)
+
+
+@pytest.mark.parametrize("command, classes", [
+    ("generate", ("InferenceConfig", "GenerateConfig")),
+    ("serve", ("ServeConfig",)),
+])
+def test_every_config_field_is_a_flag_with_its_docstring_as_help(capsys, command, classes):
+    import dataclasses
+
+    from gptforge import config as cfg
+
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for cls in (getattr(cfg, name) for name in classes):
+        docs = cfg.field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in out, f.name
+            assert " ".join(docs[f.name].split()[:6]) in text, f.name
+
+
+def test_flags_fill_the_config_with_its_own_defaults():
+    from gptforge.cli import build_parser, config_from_flags
+    from gptforge.config import GenerateConfig, ServeConfig
+
+    args, _ = build_parser().parse_known_args(["generate", "--checkpoint", "x"])
+    assert config_from_flags(GenerateConfig, args) == GenerateConfig()
+    args, _ = build_parser().parse_known_args(["serve", "--checkpoint", "x"])
+    assert config_from_flags(ServeConfig, args) == ServeConfig(checkpoint="x")
+    args, _ = build_parser().parse_known_args(["chat", "--checkpoint", "x"])
+    assert config_from_flags(GenerateConfig, args) == GenerateConfig(max_new_tokens=256)
+
+
+def test_readme_flag_spellings_parse():
+    from gptforge.cli import build_parser, config_from_flags
+    from gptforge.config import GenerateConfig, ServeConfig
+
+    parser = build_parser()
+    args, rest = parser.parse_known_args(
+        ["generate", "--checkpoint", "runs/demo", "--prompt", "JULIET:", "--temperature", "0.9", "--top-k", "50",
+         "--top-p", "0.95", "--seed", "7", "--num-samples", "3", "--min-p", "0.05", "--repetition-penalty", "1.2",
+         "--no-repeat-ngram-size", "3", "--stop", "\\n\\n", "--ignore-eos", "--no-prepack", "--quantize", "int8"])
+    gen = config_from_flags(GenerateConfig, args)
+    assert rest == [] and gen.num_return_sequences == 3 and gen.stop == ["\n\n"] and gen.ignore_eos
+    assert (gen.temperature, gen.top_k, gen.top_p, gen.seed, gen.min_p) == (0.9, 50, 0.95, 7, 0.05)
+    assert args.prepack is False and args.quantize == "int8"
+    args, rest = parser.parse_known_args(
+        ["serve", "--checkpoint", "gpt2", "--port", "9000", "--api-key", "s3cret", "--max-batch-size", "32",
+         "--max-queue", "128", "--cors-origin", "http://localhost:3000", "--cors-origin", "http://a.b",
+         "--request-timeout", "120", "--no-batch-invariant", "--kv-cache-dtype", "bfloat16"])
+    serve = config_from_flags(ServeConfig, args)
+    assert rest == [] and serve.cors_origins == ["http://localhost:3000", "http://a.b"]
+    assert (serve.port, serve.api_key, serve.max_batch_size, serve.max_queue, serve.request_timeout) == (
+        9000, "s3cret", 32, 128, 120.0)
+    assert serve.batch_invariant is False and serve.kv_cache_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["chat", "--checkpoint", "x", "--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+    (["chat", "--checkpoint", "x", "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    (["serve", "--checkpoint", "x", "--port", "70000"], "port must be in [0, 65535], got 70000"),
+    (["serve", "--checkpoint", "x", "--request-timeout", "soon"], "argument --request-timeout: must be a number"),
+    (["serve", "--checkpoint", "x", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["serve"], "the following arguments are required: --checkpoint"),
+])
+def test_bad_chat_and_serve_flags(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)

@@ -143,3 +143,34 @@ def test_a_search_space_is_checked_by_the_fine_tuning_options_it_draws(space, me
     with pytest.raises(ConfigError, match=re.escape(message)):
         TuneConfig(**space).validate_against(FinetuneConfig(checkpoint="x", train_file="y", strategy="lora"))
     TuneConfig(lora_rank=[2, 4]).validate_against(FinetuneConfig(checkpoint="x", train_file="y"))
+
+
+def test_temperature_has_one_default_that_beam_search_turns_greedy():
+    assert GenerateConfig().temperature == 0.8
+    assert GenerateConfig(num_beams=3).validate().temperature == 0.0
+    assert GenerateConfig(num_beams=3, temperature=0.0).temperature == 0.0
+    with pytest.raises(ConfigError, match="beam search is deterministic"):
+        GenerateConfig(num_beams=3, temperature=0.8).validate()
+
+
+def test_inference_choices_are_declared_once_on_the_field():
+    from gptforge.config import INFERENCE_DTYPES, KV_CACHE_DTYPES, InferenceConfig, ServeConfig, flag_spec
+    import dataclasses
+
+    specs = {f.name: flag_spec(f) for f in dataclasses.fields(ServeConfig)}
+    assert specs["dtype"].choices == INFERENCE_DTYPES and specs["kv_cache_dtype"].choices == KV_CACHE_DTYPES
+    assert specs["checkpoint"].required and "--cors-origin" in specs["cors_origins"].aliases
+    with pytest.raises(ConfigError, match="dtype must be auto, float32, bfloat16 or float16, got 'int8'"):
+        InferenceConfig(checkpoint="x", dtype="int8").validate()
+    with pytest.raises(ConfigError, match="quantize must be int8 or null, got 'int4'"):
+        ServeConfig(checkpoint="x", quantize="int4").validate()
+    with pytest.raises(ConfigError, match="no model to load"):
+        ServeConfig().validate()
+
+
+def test_field_docs_include_the_fields_a_config_extends():
+    from gptforge.config import ServeConfig, field_docs
+
+    docs = field_docs(ServeConfig)
+    assert docs["device"].startswith("auto (CUDA when present") and docs["port"] == "TCP port to listen on."
+    assert "\n" not in docs["batch_invariant"]  # a docstring over several lines reads as one

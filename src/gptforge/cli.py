@@ -8,6 +8,7 @@ imported lazily so ``gptforge --help`` and config errors answer at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import KV_CACHE_DTYPES
+from .config import CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, InferenceConfig, ServeConfig
 from .errors import ConfigError, GptforgeError
 
 log = logging.getLogger("gptforge")
@@ -61,23 +62,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate_config_from_args(args: argparse.Namespace):
-    """Every decoding flag → a validated GenerateConfig (beam search defaults to temperature 0)."""
-    from .config import GenerateConfig
-
-    temperature = args.temperature
-    if temperature is None:
-        temperature = 0.0 if args.num_beams > 1 else 0.8
-    return GenerateConfig(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=temperature,
-        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, early_stopping=args.early_stopping,
-        num_return_sequences=args.num_return_sequences, stop=[_unescape(t) for t in args.stop or []],
-        ignore_eos=args.ignore_eos,
-        seed=args.seed, logprobs=args.logprobs, compile=args.compile,
-    ).validate()
+def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
+    """Every decoding flag → a validated GenerateConfig."""
+    return config_from_flags(GenerateConfig, args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -85,8 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if args.draft_checkpoint is not None:
         _check_speculative_args(gen, prompts, args)
-    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.prepack,
-                               args.kv_cache_dtype)
+    ckpt = _load_for_inference(config_from_flags(InferenceConfig, args))
     if args.draft_checkpoint is not None:
         return _generate_speculative(args, gen, prompts[0], ckpt)
 
@@ -116,12 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .config import GenerateConfig
-
-    gen = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed).validate()
-    ckpt = _load_for_inference(args.checkpoint, args.device, args.dtype, args.quantize, args.prepack,
-                               args.kv_cache_dtype)
+    gen = config_from_flags(GenerateConfig, args)
+    ckpt = _load_for_inference(config_from_flags(InferenceConfig, args))
     from .chat import ChatSession, chat_template_of
 
     session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=_unescape(args.system) if args.system else None,
@@ -175,8 +157,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _check_speculative_args(gen, prompts: list[str], args: argparse.Namespace) -> None:
-    from .config import GenerateConfig
-
     plain = GenerateConfig()
     unsupported = [name for name in ("min_new_tokens", "min_p", "repetition_penalty", "presence_penalty",
                                      "frequency_penalty", "no_repeat_ngram_size", "num_beams", "stop", "logprobs")
@@ -196,8 +176,8 @@ def _generate_speculative(args: argparse.Namespace, gen, prompt: str, ckpt) -> i
     from .generate import encode_prompt
     from .generate.speculative import speculative_generate
 
-    draft = _load_for_inference(args.draft_checkpoint, args.device, args.dtype, args.quantize, args.prepack,
-                               args.kv_cache_dtype)
+    draft = _load_for_inference(dataclasses.replace(config_from_flags(InferenceConfig, args),
+                                                    checkpoint=args.draft_checkpoint))
     if draft.tokenizer.fingerprint != ckpt.tokenizer.fingerprint:
         raise ConfigError(f"the draft model's tokenizer ({draft.tokenizer.fingerprint}) differs from the "
                           f"target's ({ckpt.tokenizer.fingerprint}); speculative decoding needs the same tokenizer")
@@ -312,16 +292,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import ServeConfig
-
-    config = ServeConfig(
-        checkpoint=args.checkpoint, host=args.host, port=args.port,
-        api_key=args.api_key if args.api_key is not None else os.environ.get("GPTFORGE_API_KEY") or None,
-        model_name=args.model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        cors_origins=list(args.cors_origin), request_timeout=args.request_timeout,
-        batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, prepack=args.prepack, kv_cache_dtype=args.kv_cache_dtype,
-    ).validate()
+    if args.api_key is None:
+        args.api_key = os.environ.get("GPTFORGE_API_KEY") or None
+    config = config_from_flags(ServeConfig, args)
     from .serve import create_app, run_server
 
     app = create_app(config)
@@ -398,29 +371,102 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization of the linear layers")
-    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
-                   help="dtype of the key/value cache: auto = the weights' dtype; bfloat16 halves its memory and "
-                        "the bytes each decode step's attention reads (keys and values rounded to 8 bits)")
-    p.add_argument("--no-prepack", dest="prepack", action="store_false",
-                   help="keep plain float32 CPU linears (by default their weights are prepacked for a faster, "
-                        "batch-invariant kernel)")
-
-
-def _load_for_inference(source: str, device: str, dtype: str, quantize: Optional[str] = None,
-                        prepack: bool = True, kv_cache_dtype: str = "auto"):
+def _load_for_inference(config: InferenceConfig):
     """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears, the
     KV cache dtype."""
     from .convert import load_pretrained
     from .inference import prepare_for_inference
     from .runtime import inference_dtype, resolve_device
 
-    dev = resolve_device(device)
-    ckpt = load_pretrained(source, device=dev, dtype=inference_dtype(dtype, dev))
+    dev = resolve_device(config.device)
+    ckpt = load_pretrained(config.checkpoint, device=dev, dtype=inference_dtype(config.dtype, dev))
     # The general weight layout everywhere, so that `generate`, `chat` and the server round alike.
-    prepare_for_inference(ckpt.model, quantize=quantize, prepack=prepack, kv_cache_dtype=kv_cache_dtype)
+    prepare_for_inference(ckpt.model, quantize=config.quantize, prepack=config.prepack,
+                          kv_cache_dtype=config.kv_cache_dtype)
     return ckpt
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags derived from config dataclasses: each option's name, type, default, help and allowed values are
+# stated once, on its field (see gptforge.config.flag); ranges are checked by the dataclass's validate().
+def add_config_flags(p: argparse.ArgumentParser, cls: type, *, only: Optional[Sequence[str]] = None,
+                     defaults: Optional[dict] = None) -> None:
+    """One flag per field of the config dataclass ``cls`` (or per field named in ``only``, in that order):
+    ``--field-name`` and the aliases its metadata declares, with the field's docstring as help and its
+    default (or the one in ``defaults``, for a command whose default differs)."""
+    import typing
+
+    from .config import field_docs, flag_spec
+
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in only or list(fields):
+        f, spec = fields[name], flag_spec(fields[name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if defaults and name in defaults:
+            default = defaults[name]
+        hint = _without_none(hints[name])
+        flags = ["--" + name.replace("_", "-"), *spec.aliases]
+        help_text = docs.get(name, "").replace("%", "%%")
+        kwargs: dict = dict(dest=name, default=default)
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            help_text += " (on by default)" if default else ""
+        else:
+            if typing.get_origin(hint) is list:
+                kwargs["action"] = "append"
+                kwargs["default"] = None  # argparse appends to a given default; the dataclass fills it in
+                hint = typing.get_args(hint)[0]
+                help_text += " Repeatable."
+            elif default is not None and not spec.required:
+                help_text += f" (default: {default})"
+            kwargs["type"] = _flag_type(hint, escapes=spec.escapes)
+            if spec.escapes:
+                help_text += r" \n and \t mean a newline and a tab."
+            if spec.choices:
+                kwargs["choices"] = list(spec.choices)
+            if spec.metavar:
+                kwargs["metavar"] = spec.metavar
+            if spec.required:
+                kwargs["required"] = True
+        p.add_argument(*flags, help=help_text, **kwargs)
+
+
+def config_from_flags(cls: type, args: argparse.Namespace):
+    """The validated config dataclass ``cls`` from the flags :func:`add_config_flags` added for it."""
+    from .config import config_from_dict
+
+    # None from a flag whose field defaults to something else (a repeatable flag never given) keeps that default.
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if hasattr(args, f.name) and (getattr(args, f.name) is not None or f.default is None)}
+    return config_from_dict(cls, values, cls.__name__.removesuffix("Config").lower()).validate()
+
+
+def _without_none(hint):
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _flag_type(hint, *, escapes: bool = False):
+    """An argparse type: the text as ``hint`` (converted as config files are), one-line message on failure."""
+    from .config import coerce_value
+
+    def parse(text: str):
+        try:
+            value = coerce_value(_unescape(text) if escapes else text, hint, "")
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).strip()) from None
+        return value
+
+    parse.__name__ = getattr(hint, "__name__", "value")
+    return parse
 
 
 def _int_at_least(minimum: int):
@@ -500,55 +546,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a checkpoint or Hugging Face model",
                        description="Generate text. Temperature 0 is greedy; --num-beams > 1 is beam search.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, Hugging Face folder or hub id (e.g. gpt2)")
+    add_config_flags(p, InferenceConfig)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
     src.add_argument("--prompt-file", default=None,
                      help="one prompt per line, generated as a batch (write \\n for a newline inside a prompt)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    p.add_argument("--min-new-tokens", type=_non_negative_int, default=0, help="end-of-text is suppressed before this many")
-    p.add_argument("--temperature", type=_float, default=None, help="0 is greedy (default: 0.8, or 0 with beams)")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=_float, default=None, help="nucleus sampling: smallest set with this much probability")
-    p.add_argument("--min-p", type=_float, default=None, help="drop tokens less likely than min_p x the top token's probability")
-    p.add_argument("--repetition-penalty", type=_float, default=1.0, help="> 1 discourages tokens already seen (CTRL/HF)")
-    p.add_argument("--presence-penalty", type=_float, default=0.0, help="OpenAI presence penalty, -2..2")
-    p.add_argument("--frequency-penalty", type=_float, default=0.0, help="OpenAI frequency penalty, -2..2")
-    p.add_argument("--no-repeat-ngram-size", type=_non_negative_int, default=0, help="never repeat an n-gram of this size")
-    p.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with this many beams")
-    p.add_argument("--length-penalty", type=_float, default=1.0, help="beam score = log-prob / length**length_penalty")
-    p.add_argument("--early-stopping", action="store_true", help="stop beam search once num_beams hypotheses are done")
-    p.add_argument("--num-return-sequences", "--num-samples", dest="num_return_sequences", type=_positive_int, default=1,
-                   help="sequences per prompt")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop when this text appears (not included in the output; \\n and \\t understood); repeatable")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--logprobs", type=_non_negative_int, default=0,
-                   help="with --json: log-probability of each token and its N most likely alternatives")
+    add_config_flags(p, GenerateConfig)
     p.add_argument("--json", action="store_true",
                    help="print one JSON line per prompt: tokens, text, log-probs, finish reason")
-    _add_inference_flags(p)
     p.add_argument("--draft-checkpoint", default=None, help="speculative decoding with this smaller model (same tokenizer)")
     p.add_argument("--num-draft-tokens", type=_positive_int, default=4, help="tokens the draft proposes per step")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with a model in the terminal, with history",
                        description="A multi-turn chat: each line you type is a user message, the reply streams back. "
                                    "/reset clears the history (the system prompt stays); /exit or Ctrl-D leaves.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, Hugging Face folder or hub id")
+    add_config_flags(p, InferenceConfig)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt, kept for the whole conversation")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest reply, in tokens")
-    p.add_argument("--temperature", type=_float, default=0.8, help="0 is greedy (default: 0.8)")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=_float, default=None, help="nucleus sampling: smallest set with this much probability")
-    p.add_argument("--seed", type=int, default=None, help="makes the conversation reproducible")
-    _add_inference_flags(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_config_flags(p, GenerateConfig, only=CHAT_OPTIONS, defaults=CHAT_DEFAULTS)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert between Hugging Face GPT-2 folders and gptforge checkpoints")
@@ -612,24 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="OpenAI-compatible HTTP server with continuous batching: /v1/models, "
                                    "/v1/completions, /v1/chat/completions, /v1/classify, /health, /metrics "
                                    "and a chat page at /. SIGTERM finishes in-flight requests, then exits.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, Hugging Face folder or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=_non_negative_int, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but "
-                   "/health (default: the GPTFORGE_API_KEY environment variable, else no key)")
-    p.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
-    p.add_argument("--max-batch-size", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
-    _add_inference_flags(p)
-    p.add_argument("--max-queue", type=_positive_int, default=64,
-                   help="sequences that may wait for the batch; beyond it 503 + Retry-After (default: 64)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="browser origin allowed to call the API (repeatable)")
-    p.add_argument("--request-timeout", type=_float, default=600.0, metavar="S",
-                   help="seconds a request may run before it is cancelled (default: 600)")
-    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
-                   help="plain batched matmuls: faster on GPUs, but a result may then depend on its batch-mates")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -1,7 +1,10 @@
 """Typed configuration: dataclass schemas, YAML presets and ``--section.key=value`` overrides.
 
-Every field carries a one-line docstring (the string literal under it), which ``gptforge train --help-config``
-prints. This module imports no torch so that the CLI can parse and validate a config in milliseconds.
+Every field carries a docstring (the string literal under it), which ``gptforge train --help-config``
+prints and which is the ``--help`` of the flag that ``gptforge generate``, ``chat`` and ``serve`` derive from
+the field (:func:`flag` declares what a flag adds: aliases, allowed values); the field's default is the
+flag's and the dataclass's ``validate()`` checks the value, for the CLI, the Python API and the server alike.
+This module imports no torch so that the CLI can parse and validate a config in milliseconds.
 
 A run config is a YAML file with up to three sections::
 
@@ -26,6 +29,52 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------
+# How a config field becomes a command-line flag (read by gptforge.cli): by default ``--field-name VALUE``,
+# typed by the field's annotation, with the field's docstring as its help and the field's default.
+FLAG_METADATA = "gptforge.flag"
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """What a field's command-line flag adds to the default ``--field-name VALUE``; see :func:`flag`."""
+
+    aliases: tuple[str, ...] = ()
+    metavar: Optional[str] = None
+    choices: Optional[tuple[str, ...]] = None
+    required: bool = False
+    escapes: bool = False
+
+
+def flag(*aliases: str, metavar: Optional[str] = None, choices: Optional[tuple[str, ...]] = None,
+         required: bool = False, escapes: bool = False) -> dict[str, FlagSpec]:
+    r"""Field metadata, declared once on the field: ``field(default=1, metadata=flag("--num-samples"))``.
+
+    ``aliases`` are more spellings of the flag; ``metavar`` names its value in ``--help``; ``choices`` are
+    the only values allowed (argparse and :func:`check_choices` both read them); ``required`` makes the
+    command refuse to run without it; ``escapes`` turns ``\n`` and ``\t`` typed on a command line into
+    a newline and a tab.
+    """
+    return {FLAG_METADATA: FlagSpec(tuple(aliases), metavar, tuple(choices) if choices else None, required, escapes)}
+
+
+def flag_spec(f: dataclasses.Field) -> FlagSpec:
+    """The :class:`FlagSpec` of a dataclass field (the plain default when it declares none)."""
+    return f.metadata.get(FLAG_METADATA) or FlagSpec()
+
+
+def check_choices(obj: Any) -> None:
+    """Every field of ``obj`` whose flag declares ``choices`` holds one of them (or None where that is the default)."""
+    for f in dataclasses.fields(obj):
+        choices = flag_spec(f).choices
+        value = getattr(obj, f.name)
+        if choices is None or value in choices or (value is None and f.default is None):
+            continue
+        allowed = list(choices) + (["null"] if f.default is None else [])
+        listed = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+        raise ConfigError(f"{f.name} must be {listed}, got {value!r}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Model presets are plain data, so they live beside the schema they fill (gptforge.model re-exports them).
@@ -221,8 +270,8 @@ class GenerateConfig:
     """Most tokens to generate after the prompt."""
     min_new_tokens: int = 0
     """End-of-text is suppressed until this many tokens have been generated."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 means greedy decoding."""
+    temperature: Optional[float] = None
+    """Softmax temperature; 0 means greedy decoding. Unset: 0.8, or 0 with beam search (num_beams > 1)."""
     top_k: Optional[int] = None
     """Sample only among the k most likely tokens."""
     top_p: Optional[float] = None
@@ -243,9 +292,9 @@ class GenerateConfig:
     """Beam search: a finished beam's score is its log-probability divided by length ** length_penalty."""
     early_stopping: bool = False
     """Beam search: stop as soon as num_beams hypotheses are finished (else when none can improve)."""
-    num_return_sequences: int = 1
+    num_return_sequences: int = field(default=1, metadata=flag("--num-samples"))
     """Sequences returned per prompt (independent samples, or the best beams)."""
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list, metadata=flag(metavar="TEXT", escapes=True))
     """Strings that end generation when produced; the stop string itself is not returned."""
     ignore_eos: bool = False
     """Keep generating after the end-of-text token (it is then returned like any other token)."""
@@ -255,6 +304,10 @@ class GenerateConfig:
     """Return the log-probability of each chosen token and this many top alternatives; 0 returns none."""
     compile: bool = False
     """Compile the one-token decode step with torch.compile (used on CUDA only)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature is None:  # beam search scores, it does not sample
+            self.temperature = 0.0 if self.num_beams > 1 else 0.8
 
     def validate(self) -> "GenerateConfig":
         if self.max_new_tokens < 1:
@@ -312,19 +365,54 @@ class GenerateConfig:
 KV_CACHE_DTYPES = ("auto", "bfloat16")
 """Names of the KV cache dtypes (``--kv-cache-dtype``): auto = the weights' dtype."""
 
+INFERENCE_DTYPES = DTYPES
+"""Names of the weights' dtypes a model is loaded in for inference (``--dtype``): those training takes."""
+
+CHAT_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+"""The GenerateConfig fields that `gptforge chat` takes as flags."""
+
+CHAT_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256}
+"""Where `gptforge chat`'s defaults differ from GenerateConfig's: a reply may run longer than a sample."""
+
 
 @dataclass
-class ServeConfig:
-    """The OpenAI-compatible HTTP server (`gptforge serve`)."""
+class InferenceConfig:
+    """The model to load for inference and how (`gptforge generate`, `chat` and `serve`)."""
 
-    checkpoint: str = ""
-    """Checkpoint folder, run folder, Hugging Face folder or hub id to serve."""
+    checkpoint: str = field(default="", metadata=flag(required=True))
+    """Checkpoint folder, run folder, Hugging Face folder or hub id (e.g. gpt2)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = field(default="auto", metadata=flag(choices=INFERENCE_DTYPES))
+    """Weights' dtype: auto (bfloat16 on GPUs that have it, else float32), float32, bfloat16 or float16."""
+    quantize: Optional[str] = field(default=None, metadata=flag(choices=("int8",)))
+    """int8: weight-only int8 quantization of the linear layers; null keeps them in `dtype`."""
+    prepack: bool = True
+    """On CPU in float32, reorder linear weights once for oneDNN's faster, batch-invariant kernel
+    (gptforge.inference); off keeps plain float32 linear layers."""
+    kv_cache_dtype: str = field(default="auto", metadata=flag(choices=KV_CACHE_DTYPES))
+    """Key/value cache dtype: auto (the weights' dtype) or bfloat16 (half the memory and the bytes each
+    decode step's attention reads; keys and values rounded to 8 bits of mantissa)."""
+
+    def validate(self) -> "InferenceConfig":
+        if not self.checkpoint:
+            raise ConfigError("no model to load: set checkpoint (a folder, run folder, Hugging Face folder or hub id)")
+        check_choices(self)
+        return self
+
+
+@dataclass
+class ServeConfig(InferenceConfig):
+    """The OpenAI-compatible HTTP server (`gptforge serve`): the model to serve (InferenceConfig's fields)
+    and how to serve it."""
+
     host: str = "127.0.0.1"
     """Interface to listen on (127.0.0.1 keeps the server private to this machine)."""
     port: int = 8000
     """TCP port to listen on."""
     api_key: Optional[str] = None
-    """When set, every route but /health needs the header `Authorization: Bearer <api_key>`."""
+    """When set, every route but /health needs the header `Authorization: Bearer <api_key>` (`gptforge
+    serve` reads the GPTFORGE_API_KEY environment variable when the flag is not given)."""
     model_name: Optional[str] = None
     """The model id clients name in requests and /v1/models lists; None uses the checkpoint folder's name."""
     max_batch_size: int = 16
@@ -333,32 +421,21 @@ class ServeConfig:
     """Most sequences waiting for a place in the batch; beyond it requests get 503 with Retry-After."""
     max_n: int = 8
     """Largest `n` (choices per prompt) a request may ask for."""
-    request_timeout: float = 600.0
+    request_timeout: float = field(default=600.0, metadata=flag(metavar="S"))
     """Seconds a request may take from arrival to its last token; past it the request is cancelled."""
     max_request_bytes: int = 1_000_000
     """Largest request body accepted; a bigger one gets 413."""
-    cors_origins: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list, metadata=flag("--cors-origin", metavar="ORIGIN"))
     """Browser origins allowed to call the API (CORS); empty allows none."""
-    shutdown_grace: float = 30.0
+    shutdown_grace: float = field(default=30.0, metadata=flag(metavar="S"))
     """On SIGTERM, seconds that in-flight requests get to finish while new ones get 503."""
     batch_invariant: bool = True
     """Decode every row with the arithmetic of a request running alone, so batching never changes a
     result (greedy output equals `gptforge generate`); False uses plain batched matmuls (faster on GPUs,
     results may then differ in the last bits of a float)."""
-    device: str = "auto"
-    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
-    dtype: str = "auto"
-    """Weights' dtype: auto (bfloat16 on GPUs that have it, else float32), float32, bfloat16 or float16."""
-    quantize: Optional[str] = None
-    """int8: weight-only int8 quantization of the linear layers; null keeps them in `dtype`."""
-    prepack: bool = True
-    """On CPU in float32, reorder linear weights once for oneDNN's faster kernel (gptforge.inference)."""
-    kv_cache_dtype: str = "auto"
-    """Key/value cache dtype: auto (the weights' dtype) or bfloat16 (half the memory and attention bytes)."""
 
     def validate(self) -> "ServeConfig":
-        if not self.checkpoint:
-            raise ConfigError("serve needs a checkpoint (a folder, run folder, Hugging Face folder or hub id)")
+        super().validate()
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         _positive(self, "max_batch_size", "max_queue", "max_n", "max_request_bytes")
@@ -368,12 +445,6 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key must not be empty (leave it unset to serve without a key)")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantize not in (None, "int8"):
-            raise ConfigError(f"quantize must be int8 or null, got {self.quantize!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype must be {' or '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         return self
 
 
@@ -480,7 +551,7 @@ def config_from_dict(cls: type, values: dict[str, Any], section: str):
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings written under each field of a config dataclass."""
+    """The docstrings written under each field of a config dataclass (and of the dataclasses it extends)."""
     import inspect
 
     docs: dict[str, str] = {}
@@ -498,8 +569,13 @@ def field_docs(cls: type) -> dict[str, str]:
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                     and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = nxt.value.value.strip()
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def coerce_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` (from YAML, JSON or a command line) as the type ``hint`` names, or a ConfigError naming ``where``."""
+    return _coerce(value, hint, where)
 
 
 def describe_config() -> str:

@@ -289,6 +289,25 @@ def test_completion_errors_have_openai_shape(client, body, status, param):
     assert error["param"] == param
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -0.1, "temperature must be a finite number >= 0, got -0.1"),
+    ("temperature", 2.5, "temperature must be at most 2 (OpenAI's limit), got 2.5"),
+    ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+    ("n", 0, "n must be at least 1, got 0"),
+    ("max_tokens", 0, "max_tokens must be at least 1, got 0"),
+    ("frequency_penalty", -3, "frequency_penalty must be in [-2, 2], got -3.0"),
+    ("logprobs", -1, "logprobs must be >= 0 (0 returns none), got -1"),
+    ("logprobs", 21, "logprobs must be at most 20 (OpenAI's limit), got 21"),
+])
+def test_request_ranges_are_generate_configs_under_openai_names(client, field, value, message):
+    """A decoding field is range-checked by GenerateConfig.validate (the CLI's check), named as the request
+    names it; OpenAI's tighter limits are added on top."""
+    r = client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "a", field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": f"{field}: {message}", "type": "invalid_request_error",
+                                 "param": field, "code": None}
+
+
 @pytest.mark.parametrize("body, param", [
     ({"model": "tiny-lm", "messages": []}, "messages"),
     ({"model": "tiny-lm", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),

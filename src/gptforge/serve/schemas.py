@@ -1,18 +1,47 @@
 """Request bodies in OpenAI's shapes, checked strictly: a wrong type is an error, never silently coerced.
 
 Range checks that need the model (context length, the model's name) happen in the app; these models check
-what a body can be judged on by itself. :func:`openai_error` is the one error shape every route answers with.
+what a body can be judged on by itself. A field that is a decoding option (temperature, top_p, n, ...) keeps
+OpenAI's name and default but is range-checked by :meth:`GenerateConfig.validate`, the one place that
+checks it for the CLI and the Python API too; only the limits OpenAI's API adds on top are checked here.
+:func:`openai_error` is the one error shape every route answers with.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..config import GenerateConfig
+from ..errors import ConfigError
+
+# OpenAI's limits, tighter than gptforge's own.
+MAX_TEMPERATURE = 2.0
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20
+
+GENERATE_OPTIONS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                    "temperature": "temperature", "top_p": "top_p", "n": "num_return_sequences",
+                    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                    "stop": "stop", "logprobs": "logprobs", "top_logprobs": "logprobs"}
+"""Request fields that are GenerateConfig options: the request's name → the GenerateConfig field."""
+
+
+def check_generate_option(name: str, value: Any) -> Any:
+    """``value`` of the request field ``name``, range-checked as the GenerateConfig option it is; a
+    ValueError (which pydantic reports under ``name``) when it is out of range."""
+    if value is None:
+        return value
+    option = GENERATE_OPTIONS[name]
+    try:
+        GenerateConfig(**{option: value}).validate()
+    except ConfigError as exc:
+        message = str(exc)
+        if message.startswith(option + " "):  # the message names the option as the request does
+            message = name + message[len(option):]
+        raise ValueError(message) from None
+    return value
 
 
 def openai_error(message: str, *, type: str = "invalid_request_error", param: Optional[str] = None,
@@ -44,39 +73,16 @@ class _SamplingRequest(_Strict):
     user: Optional[str] = None
     """Accepted for compatibility; OpenAI uses it to track abuse, this server ignores it."""
 
+    @field_validator("max_tokens", "temperature", "top_p", "n", "presence_penalty", "frequency_penalty")
+    @classmethod
+    def _generate_option(cls, value, info):
+        return check_generate_option(info.field_name, value)
+
     @field_validator("temperature")
     @classmethod
-    def _temperature_range(cls, value):
-        if not (math.isfinite(value) and 0 <= value <= 2):
-            raise ValueError(f"temperature must be a number in [0, 2], got {value}")
-        return value
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p_range(cls, value):
-        if not (math.isfinite(value) and 0 < value <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {value}")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty_range(cls, value, info):
-        if not (math.isfinite(value) and -2 <= value <= 2):
-            raise ValueError(f"{info.field_name} must be in [-2, 2], got {value}")
-        return value
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens_positive(cls, value):
-        if value is not None and value < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {value}")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _n_positive(cls, value):
-        if value < 1:
-            raise ValueError(f"n must be at least 1, got {value}")
+    def _openai_temperature_limit(cls, value):
+        if value > MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g} (OpenAI's limit), got {value}")
         return value
 
     @field_validator("stop")
@@ -87,9 +93,7 @@ class _SamplingRequest(_Strict):
         stops = [value] if isinstance(value, str) else value
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops
+        return check_generate_option("stop", stops)
 
     @property
     def stop_list(self) -> list[str]:
@@ -109,9 +113,7 @@ class CompletionRequest(_SamplingRequest):
     @field_validator("logprobs")
     @classmethod
     def _logprobs_range(cls, value):
-        if value is not None and not 0 <= value <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {value}")
-        return value
+        return _logprobs_limit("logprobs", check_generate_option("logprobs", value))
 
     @field_validator("prompt")
     @classmethod
@@ -148,17 +150,13 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @field_validator("max_completion_tokens")
     @classmethod
-    def _max_completion_tokens_positive(cls, value):
-        if value is not None and value < 1:
-            raise ValueError(f"max_completion_tokens must be at least 1, got {value}")
-        return value
+    def _max_completion_tokens_range(cls, value):
+        return check_generate_option("max_completion_tokens", value)
 
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs_range(cls, value):
-        if value is not None and not 0 <= value <= MAX_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {value}")
-        return value
+        return _logprobs_limit("top_logprobs", check_generate_option("top_logprobs", value))
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -181,6 +179,12 @@ class ClassifyRequest(_Strict):
         if isinstance(value, list) and not value:
             raise ValueError("input must not be an empty list")
         return value
+
+
+def _logprobs_limit(name: str, value: Optional[int]) -> Optional[int]:
+    if value is not None and value > MAX_LOGPROBS:
+        raise ValueError(f"{name} must be at most {MAX_LOGPROBS} (OpenAI's limit), got {value}")
+    return value
 
 
 def first_error(exc) -> tuple[str, Optional[str]]:

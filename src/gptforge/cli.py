@@ -216,13 +216,13 @@ def _generate_speculative(args: argparse.Namespace, gen, prompt: str, ckpt) -> i
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from . import convert
+    from .checkpoint import convert_from_hf, convert_to_hf
 
     if args.from_hf:
-        path = convert.convert_from_hf(args.from_hf, args.out)
+        path = convert_from_hf(args.from_hf, args.out)
         print(f"wrote gptforge checkpoint {path}")
     else:
-        path = convert.convert_to_hf(args.to_hf, args.out)
+        path = convert_to_hf(args.to_hf, args.out)
         print(f"wrote Hugging Face GPT-2 folder {path}")
     return 0
 
@@ -412,7 +412,7 @@ def _load_for_inference(source: str, device: str, dtype: str, quantize: Optional
                         prepack: bool = True, kv_cache_dtype: str = "auto"):
     """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears, the
     KV cache dtype."""
-    from .convert import load_pretrained
+    from .checkpoint import load_pretrained
     from .inference import prepare_for_inference
     from .runtime import inference_dtype, resolve_device
 

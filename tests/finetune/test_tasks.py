@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.checkpoint import load_checkpoint, load_task_checkpoint
-from gptforge.convert import load_pretrained
+from gptforge.checkpoint import load_checkpoint, load_pretrained, load_task_checkpoint
 from gptforge.data.finetune import IGNORE_INDEX, load_lm_examples
 from gptforge.finetune import classify_texts, finetune, tag_texts
 from gptforge.finetune.data import encode_lm, make_batch

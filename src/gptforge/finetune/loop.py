@@ -35,8 +35,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import checkpoint as ckpt
+from ..checkpoint import load_pretrained
 from ..config import PEFT_STRATEGIES, FinetuneConfig
-from ..convert import load_pretrained
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fsutil import write_json_atomic
 from ..runtime import autocast_dtype, resolve_device

@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from gptforge.data.finetune import (
-    DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
     LMExample,
     build_label_map,
     check_labels,
     check_tags,
     collate,
-    encode_chat_prompt,
     encode_classification,
     encode_lm_example,
     encode_lm_examples,
@@ -28,10 +26,9 @@ from gptforge.data.finetune import (
     load_lm_examples,
     load_token_examples,
     map_labels,
-    render_chat,
 )
 from gptforge.errors import ConfigError, DataError
-from gptforge.tokenizer import EOS_TOKEN, BPETokenizer, CharTokenizer
+from gptforge.tokenizer import EOS_TOKEN, BPETokenizer, CharTokenizer, encode_chat_prompt, render_chat
 
 TRAINING_TEXT = [
     "The capital of France is Paris. John Smith lives in Paris and works for Acme Corporation.\n",
@@ -100,14 +97,6 @@ def test_load_lm_examples_three_shapes(tmp_path):
     assert [dict(m) for m in examples[2].messages] == CHAT
 
 
-def test_default_template_renders_role_tagged_text():
-    segments = render_chat(CHAT[:3])
-    assert "".join(text for text, _ in segments) == (
-        "<|system|>\nYou are a helpful assistant.\n<|user|>\nWhat is the capital of France?\n"
-        "<|assistant|>\nParis is the capital.<|endoftext|>\n")
-    assert [text for text, trainable in segments if trainable] == ["Paris is the capital.", EOS_TOKEN]
-
-
 def test_prompt_completion_mask(tokenizer):
     example = LMExample(prompt="What is the capital of France? ", completion="Paris is the capital.")
     ids, labels = encode_lm_example(tokenizer, example, max_length=512)
@@ -157,19 +146,6 @@ def test_custom_template(bpe):
     assert trained(bpe, ids, labels) == "Paris is the capital.<|endoftext|>"
     literal = render_chat(CHAT[1:2], "{{{role}}} {content}{end}|")
     assert "".join(text for text, _ in literal) == "{user} What is the capital of France?|"
-
-
-@pytest.mark.parametrize("template, message", [
-    ("<|{role}|>\n{content}\n", "must hold {content} once, followed by {end} once"),
-    ("{end}{content}", "must hold {content} once, followed by {end} once"),
-    ("{content}{content}{end}", "must hold {content} once, followed by {end} once"),
-    ("{name}: {content}{end}", "has field {name}; only {role}, {content} and {end} are allowed"),
-    ("{role!r}: {content}{end}", "has field {role}"),
-    ("{role: {content}{end}", "is not a valid format string"),
-])
-def test_bad_template_is_a_config_error(template, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        render_chat(CHAT, template)
 
 
 def test_lm_truncation_keeps_the_start_and_warns_once(bpe, caplog):
@@ -431,7 +407,3 @@ def test_bad_max_length_is_a_config_error(bpe):
         encode_lm_example(bpe, LMExample(text="a"), max_length=0)
     with pytest.raises(ConfigError, match="max_length must be a positive integer"):
         encode_words(bpe, ["a"], [0], max_length=-1)
-
-
-def test_template_default_is_documented():
-    assert "{role}" in DEFAULT_CHAT_TEMPLATE and "{content}{end}" in DEFAULT_CHAT_TEMPLATE

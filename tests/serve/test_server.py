@@ -18,14 +18,13 @@ import torch
 
 from gptforge.checkpoint import save_checkpoint, task_model_state
 from gptforge.config import GenerateConfig, ModelConfig, ServeConfig
-from gptforge.data.finetune import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
 from gptforge.errors import ConfigError
 from gptforge.generate import generate, generate_ids
 from gptforge.heads import TaskModel
 from gptforge.model import GPT
 from gptforge.serve import create_app
 from gptforge.serve.app import load_served_checkpoint
-from gptforge.tokenizer import CharTokenizer
+from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE, CharTokenizer, encode_chat_prompt
 from tests.model_utils import save_tiny_checkpoint
 
 pytestmark = pytest.mark.integration

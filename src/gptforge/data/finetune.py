@@ -8,7 +8,7 @@ turns those into token ids and labels:
   - ``{"text": "..."}``: every token is trained on, then an end-of-text token;
   - ``{"prompt": "...", "completion": "..."}``: only the completion and its end-of-text token are trained;
   - ``{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}``: rendered with a
-    chat template (see :data:`DEFAULT_CHAT_TEMPLATE`); only assistant replies and their end markers are
+    chat template (see :data:`gptforge.tokenizer.DEFAULT_CHAT_TEMPLATE`); only assistant replies and their end markers are
     trained.
 
 - ``classify`` (:func:`load_classification_examples`): CSV with a header naming ``text`` and ``label``
@@ -32,7 +32,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
@@ -40,7 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
 import torch
 
 from ..errors import ConfigError, DataError
-from ..tokenizer import EOS_TOKEN, Tokenizer
+from ..tokenizer import DEFAULT_CHAT_TEMPLATE, EOS_TOKEN, ROLES, Tokenizer, encode_segment, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +47,8 @@ IGNORE_INDEX = -100
 """Label of a position that takes no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
 
 TASKS = ("lm", "classify", "tokens")
-ROLES = ("system", "user", "assistant")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
-DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}{end}\n"
-"""How a chat is turned into text: this format string is applied to each message in turn.
-
-Fields: ``{role}`` (``system``, ``user`` or ``assistant``), ``{content}`` (the message text) and
-``{end}``, which is the end-of-text token after an assistant reply and nothing after any other message.
-``{content}`` and ``{end}`` must each appear once, ``{end}`` after ``{content}``; write ``{{`` and ``}}``
-for literal braces. The default renders a system + user + assistant chat as::
-
-    <|system|>
-    You are terse.
-    <|user|>
-    Capital of France?
-    <|assistant|>
-    Paris.<|endoftext|>
-
-(with a newline after the end-of-text token). Only an assistant's content and its end marker are trained
-on; the model learns to stop by producing the end-of-text token. At generation time the prompt is the
-chat so far followed by the part of the template before ``{content}`` for role ``assistant``
-(:func:`encode_chat_prompt`). The template is saved as a plain string in a fine-tuned checkpoint's
-config, so it can be changed there (it is never executed: only the three fields above are filled in).
-"""
-
-_TEMPLATE_FIELDS = ("role", "content", "end")
 _LISTED_NAMES = 20  # how many known labels an "unknown label" message lists before eliding the rest
 
 
@@ -202,102 +177,16 @@ def _lm_example(path: Path, lineno: int, record: dict[str, Any]) -> LMExample:
     return LMExample(messages=tuple(checked))
 
 
-def _parse_template(template: str) -> list[tuple[str, str | None]]:
-    """The template as (literal, None) and ("", field) parts, checked."""
-    if not isinstance(template, str):
-        raise ConfigError(f"the chat template must be a string, got {type(template).__name__}")
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ConfigError(f"chat template {template!r} is not a valid format string ({exc}); "
-                          "write {{ and }} for literal braces") from None
-    parts: list[tuple[str, str | None]] = []
-    for literal, field, spec, conversion in parsed:
-        if literal:
-            parts.append((literal, None))
-        if field is None:
-            continue
-        if field not in _TEMPLATE_FIELDS or spec or conversion:
-            raise ConfigError(f"chat template {template!r} has field {{{field}}}; only {{role}}, {{content}} "
-                              "and {end} are allowed (write {{ and }} for literal braces)")
-        parts.append(("", field))
-    fields = [field for _, field in parts if field]
-    if fields.count("content") != 1 or fields.count("end") != 1 or fields.index("end") < fields.index("content"):
-        raise ConfigError(f"chat template {template!r} must hold {{content}} once, followed by {{end}} once")
-    return parts
-
-
-def _append(segments: list[tuple[str, bool]], text: str, trainable: bool) -> None:
-    # Neighbouring text with the same flag is tokenized as one piece, as it would be in running text;
-    # only the mask boundaries (and the end-of-text marker) split it.
-    if not text:
-        return
-    if segments and segments[-1][1] == trainable and segments[-1][0] != EOS_TOKEN:
-        segments[-1] = (segments[-1][0] + text, trainable)
-    else:
-        segments.append((text, trainable))
-
-
-def _chat_segments(messages: Sequence[Mapping[str, str]], template: str, *, open_reply: bool) -> list[tuple[str, bool]]:
-    parts = _parse_template(template)
-    segments: list[tuple[str, bool]] = []
-    for i, message in enumerate(messages, 1):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if role not in ROLES or not isinstance(content, str):
-            raise DataError(f"chat message {i} must have a role ({', '.join(ROLES)}) and a string content")
-        trained = role == "assistant"
-        for literal, field in parts:
-            if field is None:
-                _append(segments, literal, False)
-            elif field == "role":
-                _append(segments, role, False)
-            elif field == "content":
-                _append(segments, content, trained)
-            elif trained:
-                segments.append((EOS_TOKEN, True))
-    if open_reply:  # the template's head for an assistant turn, where generation takes over
-        for literal, field in parts:
-            if field == "content":
-                break
-            _append(segments, "assistant" if field == "role" else literal, False)
-    return segments
-
-
-def render_chat(messages: Sequence[Mapping[str, str]], template: str = DEFAULT_CHAT_TEMPLATE) -> list[tuple[str, bool]]:
-    """A chat as (text, trainable) segments: True only for assistant content and its end marker.
-
-    The end marker is its own segment, exactly ``EOS_TOKEN``, which the encoders turn into the tokenizer's
-    end-of-text id (so it works for tokenizers that would spell the string out character by character).
-    """
-    return _chat_segments(messages, template, open_reply=False)
-
-
-def _eos_id(tokenizer: Tokenizer) -> int:
-    eos = tokenizer.eos_id
-    if eos is None:
-        raise ConfigError("the tokenizer has no end-of-text token, which fine-tuning needs to mark where "
-                          "a text or a reply ends")
-    return eos
-
-
 def _encode_segments(tokenizer: Tokenizer, segments: Sequence[tuple[str, bool]],
                      train_on_prompt: bool) -> tuple[list[int], list[int]]:
     # Each segment is tokenized on its own so that no token straddles a trained / untrained boundary.
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in segments:
-        piece = [_eos_id(tokenizer)] if text == EOS_TOKEN else tokenizer.encode(text)
+        piece = encode_segment(tokenizer, text)
         ids.extend(piece)
         labels.extend(piece if trainable or train_on_prompt else [IGNORE_INDEX] * len(piece))
     return ids, labels
-
-
-def encode_chat_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
-                       template: str = DEFAULT_CHAT_TEMPLATE) -> list[int]:
-    """Token ids of a chat followed by the opening of an assistant reply, tokenized as in training."""
-    ids, _ = _encode_segments(tokenizer, _chat_segments(messages, template, open_reply=True), True)
-    return ids
 
 
 def _check_max_length(max_length: int) -> None:

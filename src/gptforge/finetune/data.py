@@ -19,7 +19,7 @@ import torch
 from ..config import FinetuneConfig
 from ..data import finetune as ft_data
 from ..errors import DataError
-from ..tokenizer import Tokenizer
+from ..tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def load_task_data(config: FinetuneConfig, tokenizer: Tokenizer, block_size: int
                  len(train_raw) + len(val_raw), config.train_file)
     val_source = config.val_file or config.train_file
     if config.task == "lm":
-        template = config.chat_template or ft_data.DEFAULT_CHAT_TEMPLATE
+        template = config.chat_template or DEFAULT_CHAT_TEMPLATE
         task = {"type": "lm", "labels": [], "chat_template": template}
         return TaskData(task, encode_lm(tokenizer, train_raw, template, config.train_on_prompt, max_length),
                         encode_lm(tokenizer, val_raw, template, False, max_length))
@@ -88,7 +88,7 @@ def load_task_data(config: FinetuneConfig, tokenizer: Tokenizer, block_size: int
 def load_eval_data(path: str | Path, task: dict[str, Any], tokenizer: Tokenizer, max_length: int) -> list[Encoded]:
     """The examples of ``path`` encoded for a checkpoint's task (its labels must cover the file's)."""
     if task["type"] == "lm":
-        template = task.get("chat_template") or ft_data.DEFAULT_CHAT_TEMPLATE
+        template = task.get("chat_template") or DEFAULT_CHAT_TEMPLATE
         return encode_lm(tokenizer, ft_data.load_lm_examples(path), template, False, max_length)
     if task["type"] == "classify":
         raw = ft_data.load_classification_examples(path)

@@ -402,7 +402,7 @@ def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], li
 
 
 def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    from ..data.finetune import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
+    from ..tokenizer import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
 
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
     try:

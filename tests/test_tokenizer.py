@@ -223,13 +223,11 @@ CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "Paris is the capital."},
-    {"role": "user", "content": "And of Germany?"},
-    {"role": "assistant", "content": "Berlin."},
 ]
 
 
 def test_default_template_renders_role_tagged_text():
-    segments = render_chat(CHAT[:3])
+    segments = render_chat(CHAT)
     assert "".join(text for text, _ in segments) == (
         "<|system|>\nYou are a helpful assistant.\n<|user|>\nWhat is the capital of France?\n"
         "<|assistant|>\nParis is the capital.<|endoftext|>\n")

@@ -253,7 +253,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .finetune.report import HEADLINE, evaluate_checkpoint, format_task_report
+    from .evaluate.tasks import HEADLINE, evaluate_checkpoint
+    from .finetune.report import format_task_report
 
     result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, device=args.device,
                                  batch_size=args.batch_size)
@@ -268,7 +269,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .finetune.report import classify_texts, load_for_task
+    from .evaluate.predict import classify_texts, load_for_task
 
     texts = _read_texts(args)
     ckpt = load_for_task(args.checkpoint, "classify", args.device)
@@ -282,7 +283,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    from .finetune.report import load_for_task, tag_texts
+    from .evaluate.predict import load_for_task, tag_texts
 
     texts = _read_texts(args)
     ckpt = load_for_task(args.checkpoint, "tokens", args.device)

@@ -451,7 +451,7 @@ def test_classify_checkpoint(tmp_path):
         r = httpx.post(live.url + "/v1/classify", json={"input": ["good day", "bad day"]}, timeout=30)
         assert r.status_code == 200, r.text
         data = r.json()["data"]
-        from gptforge.finetune import classify_texts
+        from gptforge.evaluate.predict import classify_texts
 
         ref = classify_texts(live.state.model, live.state.tokenizer, ["good day", "bad day"], ["neg", "pos"])
         assert [d["label"] for d in data] == [x["label"] for x in ref]

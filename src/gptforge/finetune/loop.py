@@ -37,14 +37,15 @@ import torch
 from .. import checkpoint as ckpt
 from ..checkpoint import load_pretrained
 from ..config import PEFT_STRATEGIES, FinetuneConfig
+from ..data.finetune import TaskData, batches_per_epoch, collate, epoch_order, load_task_data, pad_id_of
 from ..errors import CheckpointError, ConfigError, DataError
+from ..evaluate.tasks import evaluate_task
 from ..fsutil import write_json_atomic
+from ..heads import forward_loss
 from ..runtime import autocast_dtype, resolve_device
 from ..train.metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, plot_loss_curve, truncate_metrics
 from ..train.optim import lr_at, param_groups
 from ..train.rng import get_rng_state, set_rng_state
-from .data import TaskData, batches_per_epoch, epoch_order, load_task_data, make_batch
-from .report import evaluate_task, forward_loss, pad_id_of
 from .strategies import apply_strategy, base_model, count_parameters, set_dropout
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ class _Run:
             self.order = epoch_order(len(self.data.train), self.config.batch_size, self.config.seed, self.epoch)
         indices = self.order[self.batch_in_epoch]
         self.batch_in_epoch += 1
-        batch = make_batch([self.data.train[i] for i in indices], self.pad_id)
+        batch = collate([self.data.train[i] for i in indices], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def _train_step(self, lr: float) -> tuple[float, int]:

@@ -346,7 +346,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         if len(texts) > MAX_CLASSIFY_TEXTS:
             raise _bad(f"at most {MAX_CLASSIFY_TEXTS} texts per request, got {len(texts)}", param="input")
-        from ..finetune.report import classify_texts
+        from ..evaluate.predict import classify_texts
 
         try:
             future = state.scheduler.run_job(lambda: classify_texts(state.model, state.tokenizer, texts, state.labels))

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptforge.checkpoint import Checkpoint, load_checkpoint
-from gptforge.config import GenerateConfig, ModelConfig
-from gptforge.convert import (
+from gptforge.checkpoint import (
+    Checkpoint,
     convert_from_hf,
     convert_to_hf,
-    export_hf,
-    load_hf_folder,
+    load_checkpoint,
     load_pretrained,
     resolve_model_source,
 )
+from gptforge.config import GenerateConfig, ModelConfig
+from gptforge.convert import export_hf, load_hf_folder
 from gptforge.errors import CheckpointError
 from gptforge.generate import generate_tokens
 from gptforge.model import GPT

@@ -1,22 +1,25 @@
-"""Tokenizers: exact round trips, fingerprints, saving, GPT-2 files and incremental decoding."""
+"""Tokenizers: exact round trips, fingerprints, saving, GPT-2 files, incremental decoding and chat templates."""
 
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptforge.errors import DataError
+from gptforge.errors import ConfigError, DataError
 from gptforge.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
     EOS_TOKEN,
     BPETokenizer,
     CharTokenizer,
     IncrementalDecoder,
     iter_pieces,
     load_tokenizer,
+    render_chat,
 )
 
 TRAINING_TEXT = [
@@ -212,3 +215,37 @@ def test_folder_without_tokenizer_is_a_data_error(tmp_path):
 def test_bpe_vocabulary_too_small_is_a_data_error():
     with pytest.raises(DataError, match="257"):
         BPETokenizer.train(iter(["abc"]), vocab_size=100)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat templates (their use in fine-tuning data is tested in tests/data/test_finetune_data.py)
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris is the capital."},
+]
+
+
+def test_default_template_renders_role_tagged_text():
+    segments = render_chat(CHAT)
+    assert "".join(text for text, _ in segments) == (
+        "<|system|>\nYou are a helpful assistant.\n<|user|>\nWhat is the capital of France?\n"
+        "<|assistant|>\nParis is the capital.<|endoftext|>\n")
+    assert [text for text, trainable in segments if trainable] == ["Paris is the capital.", EOS_TOKEN]
+
+
+@pytest.mark.parametrize("template, message", [
+    ("<|{role}|>\n{content}\n", "must hold {content} once, followed by {end} once"),
+    ("{end}{content}", "must hold {content} once, followed by {end} once"),
+    ("{content}{content}{end}", "must hold {content} once, followed by {end} once"),
+    ("{name}: {content}{end}", "has field {name}; only {role}, {content} and {end} are allowed"),
+    ("{role!r}: {content}{end}", "has field {role}"),
+    ("{role: {content}{end}", "is not a valid format string"),
+])
+def test_bad_template_is_a_config_error(template, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        render_chat(CHAT, template)
+
+
+def test_template_default_is_documented():
+    assert "{role}" in DEFAULT_CHAT_TEMPLATE and "{content}{end}" in DEFAULT_CHAT_TEMPLATE

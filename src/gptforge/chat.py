@@ -8,7 +8,7 @@
 
 Each turn's prompt is the whole conversation (system prompt, earlier user and assistant turns, the new
 user message) rendered with the chat template and followed by the opening of an assistant reply, exactly
-as :func:`~gptforge.data.finetune.encode_chat_prompt` tokenizes chats for fine-tuning. When that prompt
+as :func:`~gptforge.tokenizer.encode_chat_prompt` tokenizes chats for fine-tuning. When that prompt
 plus ``max_new_tokens`` no longer fits the model's context, the oldest turns are dropped from the history
 (the system prompt is always kept) and :attr:`ChatSession.dropped_turns` counts them. This module never
 prints: the CLI (``gptforge chat``) decides what a person sees.
@@ -21,11 +21,10 @@ import logging
 from typing import Any, Iterator, Mapping, Optional
 
 from .config import GenerateConfig
-from .data.finetune import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
 from .errors import ConfigError
 from .generate import stream_ids
 from .model import GPT
-from .tokenizer import Tokenizer
+from .tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, encode_chat_prompt
 
 log = logging.getLogger(__name__)
 

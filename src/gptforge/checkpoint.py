@@ -6,6 +6,10 @@ temporary folder, every file fsynced, a ``COMPLETE`` marker written last, then r
 folder keeps its checkpoints in ``checkpoints/step-NNNNNNN`` and a ``checkpoints/latest`` pointer that is
 replaced (atomically) only after the folder it names is complete. A folder without the marker is never
 loaded; if ``latest`` names one, the newest complete folder is used instead.
+
+This module is also the one place that composes a model on load: :func:`load_pretrained` takes a gptforge
+folder, a Hugging Face folder or hub id (through :mod:`gptforge.convert`), and :func:`load_task_checkpoint`
+puts a task head (:mod:`gptforge.heads`) and re-applied adapters (:mod:`gptforge.peft`) on its base model.
 """
 
 from __future__ import annotations
@@ -14,17 +18,20 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 from .config import ModelConfig, config_from_dict
+from .convert import download_from_hub, export_hf, is_hf_folder, load_hf_folder
 from .errors import CheckpointError
-from .fsutil import fsync_dir, fsync_file, publish_folder
+from .fsutil import check_output_dir, fsync_dir, fsync_file, publish_folder
+from .heads import TaskModel, head_state_dict, load_head
 from .model import GPT
+from .peft import load_peft
 from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from .weights import Checkpoint, build_model, load_state_dict, model_state_for_saving, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -37,38 +44,8 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"
 
 
-@dataclass
-class Checkpoint:
-    """A loaded checkpoint: the model (in eval mode), its tokenizer and the config it was saved with."""
-
-    model: GPT
-    tokenizer: Tokenizer
-    config: dict[str, Any]
-    path: Path
-
-
 # --------------------------------------------------------------------------------------------------
 # Writing
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied weights stored once (safetensors refuses shared storage)."""
-    model = unwrap_model(model)
-    state = model.state_dict()
-    if getattr(getattr(model, "config", None), "tie_embeddings", False) and "lm_head.weight" in state:
-        state.pop("lm_head.weight")
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -211,39 +188,6 @@ def model_config_from(config: dict[str, Any]) -> ModelConfig:
     return config_from_dict(ModelConfig, config["model"], "model").validate()
 
 
-def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read weights {path}: {exc}") from None
-
-
-def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu",
-                dtype: Optional[torch.dtype] = None, strict: bool = True) -> GPT:
-    """Build the model on the meta device and adopt the loaded tensors (no double allocation)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    state = dict(state)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit the model config: {str(exc).splitlines()[0]}") from None
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if strict and (missing or unexpected):
-        raise CheckpointError(
-            f"weights do not match the model config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
-        )
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    model.to(device=device, dtype=dtype)
-    return model.eval()
-
-
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
                     dtype: Optional[torch.dtype] = None) -> Checkpoint:
     """Load a complete gptforge checkpoint (or a run folder's latest) for inference.
@@ -312,8 +256,6 @@ def task_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The ``head.*`` tensors of a TaskModel ({} for a plain GPT), as an adapter folder stores them."""
-    from .heads import head_state_dict
-
     model = unwrap_model(model)
     if isinstance(model, GPT):
         return {}
@@ -331,8 +273,6 @@ def build_task_model(base: GPT, task: dict[str, Any], *, dropout: float = 0.0) -
     """The bare GPT for ``lm``, else a TaskModel around it with a freshly initialised head."""
     if task["type"] == "lm":
         return base
-    from .heads import TaskModel
-
     return TaskModel(base, task["type"], len(task["labels"]), dropout=dropout)
 
 
@@ -344,8 +284,6 @@ def load_task_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"
     re-applied) or any other gptforge checkpoint or Hugging Face model (an ``lm`` one). ``config["task"]``
     always holds the task section.
     """
-    from .convert import load_hf_folder, resolve_model_source
-
     kind, folder = resolve_model_source(str(path))
     if kind == "hf":
         loaded = load_hf_folder(folder, device=device, dtype=dtype)
@@ -367,9 +305,6 @@ def load_task_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"
 
 def attach_adapter_checkpoint(ckpt: Path, config: dict[str, Any]) -> torch.nn.Module:
     """Load an adapter folder's base model (on the CPU), wrap it for the task, re-apply the adapters and head."""
-    from .convert import load_pretrained
-    from .peft import load_peft
-
     adapter = config[ADAPTER_SECTION]
     base_source = adapter.get("base_checkpoint")
     try:
@@ -399,11 +334,74 @@ def _with_head(base: GPT, task: dict[str, Any], head: dict[str, torch.Tensor], c
 
 
 def _load_head(model: torch.nn.Module, head: dict[str, torch.Tensor], ckpt: Path) -> None:
-    from .heads import load_head
-
     if not head:
         raise CheckpointError(f"checkpoint {ckpt} is a task checkpoint but holds no head weights (head.*)")
     try:
         load_head(model, head)
     except CheckpointError as exc:
         raise CheckpointError(f"the head weights in {ckpt} do not fit its labels: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Any model source: a gptforge checkpoint or run folder, a Hugging Face folder or a hub id
+def _looks_like_gptforge(path: Path) -> bool:
+    """Signs of a gptforge checkpoint or run folder, complete or not (resolve_checkpoint judges which)."""
+    if (path / COMPLETE_MARKER).exists() or (path / CHECKPOINTS_DIR).is_dir() or path.name == CHECKPOINTS_DIR:
+        return True
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict)
+
+
+def resolve_model_source(source: str) -> tuple[str, Path]:
+    """("gptforge", checkpoint folder), ("hf", HF model folder) or, for a hub id, ("hf", its cached folder)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_dir() and is_hf_folder(path):
+            return "hf", path
+        if path.is_dir() and _looks_like_gptforge(path):
+            return "gptforge", resolve_checkpoint(path)
+        raise CheckpointError(
+            f"{path} is neither a gptforge checkpoint or run folder nor a Hugging Face model folder "
+            f"(no {COMPLETE_MARKER} marker, no {CHECKPOINTS_DIR}/ and no config.json with a model_type)"
+        )
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise CheckpointError(f"model {source!r} does not exist (and is not a Hugging Face hub id)") from None
+    return "hf", download_from_hub(source)
+
+
+def load_pretrained(source: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> Checkpoint:
+    """Load a gptforge checkpoint, a local Hugging Face GPT-2 folder or a hub id, ready for inference.
+
+    The one entry point that generate, finetune and serve use.
+    """
+    kind, path = resolve_model_source(str(source))
+    if kind == "gptforge":
+        return load_checkpoint(path, device=device, dtype=dtype)
+    return load_hf_folder(path, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The library calls behind `gptforge convert`
+def convert_from_hf(source: str | Path, out_dir: str | Path) -> Path:
+    """A Hugging Face GPT-2 folder or hub id → a gptforge checkpoint folder at ``out_dir``."""
+    kind, path = resolve_model_source(str(source))
+    if kind != "hf":
+        raise CheckpointError(f"{source} is already a gptforge checkpoint; there is nothing to convert")
+    out = Path(out_dir)
+    check_output_dir(out, replaceable=is_complete(out), what="a gptforge checkpoint")
+    ckpt = load_hf_folder(path)
+    return save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.config)
+
+
+def convert_to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A gptforge checkpoint (or run folder) → a Hugging Face GPT-2 folder at ``out_dir``."""
+    return export_hf(load_checkpoint(checkpoint), out_dir)

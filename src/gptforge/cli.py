@@ -196,13 +196,13 @@ def _generate_speculative(args: argparse.Namespace, gen, prompt: str, ckpt) -> i
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from . import convert
+    from .checkpoint import convert_from_hf, convert_to_hf
 
     if args.from_hf:
-        path = convert.convert_from_hf(args.from_hf, args.out)
+        path = convert_from_hf(args.from_hf, args.out)
         print(f"wrote gptforge checkpoint {path}")
     else:
-        path = convert.convert_to_hf(args.to_hf, args.out)
+        path = convert_to_hf(args.to_hf, args.out)
         print(f"wrote Hugging Face GPT-2 folder {path}")
     return 0
 
@@ -233,7 +233,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .finetune.report import HEADLINE, evaluate_checkpoint, format_task_report
+    from .evaluate.tasks import HEADLINE, evaluate_checkpoint
+    from .finetune.report import format_task_report
 
     result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, device=args.device,
                                  batch_size=args.batch_size)
@@ -248,7 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .finetune.report import classify_texts, load_for_task
+    from .evaluate.predict import classify_texts, load_for_task
 
     texts = _read_texts(args)
     ckpt = load_for_task(args.checkpoint, "classify", args.device)
@@ -262,7 +263,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    from .finetune.report import load_for_task, tag_texts
+    from .evaluate.predict import load_for_task, tag_texts
 
     texts = _read_texts(args)
     ckpt = load_for_task(args.checkpoint, "tokens", args.device)
@@ -374,7 +375,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def _load_for_inference(config: InferenceConfig):
     """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears, the
     KV cache dtype."""
-    from .convert import load_pretrained
+    from .checkpoint import load_pretrained
     from .inference import prepare_for_inference
     from .runtime import inference_dtype, resolve_device
 

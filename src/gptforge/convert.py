@@ -1,11 +1,10 @@
 """Hugging Face GPT-2 ↔ gptforge: weight maps, model folders and hub ids.
 
-:func:`load_pretrained` is the one entry point that generate, finetune and serve use. It accepts
-
-- a gptforge checkpoint folder or run folder (its latest complete checkpoint),
-- a local Hugging Face GPT-2 folder (``config.json`` with ``model_type: gpt2`` plus ``model.safetensors``,
-  a sharded ``model.safetensors.index.json`` or ``pytorch_model.bin``),
-- a hub id such as ``gpt2`` or ``org/name``, read from the Hugging Face cache or downloaded.
+:func:`load_hf_folder` reads a local Hugging Face GPT-2 folder (``config.json`` with ``model_type: gpt2``
+plus ``model.safetensors``, a sharded ``model.safetensors.index.json`` or ``pytorch_model.bin``);
+:func:`download_from_hub` finds a hub id such as ``gpt2`` or ``org/name`` in the Hugging Face cache or
+downloads it; :func:`export_hf` writes a loaded model back out as such a folder. Loading "any model"
+(a gptforge checkpoint, an HF folder or a hub id) is :func:`gptforge.checkpoint.load_pretrained`.
 
 GPT-2 in ``transformers`` keeps its projections in ``Conv1D`` modules, whose weight is the transpose of an
 ``nn.Linear`` weight: ``(in_features, out_features)``. Those four weights per block are transposed on the
@@ -25,23 +24,12 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import (
-    CHECKPOINTS_DIR,
-    COMPLETE_MARKER,
-    Checkpoint,
-    build_model,
-    is_complete,
-    load_checkpoint,
-    load_state_dict,
-    resolve_checkpoint,
-    save_checkpoint,
-    unwrap_model,
-)
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError
-from .fsutil import publish_folder
+from .fsutil import check_output_dir, publish_folder
 from .model import GPT
 from .tokenizer import EOS_TOKEN, BPETokenizer, load_tokenizer
+from .weights import Checkpoint, build_model, load_state_dict, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -282,23 +270,13 @@ def load_hf_folder(directory: str | Path, *, device: str | torch.device = "cpu",
 
 # --------------------------------------------------------------------------------------------------
 # Finding a model: local folder or hub id
-def _is_hf_folder(path: Path) -> bool:
+def is_hf_folder(path: Path) -> bool:
+    """Whether ``path`` holds a Hugging Face model config (a config.json with a model_type)."""
     try:
         data = json.loads((path / HF_CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(data, dict) and "model_type" in data
-
-
-def _looks_like_gptforge(path: Path) -> bool:
-    """Signs of a gptforge checkpoint or run folder, complete or not (resolve_checkpoint judges which)."""
-    if (path / COMPLETE_MARKER).exists() or (path / CHECKPOINTS_DIR).is_dir() or path.name == CHECKPOINTS_DIR:
-        return True
-    try:
-        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("model"), dict)
 
 
 def _hub_offline() -> bool:
@@ -313,7 +291,7 @@ def _has_hf_weights(folder: Path) -> bool:
     return any((folder / f).is_file() for f in (HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HF_BIN, HF_BIN_INDEX))
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def download_from_hub(repo_id: str) -> Path:
     """The hub model's folder in the HF cache: cached copy first, then a download unless offline."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
@@ -350,37 +328,6 @@ def _download_from_hub(repo_id: str) -> Path:
     if not _has_hf_weights(folder):
         raise CheckpointError(f"hub model {repo_id!r} has no PyTorch weights (safetensors or pytorch_model.bin)")
     return folder
-
-
-def resolve_model_source(source: str) -> tuple[str, Path]:
-    """("gptforge", checkpoint folder), ("hf", HF model folder) or, for a hub id, ("hf", its cached folder)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    path = Path(source).expanduser()
-    if path.exists():
-        if path.is_dir() and _is_hf_folder(path):
-            return "hf", path
-        if path.is_dir() and _looks_like_gptforge(path):
-            return "gptforge", resolve_checkpoint(path)
-        raise CheckpointError(
-            f"{path} is neither a gptforge checkpoint or run folder nor a Hugging Face model folder "
-            f"(no {COMPLETE_MARKER} marker, no {CHECKPOINTS_DIR}/ and no config.json with a model_type)"
-        )
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise CheckpointError(f"model {source!r} does not exist (and is not a Hugging Face hub id)") from None
-    return "hf", _download_from_hub(source)
-
-
-def load_pretrained(source: str | Path, *, device: str | torch.device = "cpu",
-                    dtype: Optional[torch.dtype] = None) -> Checkpoint:
-    """Load a gptforge checkpoint, a local Hugging Face GPT-2 folder or a hub id, ready for inference."""
-    kind, path = resolve_model_source(str(source))
-    if kind == "gptforge":
-        return load_checkpoint(path, device=device, dtype=dtype)
-    return load_hf_folder(path, device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,18 +378,14 @@ def _hf_state_from(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_output_dir(out: Path, replaceable: bool, what: str) -> None:
-    """Refuse to replace a folder with other things in it: `--out .` must never wipe a project."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replaceable)):
-        raise CheckpointError(f"output folder {out} already exists and is not {what}; choose a new folder")
+def export_hf(ckpt: Checkpoint, out_dir: str | Path) -> Path:
+    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer) loadable by transformers.
 
-
-def export_hf(ckpt: Checkpoint | str | Path, out_dir: str | Path) -> Path:
-    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer) loadable by transformers."""
+    ``ckpt`` is a loaded model (:func:`gptforge.checkpoint.load_pretrained`); to export a checkpoint folder,
+    see :func:`gptforge.checkpoint.convert_to_hf`.
+    """
     from safetensors.torch import save_file
 
-    if not isinstance(ckpt, Checkpoint):
-        ckpt = load_pretrained(ckpt)
     model = unwrap_model(ckpt.model)
     if not isinstance(model, GPT):
         raise CheckpointError(
@@ -452,7 +395,7 @@ def export_hf(ckpt: Checkpoint | str | Path, out_dir: str | Path) -> Path:
     if not config.bias:
         raise CheckpointError("cannot export a model without biases (model.bias=false): GPT-2 always has them")
     out = Path(out_dir)
-    _check_output_dir(out, replaceable=_is_hf_folder(out), what="a Hugging Face model folder")
+    check_output_dir(out, replaceable=is_hf_folder(out), what="a Hugging Face model folder")
     state = _hf_state_from(model)
     tokenizer = ckpt.tokenizer
     is_bpe = isinstance(tokenizer, BPETokenizer)
@@ -488,21 +431,3 @@ def export_hf(ckpt: Checkpoint | str | Path, out_dir: str | Path) -> Path:
         raise
     log.debug("exported Hugging Face GPT-2 folder %s", out)
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# The library calls behind `gptforge convert`
-def convert_from_hf(source: str | Path, out_dir: str | Path) -> Path:
-    """A Hugging Face GPT-2 folder or hub id → a gptforge checkpoint folder at ``out_dir``."""
-    kind, path = resolve_model_source(str(source))
-    if kind != "hf":
-        raise CheckpointError(f"{source} is already a gptforge checkpoint; there is nothing to convert")
-    out = Path(out_dir)
-    _check_output_dir(out, replaceable=is_complete(out), what="a gptforge checkpoint")
-    ckpt = load_hf_folder(path)
-    return save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.config)
-
-
-def convert_to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A gptforge checkpoint (or run folder) → a Hugging Face GPT-2 folder at ``out_dir``."""
-    return export_hf(load_checkpoint(checkpoint), out_dir)

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .errors import CheckpointError
+
 
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
@@ -60,3 +62,12 @@ def publish_folder(tmp: Path, target: Path) -> None:
     else:
         os.replace(tmp, target)
     fsync_dir(target.parent)
+
+
+def check_output_dir(out: Path, replaceable: bool, what: str) -> None:
+    """Refuse to replace a folder with other things in it: `--out .` must never wipe a project.
+
+    ``replaceable`` says whether ``out`` already is ``what`` (a folder a new one may replace).
+    """
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replaceable)):
+        raise CheckpointError(f"output folder {out} already exists and is not {what}; choose a new folder")

@@ -12,6 +12,8 @@ meaningless and the loss must ignore them.
 
 The GPT is kept whole under ``base`` (its keys are ``base.*``), so PEFT transforms apply to a TaskModel
 as they do to a GPT, and :func:`head_state_dict` / :func:`load_head` move just the classifier.
+:func:`forward_loss` is the loss of a batch for each task (a bare GPT's next-token loss for ``"lm"``),
+the one that fine-tuning trains and evaluation reports.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from .data.finetune import IGNORE_INDEX
 from .errors import CheckpointError, ConfigError
 from .model import GPT
 
@@ -66,6 +70,26 @@ def last_token_index(idx: torch.Tensor, attention_mask: Optional[torch.Tensor]) 
     if attention_mask.shape != idx.shape:
         raise ValueError(f"attention_mask must have shape {tuple(idx.shape)}, got {tuple(attention_mask.shape)}")
     return (attention_mask.long().sum(dim=1) - 1).clamp(min=0)  # an all-padding row reads position 0
+
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, number of scored targets, logits) of one batch.
+
+    lm: next-token loss over the positions whose label is not -100 (prompt and padding score nothing);
+    classify: one label per row, read at the row's last real token; tokens: one tag per first sub-word.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    if task == "lm":
+        logits = model(input_ids)  # (B, T, V); right padding needs no mask under causal attention
+        targets = labels[:, 1:]  # the label of token t+1 is predicted at t
+        scored = logits[:, :-1]
+    else:
+        logits = model(input_ids, attention_mask=batch["attention_mask"])  # (B, L) or (B, T, L)
+        targets, scored = labels, logits
+    flat = scored.float().reshape(-1, scored.size(-1))
+    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum(), logits
 
 
 def head_state_dict(task_model: TaskModel) -> dict[str, torch.Tensor]:

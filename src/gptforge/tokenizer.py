@@ -7,17 +7,22 @@
 
 Both give back any Unicode text exactly: ``decode(encode(text)) == text``. A tokenizer is saved inside
 every checkpoint and every prepared-data folder; its :attr:`fingerprint` tells whether two of them agree.
+
+Chat templates live here too (:data:`DEFAULT_CHAT_TEMPLATE`, :func:`render_chat`,
+:func:`encode_chat_prompt`): fine-tuning data, the chat command and the server all turn messages into
+tokens the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import string
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
 CHAR_FILE = "char_tokenizer.json"
@@ -295,3 +300,121 @@ def iter_pieces(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
     tail = dec.flush()
     if tail:
         yield tail
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat templates
+ROLES = ("system", "user", "assistant")
+
+DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}{end}\n"
+"""How a chat is turned into text: this format string is applied to each message in turn.
+
+Fields: ``{role}`` (``system``, ``user`` or ``assistant``), ``{content}`` (the message text) and
+``{end}``, which is the end-of-text token after an assistant reply and nothing after any other message.
+``{content}`` and ``{end}`` must each appear once, ``{end}`` after ``{content}``; write ``{{`` and ``}}``
+for literal braces. The default renders a system + user + assistant chat as::
+
+    <|system|>
+    You are terse.
+    <|user|>
+    Capital of France?
+    <|assistant|>
+    Paris.<|endoftext|>
+
+(with a newline after the end-of-text token). Only an assistant's content and its end marker are trained
+on; the model learns to stop by producing the end-of-text token. At generation time the prompt is the
+chat so far followed by the part of the template before ``{content}`` for role ``assistant``
+(:func:`encode_chat_prompt`). The template is saved as a plain string in a fine-tuned checkpoint's
+config, so it can be changed there (it is never executed: only the three fields above are filled in).
+"""
+
+_TEMPLATE_FIELDS = ("role", "content", "end")
+
+
+def _parse_template(template: str) -> list[tuple[str, str | None]]:
+    """The template as (literal, None) and ("", field) parts, checked."""
+    if not isinstance(template, str):
+        raise ConfigError(f"the chat template must be a string, got {type(template).__name__}")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"chat template {template!r} is not a valid format string ({exc}); "
+                          "write {{ and }} for literal braces") from None
+    parts: list[tuple[str, str | None]] = []
+    for literal, field, spec, conversion in parsed:
+        if literal:
+            parts.append((literal, None))
+        if field is None:
+            continue
+        if field not in _TEMPLATE_FIELDS or spec or conversion:
+            raise ConfigError(f"chat template {template!r} has field {{{field}}}; only {{role}}, {{content}} "
+                              "and {end} are allowed (write {{ and }} for literal braces)")
+        parts.append(("", field))
+    fields = [field for _, field in parts if field]
+    if fields.count("content") != 1 or fields.count("end") != 1 or fields.index("end") < fields.index("content"):
+        raise ConfigError(f"chat template {template!r} must hold {{content}} once, followed by {{end}} once")
+    return parts
+
+
+def _append(segments: list[tuple[str, bool]], text: str, trainable: bool) -> None:
+    # Neighbouring text with the same flag is tokenized as one piece, as it would be in running text;
+    # only the mask boundaries (and the end-of-text marker) split it.
+    if not text:
+        return
+    if segments and segments[-1][1] == trainable and segments[-1][0] != EOS_TOKEN:
+        segments[-1] = (segments[-1][0] + text, trainable)
+    else:
+        segments.append((text, trainable))
+
+
+def _chat_segments(messages: Sequence[Mapping[str, str]], template: str, *, open_reply: bool) -> list[tuple[str, bool]]:
+    parts = _parse_template(template)
+    segments: list[tuple[str, bool]] = []
+    for i, message in enumerate(messages, 1):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise DataError(f"chat message {i} must have a role ({', '.join(ROLES)}) and a string content")
+        trained = role == "assistant"
+        for literal, field in parts:
+            if field is None:
+                _append(segments, literal, False)
+            elif field == "role":
+                _append(segments, role, False)
+            elif field == "content":
+                _append(segments, content, trained)
+            elif trained:
+                segments.append((EOS_TOKEN, True))
+    if open_reply:  # the template's head for an assistant turn, where generation takes over
+        for literal, field in parts:
+            if field == "content":
+                break
+            _append(segments, "assistant" if field == "role" else literal, False)
+    return segments
+
+
+def render_chat(messages: Sequence[Mapping[str, str]], template: str = DEFAULT_CHAT_TEMPLATE) -> list[tuple[str, bool]]:
+    """A chat as (text, trainable) segments: True only for assistant content and its end marker.
+
+    The end marker is its own segment, exactly ``EOS_TOKEN``, which the encoders turn into the tokenizer's
+    end-of-text id (so it works for tokenizers that would spell the string out character by character).
+    """
+    return _chat_segments(messages, template, open_reply=False)
+
+
+def encode_segment(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of one segment of :func:`render_chat`: the end-of-text id for ``EOS_TOKEN``, else the text's."""
+    if text != EOS_TOKEN:
+        return tokenizer.encode(text)
+    if tokenizer.eos_id is None:
+        raise ConfigError("the tokenizer has no end-of-text token, which fine-tuning needs to mark where "
+                          "a text or a reply ends")
+    return [tokenizer.eos_id]
+
+
+def encode_chat_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
+                       template: str = DEFAULT_CHAT_TEMPLATE) -> list[int]:
+    """Token ids of a chat followed by the opening of an assistant reply, tokenized as in training."""
+    # Each segment on its own, as in training, so that no token straddles a segment boundary.
+    segments = _chat_segments(messages, template, open_reply=True)
+    return [token for text, _ in segments for token in encode_segment(tokenizer, text)]

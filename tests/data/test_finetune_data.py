@@ -10,28 +10,30 @@ import pytest
 import torch
 
 from gptforge.data.finetune import (
-    DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
+    EncodedExample,
     LMExample,
+    batches_per_epoch,
     build_label_map,
     check_labels,
     check_tags,
     collate,
-    encode_chat_prompt,
     encode_classification,
     encode_lm_example,
     encode_lm_examples,
     encode_token_examples,
     encode_words,
+    epoch_order,
     iter_batches,
     load_classification_examples,
+    load_eval_data,
     load_lm_examples,
     load_token_examples,
     map_labels,
-    render_chat,
+    split_off_validation,
 )
 from gptforge.errors import ConfigError, DataError
-from gptforge.tokenizer import EOS_TOKEN, BPETokenizer, CharTokenizer
+from gptforge.tokenizer import EOS_TOKEN, BPETokenizer, CharTokenizer, encode_chat_prompt, render_chat
 
 TRAINING_TEXT = [
     "The capital of France is Paris. John Smith lives in Paris and works for Acme Corporation.\n",
@@ -100,14 +102,6 @@ def test_load_lm_examples_three_shapes(tmp_path):
     assert [dict(m) for m in examples[2].messages] == CHAT
 
 
-def test_default_template_renders_role_tagged_text():
-    segments = render_chat(CHAT[:3])
-    assert "".join(text for text, _ in segments) == (
-        "<|system|>\nYou are a helpful assistant.\n<|user|>\nWhat is the capital of France?\n"
-        "<|assistant|>\nParis is the capital.<|endoftext|>\n")
-    assert [text for text, trainable in segments if trainable] == ["Paris is the capital.", EOS_TOKEN]
-
-
 def test_prompt_completion_mask(tokenizer):
     example = LMExample(prompt="What is the capital of France? ", completion="Paris is the capital.")
     ids, labels = encode_lm_example(tokenizer, example, max_length=512)
@@ -159,19 +153,6 @@ def test_custom_template(bpe):
     assert "".join(text for text, _ in literal) == "{user} What is the capital of France?|"
 
 
-@pytest.mark.parametrize("template, message", [
-    ("<|{role}|>\n{content}\n", "must hold {content} once, followed by {end} once"),
-    ("{end}{content}", "must hold {content} once, followed by {end} once"),
-    ("{content}{content}{end}", "must hold {content} once, followed by {end} once"),
-    ("{name}: {content}{end}", "has field {name}; only {role}, {content} and {end} are allowed"),
-    ("{role!r}: {content}{end}", "has field {role}"),
-    ("{role: {content}{end}", "is not a valid format string"),
-])
-def test_bad_template_is_a_config_error(template, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        render_chat(CHAT, template)
-
-
 def test_lm_truncation_keeps_the_start_and_warns_once(bpe, caplog):
     long = LMExample(prompt="Q ", completion="The capital of France is Paris. " * 10)
     short = LMExample(text="Paris.")
@@ -179,8 +160,8 @@ def test_lm_truncation_keeps_the_start_and_warns_once(bpe, caplog):
     full, _ = encode_lm_example(bpe, long, max_length=10_000)
     with caplog.at_level(logging.WARNING, logger="gptforge.data.finetune"):
         encoded = encode_lm_examples(bpe, [long, short, long, prompt_only], max_length=12)
-    assert [len(e["input_ids"]) for e in encoded] == [12, len(bpe.encode("Paris.")) + 1, 12]
-    assert encoded[0]["input_ids"] == full[:12]
+    assert [len(e.input_ids) for e in encoded] == [12, len(bpe.encode("Paris.")) + 1, 12]
+    assert encoded[0].input_ids == full[:12]
     truncation = [r for r in caplog.records if "longer than max_length=12" in r.getMessage()]
     assert len(truncation) == 1 and "3 of 4 examples" in truncation[0].getMessage()
     assert any("1 examples have no trained tokens" in r.getMessage() for r in caplog.records)
@@ -233,8 +214,8 @@ def test_encode_classification_truncates_and_warns_once(bpe, caplog):
     texts = ["Paris", "The capital of France is Paris. " * 5, "The capital of Germany is Berlin. " * 5]
     with caplog.at_level(logging.WARNING, logger="gptforge.data.finetune"):
         encoded = encode_classification(bpe, texts, [0, 1, 1], max_length=6)
-    assert encoded[0] == {"input_ids": bpe.encode("Paris"), "labels": 0}
-    assert encoded[1] == {"input_ids": bpe.encode(texts[1])[:6], "labels": 1}
+    assert encoded[0] == EncodedExample(bpe.encode("Paris"), 0)
+    assert encoded[1] == EncodedExample(bpe.encode(texts[1])[:6], 1)
     assert len([r for r in caplog.records if "2 of 3 texts" in r.getMessage()]) == 1
 
 
@@ -288,9 +269,9 @@ def test_token_truncation_drops_cut_off_words(char, caplog):
     with caplog.at_level(logging.WARNING, logger="gptforge.data.finetune"):
         (encoded,) = encode_token_examples(char, [words], [tags], max_length=7)
     # "John" (4) + " Smith" (6): the S of Smith is at position 5, inside 7 tokens; "lives" is cut off.
-    assert encoded["input_ids"] == char.encode("John Smith")[:7]
-    assert encoded["word_starts"] == [0, 5]
-    assert encoded["labels"] == [1, -100, -100, -100, -100, 2, -100]
+    assert encoded.input_ids == char.encode("John Smith")[:7]
+    assert encoded.word_starts == [0, 5]
+    assert encoded.labels == [1, -100, -100, -100, -100, 2, -100]
     assert any("1 of 1 sentences" in r.getMessage() and "1 words left out" in r.getMessage()
                for r in caplog.records)
 
@@ -305,25 +286,26 @@ def test_check_tags_names_sentence(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Batches
 def test_collate_right_pads():
-    batch = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = [EncodedExample([5, 6, 7], [-100, 6, 7]), EncodedExample([8], [8])]
     out = collate(batch, pad_id=0)
     assert out["input_ids"].dtype == torch.long
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    classes = collate([{"input_ids": [1, 2], "labels": 3}, {"input_ids": [4], "labels": 0}], pad_id=9)
+    classes = collate([EncodedExample([1, 2], 3), EncodedExample([4], 0)], pad_id=9)
     assert classes["labels"].tolist() == [3, 0] and classes["input_ids"].tolist() == [[1, 2], [4, 9]]
-    words = collate([{"input_ids": [1, 2], "labels": [0, -100], "word_starts": [0]}], pad_id=0)
+    words = collate([EncodedExample([1, 2], [0, -100], word_starts=[0])], pad_id=0)
     assert words["word_starts"] == [[0]]
+    assert "word_starts" not in out and "word_starts" not in classes
 
 
 def test_iter_batches_order_shuffle_and_sizes():
-    data = [{"input_ids": [i], "labels": [i]} for i in range(10)]
+    data = [EncodedExample([i], [i]) for i in range(10)]
     batches = list(iter_batches(data, 4))
-    assert [[e["input_ids"][0] for e in b] for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [[e.input_ids[0] for e in b] for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     def order(seed):
         batches = iter_batches(data, 3, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        return [e["input_ids"][0] for b in batches for e in b]
+        return [e.input_ids[0] for b in batches for e in b]
     assert sorted(order(0)) == list(range(10)) and order(0) == order(0) and order(0) != order(1)
     with pytest.raises(ConfigError, match="batch_size must be a positive integer, got 0"):
         next(iter_batches(data, 0))
@@ -331,6 +313,40 @@ def test_iter_batches_order_shuffle_and_sizes():
 
 # --------------------------------------------------------------------------------------------------
 # Bad input: every message names the file and the line (or row, or sentence)
+def test_epoch_order_is_a_seeded_permutation_in_batches():
+    first = epoch_order(10, 4, seed=3, epoch=0)
+    assert [len(b) for b in first] == [4, 4, 2] and sorted(i for b in first for i in b) == list(range(10))
+    assert first == epoch_order(10, 4, seed=3, epoch=0)  # a resumed run sees the same batches
+    assert first != epoch_order(10, 4, seed=3, epoch=1) and first != epoch_order(10, 4, seed=4, epoch=0)
+    generator = torch.Generator().manual_seed(3 * 1_000_003 + 0)
+    assert first == list(iter_batches(range(10), 4, shuffle=True, generator=generator))
+    assert batches_per_epoch(10, 4) == 3 and batches_per_epoch(8, 4) == 2
+
+
+def test_lm_examples_count_the_bytes_they_are_scored_on(bpe):
+    (example,) = encode_lm_examples(bpe, [LMExample(prompt="Q: ", completion="Café.")], max_length=64)
+    scored = [t for t in example.labels[1:] if t != IGNORE_INDEX]
+    assert example.target_bytes == len(bpe.decode(scored).encode("utf-8")) == len("Café.".encode()) + len(EOS_TOKEN)
+
+
+def test_eval_data_keeps_each_words_tag_names(tmp_path, char):
+    path = write_jsonl(tmp_path / "val.jsonl", [{"tokens": ["John", "Smith"], "tags": ["B-PER", "I-PER"]}])
+    (example,) = load_eval_data(path, {"type": "tokens", "labels": ["B-PER", "I-PER", "O"]}, char, 64)
+    assert example.tags == ["B-PER", "I-PER"] and example.word_starts == [0, 5]
+    assert [example.labels[i] for i in example.word_starts] == [0, 1]
+    with pytest.raises(DataError, match="does not occur in the training data"):
+        load_eval_data(path, {"type": "tokens", "labels": ["B-PER", "O"]}, char, 64)
+
+
+def test_split_off_validation_holds_out_a_seeded_share():
+    train, val = split_off_validation(list(range(20)), 0.1, seed=0)
+    assert len(val) == 2 and sorted(train + val) == list(range(20))
+    assert (train, val) == split_off_validation(list(range(20)), 0.1, seed=0)
+    assert len(split_off_validation([1, 2], 0.0, seed=0)[1]) == 1  # at least one example
+    with pytest.raises(DataError, match="cannot be split"):
+        split_off_validation([1], 0.5, seed=0)
+
+
 def test_missing_and_empty_files(tmp_path):
     for load in (load_lm_examples, load_classification_examples, load_token_examples):
         with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nope.jsonl'} not found")):
@@ -431,7 +447,3 @@ def test_bad_max_length_is_a_config_error(bpe):
         encode_lm_example(bpe, LMExample(text="a"), max_length=0)
     with pytest.raises(ConfigError, match="max_length must be a positive integer"):
         encode_words(bpe, ["a"], [0], max_length=-1)
-
-
-def test_template_default_is_documented():
-    assert "{role}" in DEFAULT_CHAT_TEMPLATE and "{content}{end}" in DEFAULT_CHAT_TEMPLATE

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.checkpoint import load_checkpoint, load_task_checkpoint
-from gptforge.convert import load_pretrained
-from gptforge.data.finetune import IGNORE_INDEX, load_lm_examples
-from gptforge.finetune import classify_texts, finetune, tag_texts
-from gptforge.finetune.data import encode_lm, make_batch
-from gptforge.finetune.report import forward_loss
+from gptforge.checkpoint import load_checkpoint, load_pretrained, load_task_checkpoint
+from gptforge.data.finetune import IGNORE_INDEX, collate, encode_lm_examples, load_lm_examples
+from gptforge.evaluate.predict import classify_texts, tag_texts
+from gptforge.finetune import finetune
+from gptforge.heads import forward_loss
 from gptforge.train.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
@@ -88,12 +87,12 @@ def test_masked_prompt_tokens_contribute_nothing_to_the_loss(base_checkpoint, da
     model, tok = source.model, source.tokenizer
     examples = load_lm_examples(datasets["lm"][0])[:4]
     template = "{content}{end}"
-    masked = encode_lm(tok, examples, template, False, 64)
-    full = encode_lm(tok, examples, template, True, 64)
+    masked = encode_lm_examples(tok, examples, template=template, max_length=64)
+    full = encode_lm_examples(tok, examples, template=template, train_on_prompt=True, max_length=64)
     assert [e.input_ids for e in masked] == [e.input_ids for e in full]
     assert all(IGNORE_INDEX in e.labels for e in masked) and all(IGNORE_INDEX not in e.labels for e in full)
 
-    batch = make_batch(masked, pad_id=tok.eos_id)
+    batch = collate(masked, pad_id=tok.eos_id)
     with torch.no_grad():
         loss_sum, scored, logits = forward_loss(model, batch, "lm")
         # By hand: next-token cross-entropy at the unmasked positions only.
@@ -108,5 +107,5 @@ def test_masked_prompt_tokens_contribute_nothing_to_the_loss(base_checkpoint, da
 
     # Training on the prompt as well scores more tokens, and the same ids give a larger total.
     with torch.no_grad():
-        full_sum, full_scored, _ = forward_loss(model, make_batch(full, pad_id=tok.eos_id), "lm")
+        full_sum, full_scored, _ = forward_loss(model, collate(full, pad_id=tok.eos_id), "lm")
     assert int(full_scored) > count and full_sum.item() > loss_sum.item()

@@ -18,14 +18,13 @@ import torch
 
 from gptforge.checkpoint import save_checkpoint, task_model_state
 from gptforge.config import GenerateConfig, ModelConfig, ServeConfig
-from gptforge.data.finetune import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
 from gptforge.errors import ConfigError
 from gptforge.generate import generate, generate_ids
 from gptforge.heads import TaskModel
 from gptforge.model import GPT
 from gptforge.serve import create_app
 from gptforge.serve.app import load_served_checkpoint
-from gptforge.tokenizer import CharTokenizer
+from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE, CharTokenizer, encode_chat_prompt
 from tests.model_utils import save_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -471,7 +470,7 @@ def test_classify_checkpoint(tmp_path):
         r = httpx.post(live.url + "/v1/classify", json={"input": ["good day", "bad day"]}, timeout=30)
         assert r.status_code == 200, r.text
         data = r.json()["data"]
-        from gptforge.finetune import classify_texts
+        from gptforge.evaluate.predict import classify_texts
 
         ref = classify_texts(live.state.model, live.state.tokenizer, ["good day", "bad day"], ["neg", "pos"])
         assert [d["label"] for d in data] == [x["label"] for x in ref]

@@ -1,4 +1,4 @@
-"""Fine-tuning datasets: instruction / chat LM, text classification and token classification.
+"""Fine-tuning data for every task: instruction / chat LM, text classification and token classification.
 
 Each task has a loader that reads and checks a file and gives plain Python values, and an encoder that
 turns those into token ids and labels:
@@ -8,8 +8,8 @@ turns those into token ids and labels:
   - ``{"text": "..."}``: every token is trained on, then an end-of-text token;
   - ``{"prompt": "...", "completion": "..."}``: only the completion and its end-of-text token are trained;
   - ``{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}``: rendered with a
-    chat template (see :data:`DEFAULT_CHAT_TEMPLATE`); only assistant replies and their end markers are
-    trained.
+    chat template (see :data:`gptforge.tokenizer.DEFAULT_CHAT_TEMPLATE`); only assistant replies and their
+    end markers are trained.
 
 - ``classify`` (:func:`load_classification_examples`): CSV with a header naming ``text`` and ``label``
   columns (others are ignored), or JSONL with ``text`` and ``label`` fields.
@@ -21,10 +21,16 @@ A file whose name ends in ``.jsonl``, ``.json`` or ``.ndjson`` is read as JSONL;
 or CoNLL (tokens). Files are strict UTF-8; a leading byte-order mark is dropped. Every problem a user can
 cause raises :class:`~gptforge.errors.DataError` naming the file and the line.
 
-Encoded examples are dicts (:class:`EncodedExample`). ``labels`` follows the Hugging Face convention: for
-the LM and token tasks it is aligned with ``input_ids`` and holds :data:`IGNORE_INDEX` (-100) where no
-loss is taken, so a causal LM loss compares ``logits[:, :-1]`` with ``labels[:, 1:]``; for classification
-it is one class id. :func:`collate` right-pads a list of them into tensors; :func:`iter_batches` groups them.
+Every task encodes to one example type, :class:`EncodedExample`. Its ``labels`` follow the Hugging Face
+convention: for the LM and token tasks they are aligned with ``input_ids`` and hold :data:`IGNORE_INDEX`
+(-100) where no loss is taken, so a causal LM loss compares ``logits[:, :-1]`` with ``labels[:, 1:]``; for
+classification it is one class id. :func:`collate` right-pads a list of them into tensors;
+:func:`iter_batches` groups them.
+
+For a fine-tuning run, :func:`load_task_data` picks the task's functions, holds out validation examples
+when no validation file is given, and gives a :class:`TaskData`; :func:`epoch_order` draws batches in an
+order fixed by (seed, epoch), so that a resumed run sees the same batches. :func:`load_eval_data` encodes a
+file for a fine-tuned checkpoint's task.
 """
 
 from __future__ import annotations
@@ -32,15 +38,17 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import string
-from dataclasses import dataclass
+import math
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence, TypedDict
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from ..config import FinetuneConfig
 from ..errors import ConfigError, DataError
-from ..tokenizer import EOS_TOKEN, Tokenizer
+from ..tokenizer import DEFAULT_CHAT_TEMPLATE, EOS_TOKEN, ROLES, Tokenizer, encode_segment, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -48,41 +56,26 @@ IGNORE_INDEX = -100
 """Label of a position that takes no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
 
 TASKS = ("lm", "classify", "tokens")
-ROLES = ("system", "user", "assistant")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
-DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}{end}\n"
-"""How a chat is turned into text: this format string is applied to each message in turn.
-
-Fields: ``{role}`` (``system``, ``user`` or ``assistant``), ``{content}`` (the message text) and
-``{end}``, which is the end-of-text token after an assistant reply and nothing after any other message.
-``{content}`` and ``{end}`` must each appear once, ``{end}`` after ``{content}``; write ``{{`` and ``}}``
-for literal braces. The default renders a system + user + assistant chat as::
-
-    <|system|>
-    You are terse.
-    <|user|>
-    Capital of France?
-    <|assistant|>
-    Paris.<|endoftext|>
-
-(with a newline after the end-of-text token). Only an assistant's content and its end marker are trained
-on; the model learns to stop by producing the end-of-text token. At generation time the prompt is the
-chat so far followed by the part of the template before ``{content}`` for role ``assistant``
-(:func:`encode_chat_prompt`). The template is saved as a plain string in a fine-tuned checkpoint's
-config, so it can be changed there (it is never executed: only the three fields above are filled in).
-"""
-
-_TEMPLATE_FIELDS = ("role", "content", "end")
 _LISTED_NAMES = 20  # how many known labels an "unknown label" message lists before eliding the rest
 
 
-class EncodedExample(TypedDict, total=False):
-    """One encoded example: ``input_ids`` and ``labels`` always, ``word_starts`` for the tokens task."""
+@dataclass
+class EncodedExample:
+    """One example ready for the model, whatever its task.
+
+    ``labels``: a list aligned with ``input_ids`` (lm, tokens; IGNORE_INDEX where no loss is taken) or one
+    class id (classify). The tokens task keeps ``word_starts`` (the position that carries each word's
+    label) and ``tags`` (the words' tag names, for the entity report); lm keeps ``target_bytes``, the
+    UTF-8 bytes of the scored text, for bits per byte.
+    """
 
     input_ids: list[int]
     labels: list[int] | int
-    word_starts: list[int]
+    word_starts: Optional[list[int]] = None
+    tags: Optional[list[str]] = None
+    target_bytes: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,102 +195,16 @@ def _lm_example(path: Path, lineno: int, record: dict[str, Any]) -> LMExample:
     return LMExample(messages=tuple(checked))
 
 
-def _parse_template(template: str) -> list[tuple[str, str | None]]:
-    """The template as (literal, None) and ("", field) parts, checked."""
-    if not isinstance(template, str):
-        raise ConfigError(f"the chat template must be a string, got {type(template).__name__}")
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ConfigError(f"chat template {template!r} is not a valid format string ({exc}); "
-                          "write {{ and }} for literal braces") from None
-    parts: list[tuple[str, str | None]] = []
-    for literal, field, spec, conversion in parsed:
-        if literal:
-            parts.append((literal, None))
-        if field is None:
-            continue
-        if field not in _TEMPLATE_FIELDS or spec or conversion:
-            raise ConfigError(f"chat template {template!r} has field {{{field}}}; only {{role}}, {{content}} "
-                              "and {end} are allowed (write {{ and }} for literal braces)")
-        parts.append(("", field))
-    fields = [field for _, field in parts if field]
-    if fields.count("content") != 1 or fields.count("end") != 1 or fields.index("end") < fields.index("content"):
-        raise ConfigError(f"chat template {template!r} must hold {{content}} once, followed by {{end}} once")
-    return parts
-
-
-def _append(segments: list[tuple[str, bool]], text: str, trainable: bool) -> None:
-    # Neighbouring text with the same flag is tokenized as one piece, as it would be in running text;
-    # only the mask boundaries (and the end-of-text marker) split it.
-    if not text:
-        return
-    if segments and segments[-1][1] == trainable and segments[-1][0] != EOS_TOKEN:
-        segments[-1] = (segments[-1][0] + text, trainable)
-    else:
-        segments.append((text, trainable))
-
-
-def _chat_segments(messages: Sequence[Mapping[str, str]], template: str, *, open_reply: bool) -> list[tuple[str, bool]]:
-    parts = _parse_template(template)
-    segments: list[tuple[str, bool]] = []
-    for i, message in enumerate(messages, 1):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if role not in ROLES or not isinstance(content, str):
-            raise DataError(f"chat message {i} must have a role ({', '.join(ROLES)}) and a string content")
-        trained = role == "assistant"
-        for literal, field in parts:
-            if field is None:
-                _append(segments, literal, False)
-            elif field == "role":
-                _append(segments, role, False)
-            elif field == "content":
-                _append(segments, content, trained)
-            elif trained:
-                segments.append((EOS_TOKEN, True))
-    if open_reply:  # the template's head for an assistant turn, where generation takes over
-        for literal, field in parts:
-            if field == "content":
-                break
-            _append(segments, "assistant" if field == "role" else literal, False)
-    return segments
-
-
-def render_chat(messages: Sequence[Mapping[str, str]], template: str = DEFAULT_CHAT_TEMPLATE) -> list[tuple[str, bool]]:
-    """A chat as (text, trainable) segments: True only for assistant content and its end marker.
-
-    The end marker is its own segment, exactly ``EOS_TOKEN``, which the encoders turn into the tokenizer's
-    end-of-text id (so it works for tokenizers that would spell the string out character by character).
-    """
-    return _chat_segments(messages, template, open_reply=False)
-
-
-def _eos_id(tokenizer: Tokenizer) -> int:
-    eos = tokenizer.eos_id
-    if eos is None:
-        raise ConfigError("the tokenizer has no end-of-text token, which fine-tuning needs to mark where "
-                          "a text or a reply ends")
-    return eos
-
-
 def _encode_segments(tokenizer: Tokenizer, segments: Sequence[tuple[str, bool]],
                      train_on_prompt: bool) -> tuple[list[int], list[int]]:
     # Each segment is tokenized on its own so that no token straddles a trained / untrained boundary.
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in segments:
-        piece = [_eos_id(tokenizer)] if text == EOS_TOKEN else tokenizer.encode(text)
+        piece = encode_segment(tokenizer, text)
         ids.extend(piece)
         labels.extend(piece if trainable or train_on_prompt else [IGNORE_INDEX] * len(piece))
     return ids, labels
-
-
-def encode_chat_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
-                       template: str = DEFAULT_CHAT_TEMPLATE) -> list[int]:
-    """Token ids of a chat followed by the opening of an assistant reply, tokenized as in training."""
-    ids, _ = _encode_segments(tokenizer, _chat_segments(messages, template, open_reply=True), True)
-    return ids
 
 
 def _check_max_length(max_length: int) -> None:
@@ -344,7 +251,10 @@ def encode_lm_examples(tokenizer: Tokenizer, examples: Sequence[LMExample], *,
         if all(label == IGNORE_INDEX for label in labels[1:]):
             dropped += 1
             continue
-        encoded.append({"input_ids": ids, "labels": labels})
+        # Bits per byte counts the bytes of the text the model is scored on (labels[1:]: the first token
+        # is never predicted).
+        scored = [t for t in labels[1:] if t != IGNORE_INDEX]
+        encoded.append(EncodedExample(ids, labels, target_bytes=len(tokenizer.decode(scored).encode("utf-8"))))
     if truncated:
         log.warning("%d of %d examples are longer than max_length=%d tokens (the longest has %d) and keep only "
                     "their start", truncated, len(examples), max_length, longest)
@@ -451,7 +361,7 @@ def check_labels(val_labels: Sequence[str], label_map: Sequence[str], path: str 
 
 def encode_classification(tokenizer: Tokenizer, texts: Sequence[str], label_ids: Sequence[int],
                           max_length: int) -> list[EncodedExample]:
-    """One ``{"input_ids", "labels": class id}`` per text; longer texts keep their start (one warning)."""
+    """One example per text, its ``labels`` the class id; longer texts keep their start (one warning)."""
     _check_max_length(max_length)
     if len(texts) != len(label_ids):
         raise ValueError(f"{len(texts)} texts but {len(label_ids)} labels")
@@ -460,7 +370,7 @@ def encode_classification(tokenizer: Tokenizer, texts: Sequence[str], label_ids:
     for ids, label in zip(tokenizer.encode_batch(list(texts)), label_ids):
         longest = max(longest, len(ids))
         truncated += len(ids) > max_length
-        encoded.append({"input_ids": ids[:max_length], "labels": int(label)})
+        encoded.append(EncodedExample(ids[:max_length], int(label)))
     if truncated:
         log.warning("%d of %d texts are longer than max_length=%d tokens (the longest has %d) and keep only "
                     "their start", truncated, len(texts), max_length, longest)
@@ -602,7 +512,7 @@ def encode_token_examples(tokenizer: Tokenizer, sentences: Sequence[Sequence[str
         ids, labels, starts, full = _encode_words(tokenizer, words, tags, max_length)
         truncated += full > max_length
         lost_words += len(words) - len(starts)
-        encoded.append({"input_ids": ids, "labels": labels, "word_starts": starts})
+        encoded.append(EncodedExample(ids, labels, word_starts=starts))
     if truncated:
         log.warning("%d of %d sentences are longer than max_length=%d tokens and keep only their start "
                     "(%d words left out)", truncated, len(sentences), max_length, lost_words)
@@ -611,34 +521,40 @@ def encode_token_examples(tokenizer: Tokenizer, sentences: Sequence[Sequence[str
 
 # --------------------------------------------------------------------------------------------------
 # Batching
+def pad_id_of(tokenizer: Tokenizer) -> int:
+    """Padding id: end-of-text when the tokenizer has one (padding is masked, so any id would do)."""
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+
 def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, Any]:
     """Right-pad a batch into LongTensors: ``input_ids`` and ``attention_mask`` (B, T), and ``labels``.
 
     ``labels`` is (B, T) padded with IGNORE_INDEX for the LM and token tasks, (B,) for classification.
-    ``word_starts``, when the examples have it, comes back as a list of lists.
+    ``word_starts``, when the examples have it, comes back as a list of lists (the only value that is
+    not a tensor).
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    length = max(len(example["input_ids"]) for example in batch)
+    length = max(len(example.input_ids) for example in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    per_token = not isinstance(batch[0]["labels"], int)
+    per_token = not isinstance(batch[0].labels, int)
     labels = (torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long) if per_token
-              else torch.tensor([example["labels"] for example in batch], dtype=torch.long))
+              else torch.tensor([example.labels for example in batch], dtype=torch.long))
     for row, example in enumerate(batch):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
         attention_mask[row, :n] = 1
         if per_token:
-            labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
+            labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
     out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if "word_starts" in batch[0]:
-        out["word_starts"] = [list(example["word_starts"]) for example in batch]
+    if batch[0].word_starts is not None:
+        out["word_starts"] = [list(example.word_starts) for example in batch]
     return out
 
 
-def iter_batches(encoded: Sequence[EncodedExample], batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None) -> Iterator[list[EncodedExample]]:
+def iter_batches(encoded: Sequence[Any], batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None) -> Iterator[list[Any]]:
     """Lists of up to ``batch_size`` examples (the last may be shorter), in order or shuffled.
 
     Shuffling draws from ``generator`` so that a seeded generator gives the same order every run.
@@ -648,3 +564,106 @@ def iter_batches(encoded: Sequence[EncodedExample], batch_size: int, shuffle: bo
     order = torch.randperm(len(encoded), generator=generator).tolist() if shuffle else list(range(len(encoded)))
     for start in range(0, len(order), batch_size):
         yield [encoded[i] for i in order[start:start + batch_size]]
+
+
+def batches_per_epoch(n_examples: int, batch_size: int) -> int:
+    return math.ceil(n_examples / batch_size)
+
+
+def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches (lists of example indices) of one epoch: a permutation fixed by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return list(iter_batches(range(n_examples), batch_size, shuffle=True, generator=generator))
+
+
+# --------------------------------------------------------------------------------------------------
+# A fine-tuning run's examples
+@dataclass
+class TaskData:
+    """A task's training and validation examples and its task section (type, labels, chat template)."""
+
+    task: dict[str, Any]
+    train: list[EncodedExample]
+    val: list[EncodedExample] = field(default_factory=list)
+
+
+def max_example_length(config: FinetuneConfig, block_size: int) -> int:
+    """Longest encoded example: max_length, capped by the model's context."""
+    return min(config.max_length, block_size)
+
+
+_READERS = {"lm": load_lm_examples, "classify": load_classification_examples, "tokens": load_token_examples}
+
+
+def load_task_data(config: FinetuneConfig, tokenizer: Tokenizer, block_size: int) -> TaskData:
+    """Read and encode ``config.train_file`` (and ``val_file``, or a held-out share of the training file)."""
+    max_length = max_example_length(config, block_size)
+    read = _READERS[config.task]
+    train_raw = read(config.train_file)
+    if config.val_file is not None:
+        val_raw = read(config.val_file)
+    else:
+        train_raw, val_raw = split_off_validation(train_raw, config.val_fraction, config.seed)
+        log.info("holding out %d of %d examples of %s for validation", len(val_raw),
+                 len(train_raw) + len(val_raw), config.train_file)
+    val_source = config.val_file or config.train_file
+    if config.task == "lm":
+        template = config.chat_template or DEFAULT_CHAT_TEMPLATE
+        task = {"type": "lm", "labels": [], "chat_template": template}
+        return TaskData(task, encode_lm_examples(tokenizer, train_raw, template=template,
+                                                 train_on_prompt=config.train_on_prompt, max_length=max_length),
+                        encode_lm_examples(tokenizer, val_raw, template=template, max_length=max_length))
+    if config.task == "classify":
+        labels = build_label_map([label for _, label in train_raw])
+        check_labels([label for _, label in val_raw], labels, val_source)
+        task = {"type": "classify", "labels": labels, "chat_template": None}
+        return TaskData(task, _encode_classify_task(tokenizer, train_raw, labels, max_length),
+                        _encode_classify_task(tokenizer, val_raw, labels, max_length))
+    labels = build_label_map([tag for _, tags in train_raw for tag in tags])
+    check_tags([tags for _, tags in val_raw], labels, val_source)
+    task = {"type": "tokens", "labels": labels, "chat_template": None}
+    return TaskData(task, _encode_tokens_task(tokenizer, train_raw, labels, max_length),
+                    _encode_tokens_task(tokenizer, val_raw, labels, max_length))
+
+
+def load_eval_data(path: str | Path, task: dict[str, Any], tokenizer: Tokenizer,
+                   max_length: int) -> list[EncodedExample]:
+    """The examples of ``path`` encoded for a checkpoint's task (its labels must cover the file's)."""
+    if task["type"] == "lm":
+        template = task.get("chat_template") or DEFAULT_CHAT_TEMPLATE
+        return encode_lm_examples(tokenizer, load_lm_examples(path), template=template, max_length=max_length)
+    if task["type"] == "classify":
+        raw = load_classification_examples(path)
+        check_labels([label for _, label in raw], task["labels"], path)
+        return _encode_classify_task(tokenizer, raw, task["labels"], max_length)
+    raw = load_token_examples(path)
+    check_tags([tags for _, tags in raw], task["labels"], path)
+    return _encode_tokens_task(tokenizer, raw, task["labels"], max_length)
+
+
+def split_off_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random ``fraction`` (at least one example) held out."""
+    if len(examples) < 2:
+        raise DataError(f"{len(examples)} example cannot be split into training and validation data; "
+                        "give a validation file (--val)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held = set(order[:n_val])
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])
+
+
+def _encode_classify_task(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], labels: list[str],
+                          max_length: int) -> list[EncodedExample]:
+    return encode_classification(tokenizer, [text for text, _ in pairs],
+                                 map_labels([label for _, label in pairs], labels), max_length)
+
+
+def _encode_tokens_task(tokenizer: Tokenizer, examples: Sequence[tuple[list[str], list[str]]], labels: list[str],
+                        max_length: int) -> list[EncodedExample]:
+    encoded = encode_token_examples(tokenizer, [words for words, _ in examples],
+                                    [map_labels(tags, labels) for _, tags in examples], max_length)
+    for example, (_, tags) in zip(encoded, examples):
+        example.tags = list(tags)
+    return encoded

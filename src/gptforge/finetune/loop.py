@@ -32,16 +32,17 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import checkpoint as ckpt
+from ..checkpoint import load_pretrained
 from ..config import PEFT_STRATEGIES, FinetuneConfig
-from ..convert import load_pretrained
+from ..data.finetune import EncodedExample, TaskData, collate, epoch_order, load_task_data, pad_id_of
 from ..errors import CheckpointError, ConfigError, DataError
+from ..evaluate.tasks import evaluate_task
 from ..fsutil import write_json_atomic
+from ..heads import forward_loss
 from ..runtime import resolve_device
 from ..train.metrics import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve
 from ..train.optim import lr_at
 from ..train.trainer import Trainer, clear_run_outputs
-from .data import Encoded, TaskData, epoch_order, load_task_data, make_batch
-from .report import evaluate_task, forward_loss, pad_id_of
 from .strategies import apply_strategy, base_model, count_parameters, set_dropout
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class EpochBatches:
     """Fine-tuning's :class:`~gptforge.train.trainer.BatchSource`: each epoch visits the examples in a
     permutation fixed by (seed, epoch), so (epoch, batch) is the whole data position."""
 
-    def __init__(self, examples: list[Encoded], *, batch_size: int, grad_accum_steps: int, seed: int, pad_id: int):
+    def __init__(self, examples: list[EncodedExample], *, batch_size: int, grad_accum_steps: int, seed: int, pad_id: int):
         self.examples, self.batch_size, self.grad_accum_steps = examples, batch_size, grad_accum_steps
         self.seed, self.pad_id = seed, pad_id
         self.epoch = self.batch_in_epoch = 0
@@ -204,7 +205,7 @@ class EpochBatches:
             self.order = epoch_order(len(self.examples), self.batch_size, self.seed, self.epoch)
         indices = self.order[self.batch_in_epoch]
         self.batch_in_epoch += 1
-        batch = make_batch([self.examples[i] for i in indices], self.pad_id)
+        batch = collate([self.examples[i] for i in indices], self.pad_id)
         return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def count_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:

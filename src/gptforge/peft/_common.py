@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint import unwrap_model
+from ..weights import unwrap_model
 from ..errors import CheckpointError, ConfigError
 from ..fsutil import publish_folder
 from ..model import GPT

@@ -346,7 +346,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         if len(texts) > MAX_CLASSIFY_TEXTS:
             raise _bad(f"at most {MAX_CLASSIFY_TEXTS} texts per request, got {len(texts)}", param="input")
-        from ..finetune.report import classify_texts
+        from ..evaluate.predict import classify_texts
 
         try:
             future = state.scheduler.run_job(lambda: classify_texts(state.model, state.tokenizer, texts, state.labels))
@@ -402,7 +402,7 @@ def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], li
 
 
 def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    from ..data.finetune import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
+    from ..tokenizer import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
 
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
     try:

@@ -1,0 +1,83 @@
+"""What every model loader shares: reading a weights file, building a GPT from a state dict, the state
+to save, the plain module inside training wrappers, and the :class:`Checkpoint` a loader returns.
+
+It sits below :mod:`gptforge.convert` (Hugging Face folders), :mod:`gptforge.peft` and
+:mod:`gptforge.checkpoint` (gptforge folders and the composition of model + PEFT + heads on load), so
+that none of them has to import another to get at these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model import GPT
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (in eval mode), its tokenizer and the config it was saved with."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    path: Path
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied weights stored once (safetensors refuses shared storage)."""
+    model = unwrap_model(model)
+    state = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_embeddings", False) and "lm_head.weight" in state:
+        state.pop("lm_head.weight")
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read weights {path}: {exc}") from None
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu",
+                dtype: Optional[torch.dtype] = None, strict: bool = True) -> GPT:
+    """Build the model on the meta device and adopt the loaded tensors (no double allocation)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    state = dict(state)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not fit the model config: {str(exc).splitlines()[0]}") from None
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"weights do not match the model config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    model.to(device=device, dtype=dtype)
+    return model.eval()

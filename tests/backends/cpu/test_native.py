@@ -307,7 +307,7 @@ def test_a_failed_build_warns_once_and_keeps_the_python_path(monkeypatch, fresh_
     bad.write_text("this is not C++\n")
     monkeypatch.setenv("GPTFORGE_NATIVE", "1")
     monkeypatch.setenv("GPTFORGE_NATIVE_DIR", str(tmp_path / "build"))
-    monkeypatch.setattr(build, "SOURCE", bad)
+    monkeypatch.setattr(build, "SOURCES", [bad])
     with caplog.at_level(logging.WARNING, logger="gptforge.backends.cpu.build"):
         assert build.load() is None
         assert build.load() is None
@@ -332,7 +332,57 @@ def test_build_directory_depends_on_the_source(tmp_path, monkeypatch):
     assert torch.__version__.split("+")[0] in build.build_directory(a).name
 
 
-def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_path):
+def test_build_directory_depends_on_everything_that_changes_the_binary(tmp_path, monkeypatch):
+    # Another header, another checkout, another ninja or compiler, another torch install: another folder, so
+    # a second venv or checkout builds beside the first instead of evicting it.
+    monkeypatch.setenv("GPTFORGE_NATIVE_DIR", str(tmp_path))
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+        (folder / "k.cpp").write_text("// k\n")
+        (folder / "k.h").write_text("// h\n")
+    first = build.build_directory(one / "k.cpp")
+    assert build.build_directory(one / "k.cpp") == first
+    assert build.build_directory(two / "k.cpp") != first  # the same text in another checkout
+    (one / "k.h").write_text("// h changed\n")
+    changed = build.build_directory(one / "k.cpp")
+    assert changed != first
+    monkeypatch.setattr(build, "_ninja", lambda: str(tmp_path / "other-ninja"))
+    assert build.build_directory(one / "k.cpp") != changed
+    monkeypatch.setenv("CXX", "clang++")
+    assert len({build.build_directory(one / "k.cpp"), changed, first}) == 3
+    before = build.build_directory(one / "k.cpp")
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "venv2" / "torch" / "__init__.py"))
+    assert build.build_directory(one / "k.cpp") != before
+
+
+def test_every_op_of_the_table_is_compiled_and_agrees_with_its_reference():
+    if not HAVE_COMPILER or not build.enabled() or ops.panel_isa() < 1:
+        pytest.skip("needs the native kernels with vector code")
+    torch.manual_seed(5)
+    x = torch.randn(5, 40)
+    for name, op in ops.OPS.items():
+        assert ops.native_op(name) is not None, name
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.native_op("gelu_tanh")(x), ops.OPS["gelu_tanh"].reference(x), **close)
+    torch.testing.assert_close(ops.native_op("exp_values")(x), ops.OPS["exp_values"].reference(x), **close)
+    w, b = torch.randn(70, 40) * 0.1, torch.randn(70)
+    panels = pack_panels(w)
+    torch.testing.assert_close(ops.native_op("panel_linear")(x, panels, 70, b),
+                               ops.OPS["panel_linear"].reference(x, panels, 70, b), **close)
+    q, scales = quantize_weight(w)
+    int8 = pack_panels(q)
+    padded = torch.zeros(int8.shape[0] * 64)
+    padded[:70] = scales
+    torch.testing.assert_close(ops.native_op("panel_int8_linear")(x, int8, padded, 70, b),
+                               ops.OPS["panel_int8_linear"].reference(x, int8, padded, 70, b), **close)
+    qh, k, v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
+    for starts in ([], [0, 2, 5]):
+        torch.testing.assert_close(ops.native_op("decode_attention")(qh, k, v, starts, 0.3),
+                                   ops.OPS["decode_attention"].reference(qh, k, v, starts, 0.3), **close)
+
+
+def test_a_stale_lock_does_not_hang_the_next_build_and_a_build_says_so_once(tmp_path):
     # torch's builder waits forever while its `lock` file exists; a killed build leaves one behind.
     import subprocess
     import sys
@@ -356,6 +406,11 @@ def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"ABI {build._ABI}" in done.stdout
     assert not (build_dir / "lock").exists()
+    # With no logging configured, a build that compiles says so in one line (Python's last-resort handler
+    # prints WARNING records); one that finds its build done says nothing.
+    assert done.stderr.count("building gptforge's native CPU kernels") == 1, done.stderr[-2000:]
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "building" not in again.stderr, again.stderr[-2000:]
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch's own unpickling of fbgemm weights

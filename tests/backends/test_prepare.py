@@ -17,7 +17,7 @@ from gptforge.errors import ConfigError
 from gptforge.generate import generate_ids
 from gptforge.backends import decode_session, linears_batch_invariant, prepare_for_inference
 from gptforge.backends.cpu import (PackedLinear, onednn_available, pack_panels, panel_available, prepack_available,
-                                   prepack_linears, unpack_panels)
+                                   prepack_linears, swap_decode_layers, unpack_panels)
 from gptforge.backends.quant import Int8Linear, fbgemm_available
 from gptforge.model import GPT
 from tests.cli_utils import run
@@ -173,6 +173,9 @@ def test_state_dict_of_a_prepacked_model_is_the_plain_one():
     ref_logits = plain(torch.tensor([[1, 2, 3, 4, 5]]))
     model = copy.deepcopy(plain)
     prepack_linears(model)
+    swap_decode_layers(model)  # the swapped attention and block stack hold no tensors of their own
+    assert type(model.blocks).__name__ == "FusedDecodeBlocks"
+    assert type(model.blocks[0].attn.attend).__name__ == "NativeAttention"
     after = model.state_dict()
     assert list(after.keys()) == list(before.keys())
     assert "lm_head.weight" in after  # the tied head is saved under both names, as a plain GPT does

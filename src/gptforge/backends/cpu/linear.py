@@ -2,13 +2,13 @@
 
 :func:`gptforge.backends.prepare_for_inference` swaps them in on CPU in float32: every ``nn.Linear`` left
 after quantization becomes a :class:`PackedLinear`, whose weight is reordered once for a kernel made for
-decode sizes. At 1-16 rows, MKL's ``sgemv``/``sgemm`` behind
-   ``F.linear`` takes slow small-M paths and gives other bits for other row counts; a packed layer splits
-   the outputs over all cores and gives each row the same bits whatever rows share the call.
+decode sizes. At 1-16 rows, MKL's ``sgemv``/``sgemm`` behind ``F.linear`` takes slow small-M paths and
+gives other bits for other row counts; a packed layer splits the outputs over all cores and gives each row
+the same bits whatever rows share the call.
 
 The kernel, by what this machine has:
 
-- ``"panel"`` (x86 with AVX2 or AVX-512, when the native kernels (:mod:`.build`) could be built): gptforge's own. The
+- ``"panel"`` (x86 with AVX2 or AVX-512, when the native kernels could be built): gptforge's own. The
   weight is stored in panels of 64 outputs, ``(ceil(N / 64), K, 64)``; each output is one fused
   multiply-add chain over ``k = 0 .. K-1`` in order, so its bits do not depend on the row count, the
   thread count or the instruction set, by construction. On the Intel Xeon CI machine the 49 linear layers

@@ -119,8 +119,8 @@ def build(sources: Optional[Path | Sequence[Path]] = None, directory: Optional[P
     with _build_lock(directory):
         cached = _up_to_date(directory, name, sources)
         if not cached:
-            log.warning("building gptforge's native CPU kernels, about 1-2 min on 2 cores, once per checkout, "
-                        "venv and source (in %s)", directory)
+            log.warning("building gptforge's native CPU kernels, about 2 min on 2 cores, once per checkout, venv "
+                        "and source (in %s)", directory)
         module = cpp_extension.load(name=name, sources=[str(s) for s in sources], build_directory=str(directory),
                                     extra_cflags=_compile_flags(), extra_ldflags=_link_flags(), verbose=False)
     if getattr(module, "ABI", None) != _ABI:

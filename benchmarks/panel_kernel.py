@@ -4,8 +4,8 @@
 
 A decode step multiplies 1-16 rows by each weight matrix, and the server needs a row's result to have the
 same bits whatever other rows share the call (so that a batched request returns what ``gptforge
-generate`` returns). :class:`gptforge.inference.PackedLinear` runs gptforge's own kernel for that
-(``kernel="panel"``, in gptforge/native/kernels.cpp): weights packed once in panels of 64 outputs, a
+generate`` returns). :class:`gptforge.backends.cpu.PackedLinear` runs gptforge's own kernel for that
+(``kernel="panel"``, in gptforge/backends/cpu/csrc/panel.cpp): weights packed once in panels of 64 outputs, a
 register tile of up to 6 rows x 64 outputs, one fused multiply-add chain per output over the inputs in
 order, so batch-invariant by construction; panels split across threads, weights prefetched ahead.
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 def check_invariance(module, shapes, rows: int = 20) -> list[str]:
     """The bit-level properties the design promises; returns what failed (empty: all hold)."""
-    from gptforge.inference import pack_panels
+    from gptforge.backends.cpu import pack_panels
 
     failures = []
     for k, n in shapes:
@@ -75,13 +75,15 @@ def main() -> None:
     if args.repeats < 1 or args.threads < 1 or min(args.rows) < 1 or args.prefetch < 0:
         parser.error("--repeats, --threads and --rows must be at least 1, --prefetch at least 0")
 
-    from gptforge import native
-    from gptforge.inference import onednn_available, pack_panels
+    from types import SimpleNamespace
+
+    from gptforge.backends.cpu import native_op, onednn_available, pack_panels, panel_isa
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    module = native.load()
-    if module is None or module.panel_isa() < 1:
+    panel_linear = native_op("panel_linear")
+    module = SimpleNamespace(panel_linear=panel_linear, panel_isa=panel_isa)  # the op table's two the checks use
+    if panel_linear is None or panel_isa() < 1:
         raise SystemExit("the panel kernel needs gptforge's native kernels (a C++ compiler) on an x86 CPU "
                          "with AVX2; see the warning above")
     c, vocab, layers = (64, 1000, 2) if args.tiny else (768, 50257, 12)
@@ -118,10 +120,10 @@ def main() -> None:
 
 
 def int8_table(weights, args) -> None:
-    """The same layers quantized to int8 (gptforge.quant.Int8Linear), on each int8 CPU kernel this machine has."""
+    """The same layers quantized to int8 (gptforge.backends.quant.Int8Linear), on each int8 CPU kernel this machine has."""
     import torch.nn as nn
 
-    from gptforge.quant import Int8Linear, amx_available, fbgemm_available, panel_available
+    from gptforge.backends.quant import Int8Linear, amx_available, fbgemm_available, panel_available
 
     kernels = [k for k, ok in (("amx", amx_available()), ("panel", panel_available()), ("fbgemm", fbgemm_available()))
                if ok]

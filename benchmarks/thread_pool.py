@@ -44,7 +44,7 @@ def main() -> None:
         parser.error("--batch, --context, --steps and --rounds must be at least 1")
 
     from gptforge.config import ModelConfig
-    from gptforge.inference import prepare_for_inference
+    from gptforge.backends import decode_session, prepare_for_inference
     from gptforge.model import GPT
     from gptforge.runtime import release_thread_pool
 
@@ -59,7 +59,7 @@ def main() -> None:
 
     def time_steps() -> tuple[float, float]:
         """(median ms a step, the process's system ms a step) on the calling thread."""
-        with torch.inference_mode(), model.reuse_decode_plan():
+        with torch.inference_mode(), decode_session(model):
             def step():
                 cache.length = args.context
                 model.hidden_states(token, kv_cache=cache, position_ids=positions)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gptforge import native
+from gptforge.backends.cpu import panel_isa
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_decode_benchmark_interleaves_rounds_and_checks_tokens():
     assert "bound from memory bandwidth" in done.stdout
 
 
-@pytest.mark.skipif(not native.enabled() or native.panel_isa() < 1,
+@pytest.mark.skipif("panel_isa() < 1",  # a string: evaluated when the test runs, not at collection
                     reason="the panel kernel needs the native build (a C++ compiler) on x86 with AVX2")
 def test_panel_kernel_benchmark_checks_bit_invariance_before_timing():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/panel_kernel.py"), "--tiny", "--repeats", "2",

@@ -11,7 +11,7 @@ from gptforge.chat import ChatSession, chat_template_of
 from gptforge.checkpoint import load_checkpoint
 from gptforge.config import GenerateConfig
 from gptforge.errors import ConfigError
-from gptforge.inference import prepare_for_inference
+from gptforge.backends import prepare_for_inference
 from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE
 from tests.model_utils import save_tiny_checkpoint
 

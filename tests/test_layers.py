@@ -17,15 +17,14 @@ import gptforge
 PKG = Path(gptforge.__file__).parent
 
 # Rank of each top-level module or package; a module may import only modules of a lower or equal rank,
-# except where FORBIDDEN says otherwise. A module listed here need not exist (`native`, `quant` and
-# `inference` become `backends`), but every one that exists must be listed.
+# except where FORBIDDEN says otherwise. Every module that exists must be listed.
 RANK = {
     "__init__": 0, "errors": 0,
-    "config": 1, "fsutil": 1, "runtime": 1, "native": 1,
+    "config": 1, "fsutil": 1, "runtime": 1,
     "model": 2,
     "tokenizer": 3, "data": 3,
     "weights": 4,  # what loaders share: below convert, peft and checkpoint so none needs another for it
-    "peft": 5, "heads": 5, "convert": 5, "backends": 5, "quant": 5, "inference": 5,
+    "peft": 5, "heads": 5, "convert": 5, "backends": 5,
     "checkpoint": 6,  # composes model + peft + heads (+ convert for Hugging Face sources) on load
     "generate": 7, "train": 7, "evaluate": 7,
     "finetune": 8,
@@ -40,9 +39,6 @@ FORBIDDEN = {
     ("backends", "generate"), ("backends", "train"), ("backends", "serve"),
     ("train", "generate"), ("train", "serve"), ("generate", "train"),
 }
-# Circles among these modules only are tolerated while they last: `inference` and `quant` are moving into
-# `backends`, which removes their circle. Delete this once neither module exists.
-LEAVING = {"gptforge.inference", "gptforge.quant"}
 
 
 def _modules() -> dict[str, Path]:
@@ -157,7 +153,7 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_circles():
-    circles = [c for c in _circles(GRAPH) if not set(c) <= LEAVING]
+    circles = _circles(GRAPH)
     assert not circles, "import circles:\n" + "\n".join(" → ".join(c) for c in circles)
 
 

@@ -375,8 +375,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def _load_for_inference(config: InferenceConfig):
     """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears, the
     KV cache dtype."""
+    from .backends import prepare_for_inference
     from .checkpoint import load_pretrained
-    from .inference import prepare_for_inference
     from .runtime import inference_dtype, resolve_device
 
     dev = resolve_device(config.device)

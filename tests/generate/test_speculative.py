@@ -9,7 +9,8 @@ from gptforge.config import GenerateConfig, ModelConfig
 from gptforge.errors import ConfigError
 from gptforge.generate import generate_tokens
 from gptforge.generate.speculative import speculative_generate
-from gptforge.inference import panel_available, prepare_for_inference
+from gptforge.backends import prepare_for_inference
+from gptforge.backends.cpu import panel_available
 from gptforge.model import GPT
 
 PROMPTS = [[3], [3, 1, 4], [1, 5, 9, 2, 6, 5, 3], [5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2]]
@@ -64,7 +65,7 @@ def test_greedy_with_a_different_draft_still_equals_plain_greedy(target, small_d
     assert 0 < accepted < 0.9 * drafted  # rejections (and so cache rollbacks) did happen
 
 
-@pytest.mark.skipif(not panel_available(), reason="the argmax screen needs the native panel kernel")
+@pytest.mark.skipif("not panel_available()", reason="the argmax screen needs the native panel kernel")
 def test_prepared_models_read_their_argmax_screens_and_still_give_plain_greedy(target, small_draft, monkeypatch):
     import copy
 

@@ -76,3 +76,29 @@ def test_parameter_count_of_gpt2_small_on_meta_device():
     with torch.device("meta"):
         m = GPT(ModelConfig.from_preset("gpt2"))
     assert m.num_parameters() == 124_439_808  # the published 124M
+
+
+def test_attention_and_the_block_stack_are_swappable_without_changing_keys():
+    # What a backend swaps in (gptforge.backends): a subclass of Attention or of Blocks, holding no tensors.
+    from gptforge.model import Attention, Blocks
+
+    m, plain = make(), make()
+    seen = []
+
+    class SpyAttention(Attention):
+        def forward(self, q, k, v, mask, kv_cache, dropout_p):
+            seen.append(q.shape)
+            return super().forward(q, k, v, mask, kv_cache, dropout_p)
+
+    class SpyBlocks(Blocks):
+        def forward(self, x, mask, kv_cache):
+            seen.append("blocks")
+            return super().forward(x, mask, kv_cache)
+
+    for block in m.blocks:
+        block.attn.attend = SpyAttention()
+    m.blocks = SpyBlocks(m.blocks)
+    x = torch.randint(0, 97, (2, 7))
+    assert torch.equal(m(x), plain(x))
+    assert seen == ["blocks", (2, 4, 7, 8), (2, 4, 7, 8)]
+    assert list(m.state_dict()) == list(plain.state_dict())

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gptforge.config import GenerateConfig, ModelConfig
-from gptforge.inference import panel_available, prepare_for_inference
+from gptforge.backends import prepare_for_inference
+from gptforge.backends.cpu import panel_available
 from gptforge.model import GPT
 from gptforge.serve.scheduler import Scheduler, Sequence
 from gptforge.tokenizer import CharTokenizer
@@ -90,7 +91,7 @@ def test_rows_all_alike_take_the_unconcatenated_path(model_and_tokenizer):
     assert run(model, tokenizer, jobs) == [run(model, tokenizer, [job])[0] for job in jobs]
 
 
-@pytest.mark.skipif(not panel_available(), reason="the argmax screen needs the native panel kernel")
+@pytest.mark.skipif("not panel_available()", reason="the argmax screen needs the native panel kernel")
 def test_all_greedy_steps_read_the_argmax_screen_and_give_the_engines_tokens(model_and_tokenizer, monkeypatch):
     from gptforge.generate import generate
 
@@ -171,7 +172,7 @@ def test_event_pump_delivers_every_event_in_order_with_few_wakeups():
     asyncio.run(main())
 
 
-@pytest.mark.skipif(not panel_available(), reason="the argmax screen needs the native panel kernel")
+@pytest.mark.skipif("not panel_available()", reason="the argmax screen needs the native panel kernel")
 def test_every_decode_path_chooses_through_the_screen_alike(model_and_tokenizer):
     # One forward a row hands the screen its hidden states as the ragged batch does: the same tokens, greedy
     # and seeded samples alike. The padded batch of --no-batch-invariant (equal only up to rounding) runs

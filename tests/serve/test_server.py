@@ -487,7 +487,8 @@ def test_classify_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 def test_served_model_is_prepacked_and_decodes_ragged(server):
-    from gptforge.inference import PackedLinear, linears_batch_invariant
+    from gptforge.backends import linears_batch_invariant
+    from gptforge.backends.cpu import PackedLinear
 
     scheduler = server.state.scheduler
     assert scheduler.batch_invariant is True

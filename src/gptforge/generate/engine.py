@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ..backends import decode_session
 from ..config import GenerateConfig
 from ..errors import ConfigError
 from ..model import GPT
@@ -153,7 +154,7 @@ class _Row:
 
 def _decode(model: GPT, rows: list[_Row], config: GenerateConfig, eos_id: Optional[int]) -> Iterator[list[str]]:
     """Greedy or sampled decoding of ``rows``; after each step, yield the text each row gained."""
-    with model.reuse_decode_plan():
+    with decode_session(model):
         yield from _decode_steps(model, rows, config, eos_id)
 
 

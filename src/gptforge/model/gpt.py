@@ -5,10 +5,7 @@ Shapes: B batch, T new tokens, S keys attended to (cached + new), C = n_embd, H 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -21,20 +18,33 @@ from .kv_cache import KVCache
 from .sampling import sample
 
 
-def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """gptforge.native's decode-step attention when it can take these tensors (float32 queries on CPU, keys
-    and values float32 or bfloat16, no gradient, each row's keys one contiguous block per head, as a KV
-    cache holds them), else None."""
-    if (q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype not in (torch.float32, torch.bfloat16)
-            or v.dtype != k.dtype
-            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1] or v.stride(-1) != 1
-            or v.stride(-2) != v.shape[-1]):
-        return None
-    from .. import native
+class Attention(nn.Module):
+    """Scaled dot-product attention of queries over keys and values, without parameters: the one step of
+    :class:`CausalSelfAttention` that a backend may run on a kernel of its own, by swapping in a subclass
+    (gptforge.backends); the weights and their state-dict keys stay where they are."""
 
-    module = native.load()
-    return None if module is None else module.decode_attention
+    def forward(
+        self,
+        q: torch.Tensor,  # (B, H, T, D)
+        k: torch.Tensor,  # (B, H, S, D), as the KV cache holds them (possibly in another dtype)
+        v: torch.Tensor,  # (B, H, S, D)
+        mask: Optional[torch.Tensor],  # (B, 1, T, S) bool, True = may attend; None = plain causal
+        kv_cache: Optional[KVCache],
+        dropout_p: float,
+    ) -> torch.Tensor:  # (B, H, T, D)
+        # A bfloat16 KV cache under a float32 model: attend in the model's dtype (a no-op otherwise).
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        T = q.shape[2]
+        if kv_cache is not None and kv_cache.row_starts is not None:
+            # Ragged decode step (one new token a row): each row attends to its own keys only, with the
+            # very call a lone row makes, so batching leaves every row's result unchanged.
+            return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])
+                              for i, s in enumerate(kv_cache.row_starts)])
+        if mask is None:
+            # No cache and no padding: the fused causal kernel. With a cache and one new token, the
+            # query may see every cached key, so no mask at all.
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class CausalSelfAttention(nn.Module):
@@ -48,8 +58,10 @@ class CausalSelfAttention(nn.Module):
         self.proj.is_residual_projection = True  # scaled init, see GPT._init_weights
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        # Prefix-tuning hook (gptforge.peft.prefix installs it): a callable ``prefix(batch_size)`` returning
-        # learned (k, v) of shape (B, H, P, D) that every query may attend to. None keeps the plain model.
+        self.attend = Attention()
+        # Extra keys and values (prefix-tuning, gptforge.peft.prefix, sets it): a callable ``prefix(batch_size)``
+        # returning (k, v), each (B, H, P, D), that every query attends to before its own keys; they take no
+        # positions and are not cached. None (the plain model): no extra keys.
         self.prefix = None
 
     def forward(
@@ -67,31 +79,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, S, D)
         if self.prefix is not None:
             k, v, mask = self._prepend_prefix(k, v, mask, T)  # (B, H, P + S, D)
-        dropout_p = self.dropout if self.training else 0.0
-        decode = native_decode_attention(q, k, v) if kv_cache is not None and T == 1 and mask is None else None
-        if decode is not None:
-            # One new token a row on CPU: gptforge's native kernel, one call for all rows and heads, each row
-            # over its own keys (row_starts) and computed alone, so batching leaves every row's result
-            # unchanged; 2-3x faster than SDPA here (see gptforge.native).
-            y = decode(q, k, v, kv_cache.row_starts or [], 1.0 / math.sqrt(self.head_dim))
-        else:  # (a bfloat16 KV cache under a float32 model: attend in the model's dtype; a no-op otherwise)
-            y = self._attend(q, k.to(q.dtype), v.to(q.dtype), mask, kv_cache, T, dropout_p)
+        y = self.attend(q, k, v, mask, kv_cache, self.dropout if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
-
-    @staticmethod
-    def _attend(q, k, v, mask, kv_cache, T, dropout_p):
-        """SDPA for everything but the native decode step."""
-        if kv_cache is not None and kv_cache.row_starts is not None:
-            # Ragged decode step (one new token a row): each row attends to its own keys only, with the
-            # very call a lone row makes, so batching leaves every row's result unchanged.
-            return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])
-                              for i, s in enumerate(kv_cache.row_starts)])
-        if mask is None:
-            # No cache and no padding: the fused causal kernel. With a cache and one new token, the
-            # query may see every cached key, so no mask at all.
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def _prepend_prefix(self, k, v, mask, T):
         """Put the learned prefix before the keys/values. The KV cache holds only real tokens, so this runs
@@ -104,38 +94,6 @@ class CausalSelfAttention(nn.Module):
         visible = mask.new_ones(*mask.shape[:3], k_prefix.shape[2])  # (B or 1, 1, T, P)
         return (torch.cat([k_prefix.to(k.dtype), k], dim=2), torch.cat([v_prefix.to(v.dtype), v], dim=2),
                 torch.cat([visible, mask], dim=-1))
-
-
-# GPT.reuse_decode_plan's state: model -> [open blocks, the plan gathered in them or _NO_PLAN].
-_PLAN_REUSE: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
-_PLAN_LOCK = threading.Lock()
-_NO_PLAN = object()
-
-
-def _has_hooks() -> bool:
-    """Whether global module hooks are registered (a fused decode step would skip them)."""
-    from torch.nn.modules import module as module_mod
-
-    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
-
-
-def _native_linear(layer: nn.Module):
-    """(native kernel, bias) of a layer that offers one (``native_decode_kernel``: the prepared inference
-    layers of gptforge.inference and gptforge.quant), or None."""
-    offer = getattr(layer, "native_decode_kernel", None)
-    if offer is None or layer._forward_hooks or layer._forward_pre_hooks:
-        return None
-    return offer()
-
-
-def _plain_layer_norm(norm: nn.Module):
-    """(weight, bias, eps) of an affine float32 LayerNorm over the last dimension, or None."""
-    if type(norm) is not nn.LayerNorm or norm._forward_hooks or norm._forward_pre_hooks:
-        return None
-    weight = norm._parameters.get("weight")
-    if weight is None or weight.dtype != torch.float32 or len(norm.normalized_shape) != 1:
-        return None
-    return weight, norm._parameters.get("bias"), norm.eps
 
 
 class MLP(nn.Module):
@@ -168,6 +126,16 @@ class Block(nn.Module):
         return x
 
 
+class Blocks(nn.ModuleList):
+    """The stack of blocks, run in order. A backend may swap in a subclass that runs a decode step's whole
+    stack at once (gptforge.backends); the keys stay ``blocks.N.*``."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], kv_cache: Optional[KVCache]) -> torch.Tensor:
+        for block in self:
+            x = block(x, mask, kv_cache)
+        return x
+
+
 class GPT(nn.Module):
     """Token + learned position embeddings, ``n_layer`` blocks, final LayerNorm, tied LM head."""
 
@@ -175,7 +143,7 @@ class GPT(nn.Module):
     """The dtype of the KV caches :meth:`new_kv_cache` makes when not told; None: the weights' dtype.
     ``torch.bfloat16`` under float32 weights halves the cache's memory and the bytes a decode step's
     attention reads, for a rounding of the cached keys and values to 8 significant bits
-    (gptforge.inference.prepare_for_inference sets it)."""
+    (gptforge.backends.prepare_for_inference sets it)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -186,7 +154,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.blocks = Blocks(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -237,85 +205,10 @@ class GPT(nn.Module):
                 position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
         mask = self._attention_mask(B, T, start, attention_mask, kv_cache is not None, idx.device)
         x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
-        plan = self._decode_plan(x) if kv_cache is not None and T == 1 and mask is None else None
-        if plan is not None:
-            # A CPU decode step: every block in one native call, the same ops and bits as the loop below.
-            module, blocks = plan
-            kv_cache.room_for(1)
-            x = module.decode_blocks(x, blocks, self.config.n_head, kv_cache.k, kv_cache.v, kv_cache.length,
-                                     kv_cache.row_starts or [])
-        else:
-            for block in self.blocks:
-                x = block(x, mask, kv_cache)
+        x = self.blocks(x, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.ln_f(x)
-
-    def _decode_plan(self, x: torch.Tensor):
-        """(gptforge.native module, one tuple a block) when a decode step can run all blocks natively: CPU,
-        float32, no gradient, evaluation mode, plain blocks whose linear layers have native kernels (the
-        prepared inference layers), no prefix, no hooks; else None, and the Python loop runs."""
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() or self.training
-                or self.config.n_embd % self.config.n_head):
-            return None
-        from .. import native
-
-        module = native.load()
-        if module is None or _has_hooks():
-            return None
-        reuse = _PLAN_REUSE.get(self)  # [depth, plan or _NO_PLAN], while reuse_decode_plan is active
-        if reuse is not None and reuse[0] > 0:
-            plan = reuse[1]
-            if plan is _NO_PLAN:
-                plan = reuse[1] = self._build_decode_plan(module)
-            return plan
-        return self._build_decode_plan(module)
-
-    def _build_decode_plan(self, module):
-        # Read submodules and parameters from the modules' own dicts: nn.Module.__getattr__ would cost more
-        # than the whole plan (this runs every step).
-        plan = []
-        for block in self.blocks._modules.values():
-            if type(block) is not Block or block._forward_hooks or block._forward_pre_hooks:
-                return None
-            parts = block._modules
-            attn, mlp = parts["attn"], parts["mlp"]
-            if type(attn) is not CausalSelfAttention or attn.prefix is not None or type(mlp) is not MLP:
-                return None
-            a, m = attn._modules, mlp._modules
-            act = m["act"]
-            native_gelu = getattr(type(act), "native_gelu", False)  # gptforge.inference.NativeGELU
-            if (type(act) is not nn.GELU and not native_gelu) or any(
-                    sub._forward_hooks or sub._forward_pre_hooks
-                    for sub in (attn, mlp, act, m["dropout"], a["resid_dropout"])):
-                return None
-            qkv, proj, fc, out = (_native_linear(a["qkv"]), _native_linear(a["proj"]), _native_linear(m["fc"]),
-                                  _native_linear(m["proj"]))
-            ln_1, ln_2 = _plain_layer_norm(parts["ln_1"]), _plain_layer_norm(parts["ln_2"])
-            if qkv is None or proj is None or fc is None or out is None or ln_1 is None or ln_2 is None:
-                return None
-            plan.append((*ln_1, *qkv, *proj, *ln_2, *fc, *out, "native" if native_gelu else act.approximate))
-        return module, plan
-
-    @contextlib.contextmanager
-    def reuse_decode_plan(self):
-        """Within the block, the native CPU decode step's plan (which kernels and weights each block's step
-        runs: ~0.3 ms to gather on GPT-2 124M, 7% of an int8 batch-1 step) is gathered at the first step
-        and reused. The generation engine and the server's scheduler decode inside one; the model must not
-        change there (no module swaps, hooks on its blocks, or weights loaded again), or the steps would
-        not see it. The per-step checks (device, dtype, gradients, training mode, global hooks) still run.
-        Blocks may nest and run in several threads at once; the plan is dropped when the last one ends. It
-        is kept outside the module, so copying or pickling the model never meets it."""
-        with _PLAN_LOCK:
-            reuse = _PLAN_REUSE.setdefault(self, [0, _NO_PLAN])
-            reuse[0] += 1
-        try:
-            yield self
-        finally:
-            with _PLAN_LOCK:
-                reuse[0] -= 1
-                if reuse[0] == 0:
-                    reuse[1] = _NO_PLAN
 
     def forward(
         self,

@@ -196,7 +196,7 @@ def _too_large(limit: int) -> ApiError:
 def load_served_checkpoint(config: ServeConfig):
     """The checkpoint to serve, on the configured device: a language model, or a classifier."""
     from ..checkpoint import load_task_checkpoint
-    from ..inference import prepare_for_inference
+    from ..backends import prepare_for_inference
     from ..runtime import inference_dtype, resolve_device
 
     device = resolve_device(config.device)

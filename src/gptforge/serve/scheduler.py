@@ -42,7 +42,6 @@ up to float rounding.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -56,7 +55,7 @@ from ..config import GenerateConfig
 from ..generate.processors import TokenHistory, argmax_only, process_logits, sample_only
 from ..generate.sampling import choose_tokens, make_generators, token_logprobs
 from ..generate.stopping import TextTracker
-from ..inference import linears_batch_invariant
+from ..backends import decode_session, linears_batch_invariant
 from ..model import GPT, KVCache
 from ..runtime import release_thread_pool
 from ..tokenizer import Tokenizer
@@ -253,8 +252,7 @@ class Scheduler:
     # Scheduler thread
     def _loop(self) -> None:
         try:
-            reuse = getattr(self.model, "reuse_decode_plan", None)  # a GPT (a classifier has no decode steps)
-            with torch.inference_mode(), (reuse() if reuse is not None else contextlib.nullcontext()):
+            with torch.inference_mode(), decode_session(self.model):
                 while True:
                     with self._cond:
                         while not (self._stopping or self._waiting or self._running or self._jobs):

@@ -1,4 +1,4 @@
-"""gptforge.inference: prepacked CPU linears, prepare_for_inference, ragged (row_starts) decoding, and the
+"""gptforge.backends.prepare_for_inference and gptforge.backends.cpu.PackedLinear: prepacked CPU linears, prepare_for_inference, ragged (row_starts) decoding, and the
 CLI / serve flags that turn them on."""
 
 from __future__ import annotations
@@ -15,17 +15,34 @@ import torch.nn.functional as F
 from gptforge.config import GenerateConfig, ModelConfig, ServeConfig
 from gptforge.errors import ConfigError
 from gptforge.generate import generate_ids
-from gptforge.inference import (PackedLinear, linears_batch_invariant, onednn_available, pack_panels,
-                                panel_available, prepack_available, prepack_linears, prepare_for_inference,
-                                unpack_panels)
+from gptforge.backends import decode_session, linears_batch_invariant, prepare_for_inference
+from gptforge.backends.cpu import (PackedLinear, onednn_available, pack_panels, panel_available, prepack_available,
+                                   prepack_linears, swap_decode_layers, unpack_panels)
+from gptforge.backends.quant import Int8Linear, fbgemm_available
 from gptforge.model import GPT
-from gptforge.quant import Int8Linear, fbgemm_available
 from tests.cli_utils import run
 from tests.model_utils import save_tiny_checkpoint
 
-pytestmark = pytest.mark.skipif(not prepack_available(), reason="no prepacked kernel here (native panel or oneDNN)")
-# The packed kernels this machine has: each test of a layer's behaviour runs on every one of them.
-KERNELS = [k for k, ok in (("panel", panel_available()), ("onednn", onednn_available())) if ok]
+# The packed kernels: each test of a layer's behaviour runs on every one this machine has. What the machine
+# has is asked when a test runs (fixtures), never at import: collecting the tests builds no native kernels.
+KERNELS = ["panel", "onednn"]
+
+
+@pytest.fixture(autouse=True)
+def _skip_missing_kernel(request):
+    """Skip every test where nothing prepacks, and one parametrized with a packed ``kernel`` this machine lacks."""
+    if not prepack_available():
+        pytest.skip("no prepacked kernel here (native panel or oneDNN)")
+    callspec = getattr(request.node, "callspec", None)
+    kernel = callspec.params.get("kernel") if callspec is not None else None
+    if kernel in KERNELS and not {"panel": panel_available, "onednn": onednn_available}[kernel]():
+        pytest.skip(f"no {kernel} kernel here")
+
+
+@pytest.fixture()
+def needs_panel():
+    if not panel_available():
+        pytest.skip("needs the native panel kernel (x86 with AVX2)")
 
 
 def tiny_gpt(seed: int = 0) -> GPT:
@@ -156,6 +173,9 @@ def test_state_dict_of_a_prepacked_model_is_the_plain_one():
     ref_logits = plain(torch.tensor([[1, 2, 3, 4, 5]]))
     model = copy.deepcopy(plain)
     prepack_linears(model)
+    swap_decode_layers(model)  # the swapped attention and block stack hold no tensors of their own
+    assert type(model.blocks).__name__ == "FusedDecodeBlocks"
+    assert type(model.blocks[0].attn.attend).__name__ == "NativeAttention"
     after = model.state_dict()
     assert list(after.keys()) == list(before.keys())
     assert "lm_head.weight" in after  # the tied head is saved under both names, as a plain GPT does
@@ -236,13 +256,13 @@ def test_bf16_input_falls_back_with_one_warning(caplog):
     lin = make_linear(32, 24, True)
     packed = PackedLinear(lin)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
-    with caplog.at_level(logging.WARNING, logger="gptforge.inference"):
+    with caplog.at_level(logging.WARNING, logger="gptforge.backends.cpu.linear"):
         y = packed(x)
         y2 = packed(x)
     assert y.dtype == torch.bfloat16 and torch.equal(y, y2)
     want = F.linear(x, lin.weight.to(torch.bfloat16), lin.bias.to(torch.bfloat16))
     torch.testing.assert_close(y, want)
-    warnings = [r for r in caplog.records if r.name == "gptforge.inference" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "gptforge.backends.cpu.linear" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "bfloat16" in warnings[0].getMessage()
     # float32 afterwards goes back to the packed kernel and still matches
@@ -356,9 +376,9 @@ def tiny_checkpoint(tmp_path) -> Path:
 @pytest.fixture()
 def prepared_models(monkeypatch):
     """Record every model the CLI prepares, and the kinds of its linear layers afterwards."""
-    import gptforge.inference as inference
+    import gptforge.backends as backends
 
-    real = inference.prepare_for_inference
+    real = backends.prepare_for_inference
     seen = []
 
     def spy(model, *, quantize=None, prepack=True, kv_cache_dtype=None):
@@ -368,7 +388,7 @@ def prepared_models(monkeypatch):
                                if isinstance(m, (nn.Linear, PackedLinear, Int8Linear))}})
         return out
 
-    monkeypatch.setattr(inference, "prepare_for_inference", spy)
+    monkeypatch.setattr(backends, "prepare_for_inference", spy)
     return seen
 
 
@@ -446,7 +466,7 @@ def test_onednn_batch_size_1_layout_is_correct_but_not_counted_as_batch_invarian
     assert all(m.batch_size == 1 for m in model.modules() if isinstance(m, PackedLinear))
 
 
-@pytest.mark.skipif(not panel_available(), reason="needs the native panel kernel (x86 with AVX2)")
+@pytest.mark.usefixtures("needs_panel")
 def test_panel_kernel_ignores_the_batch_size_hint_and_stays_invariant():
     model = tiny_gpt()
     assert prepack_linears(model, batch_size=1, kernel="panel") == 9
@@ -540,30 +560,30 @@ def test_bfloat16_kv_cache_halves_the_cache_and_stays_close_to_float32():
 
 
 # ------------------------------------------------------------------------------------------------ 6
-@pytest.mark.skipif(not panel_available(), reason="the one-call decode step needs the native kernels")
+@pytest.mark.usefixtures("needs_panel")  # the one-call decode step
 @torch.no_grad()
-def test_reuse_decode_plan_gathers_the_plan_once(monkeypatch):
+def test_decode_session_gathers_the_plan_once(monkeypatch):
     from gptforge.generate import engine
 
     model = prepare_for_inference(tiny_gpt())
     x = torch.zeros(1, 1, 32)
-    first = model._decode_plan(x)
-    assert first is not None and model._decode_plan(x)[1] is not first[1]  # gathered anew each call
-    with model.reuse_decode_plan():
-        inside = model._decode_plan(x)
-        assert model._decode_plan(x)[1] is inside[1]
-        assert model._decode_plan(x.double()) is None  # the per-step checks still run
-    assert model._decode_plan(x)[1] is not inside[1]
-    with model.reuse_decode_plan():  # nested blocks (or other threads) share the plan until the last ends
-        outer = model._decode_plan(x)
-        with model.reuse_decode_plan():
-            assert model._decode_plan(x)[1] is outer[1]
-        assert model._decode_plan(x)[1] is outer[1]
+    first = model.blocks.decode_plan(x)
+    assert first is not None and model.blocks.decode_plan(x)[1] is not first[1]  # gathered anew each call
+    with decode_session(model):
+        inside = model.blocks.decode_plan(x)
+        assert model.blocks.decode_plan(x)[1] is inside[1]
+        assert model.blocks.decode_plan(x.double()) is None  # the per-step checks still run
+    assert model.blocks.decode_plan(x)[1] is not inside[1]
+    with decode_session(model):  # nested blocks (or other threads) share the plan until the last ends
+        outer = model.blocks.decode_plan(x)
+        with decode_session(model):
+            assert model.blocks.decode_plan(x)[1] is outer[1]
+        assert model.blocks.decode_plan(x)[1] is outer[1]
         copy.deepcopy(model)  # the plan is not the module's attribute: copying still works mid-generation
-    assert model._decode_plan(x)[1] is not outer[1]
+    assert model.blocks.decode_plan(x)[1] is not outer[1]
     builds = []
-    original = type(model)._build_decode_plan
-    monkeypatch.setattr(type(model), "_build_decode_plan", lambda self, m: builds.append(1) or original(self, m))
+    original = type(model.blocks)._build_plan
+    monkeypatch.setattr(type(model.blocks), "_build_plan", lambda self: builds.append(1) or original(self))
     config = GenerateConfig(max_new_tokens=10, temperature=0.0)
     generate_ids(model, [[1, 2, 3], [4, 5, 6]], config)  # equal lengths: no mask, the one-call step
     assert len(builds) == 1

@@ -11,8 +11,9 @@ from gptforge.errors import ConfigError
 from gptforge.evaluate import evaluate_lm
 from gptforge.generate import generate_tokens
 from gptforge.model import GPT
-from gptforge.quant import (Int8Linear, amx_available, default_kernel, fbgemm_available, pack_amx,
-                            panel_available, quantize_int8, quantize_weight, unpack_amx)
+from gptforge.backends.cpu.layouts import pack_amx, quantize_weight, unpack_amx
+from gptforge.backends.quant import (Int8Linear, amx_available, default_kernel, fbgemm_available, panel_available,
+                                     quantize_int8)
 
 KERNELS = ["dequant", "int8pack", "fbgemm", "panel", "amx"]
 

@@ -1,4 +1,4 @@
-"""gptforge.native: the C++ decode-step kernels give the Python path's bits, and their absence is survivable."""
+"""gptforge.backends.cpu (ops, build, layers): the C++ decode-step kernels give the Python path's bits, and their absence is survivable."""
 
 import copy
 import logging
@@ -10,17 +10,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge import native
-from gptforge.inference import (PackedLinear, onednn_available, pack_panels, panel_available,
-                                prepare_for_inference)
-from gptforge.quant import (Int8Linear, _fbgemm_linear, amx_available, fbgemm_available, pack_amx, quantize_int8,
-                            quantize_weight)
+from gptforge.backends import prepare_for_inference
+from gptforge.backends.cpu import (FusedDecodeBlocks, NativeGELU, PackedLinear, build, layouts, ops, onednn_available,
+                                   pack_panels, panel_available)
+from gptforge.backends.cpu.layouts import pack_amx, quantize_weight
+from gptforge.backends.quant import Int8Linear, _fbgemm_linear, amx_available, fbgemm_available, quantize_int8
 
 from gptforge.config import ModelConfig
 from gptforge.model import GPT
 
 HAVE_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
-needs_native = pytest.mark.skipif(not HAVE_COMPILER or not native.enabled(),
+needs_native = pytest.mark.skipif(not HAVE_COMPILER or not build.enabled(),
                                   reason="no C++ compiler here, or GPTFORGE_NATIVE=0")
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="needs fbgemm (x86 CPU)")
 # torch's AVX2/AVX-512 kernels use fused multiply-adds where the native epilogue does (std::fma);
@@ -45,20 +45,19 @@ def skip_unless_int8_kernel(kernel: str) -> None:
 @pytest.fixture()
 def fresh_state(monkeypatch):
     """Forget whether the kernels were loaded, so that load() tries again (restored afterwards)."""
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(build, "_state", {})
 
 
 @needs_native
 def test_the_kernels_build_here_and_the_layers_use_them():
-    module = native.load()
+    module = build.load()
     assert module is not None
-    # the weight layouts gptforge.inference and gptforge.quant pack are the ones the kernels read
-    from gptforge import inference, quant
-
-    assert (module.PANEL, module.AMX_STRIP, module.AMX_DEPTH) == (inference.PANEL, quant.AMX_STRIP, quant.AMX_DEPTH)
+    # the weight layouts the backend packs are the ones the kernels read
+    assert (module.PANEL, module.AMX_STRIP, module.AMX_DEPTH) == (layouts.PANEL, layouts.AMX_STRIP, layouts.AMX_DEPTH)
+    assert all(callable(getattr(module, name)) for name in ops.OPS)  # every op of the table is compiled
     layer = PackedLinear(nn.Linear(16, 8))
     assert layer._native is not None
-    if native.panel_isa() >= 1:
+    if ops.panel_isa() >= 1:
         assert layer.kernel == "panel"
     for kernel in ("amx", "panel", "fbgemm"):
         if {"amx": amx_available, "panel": panel_available, "fbgemm": fbgemm_available}[kernel]():
@@ -132,8 +131,14 @@ def test_native_packed_linear_is_the_same_onednn_call(bias):
         assert torch.equal(layer(x), expected)
 
 
-needs_panel = pytest.mark.skipif(not HAVE_COMPILER or not native.enabled() or native.panel_isa() < 1,
-                                 reason="the panel kernel's vector code needs the native build on x86 with AVX2")
+# What needs the kernels built is asked by fixtures, when a test runs: collecting the tests builds nothing.
+needs_panel = pytest.mark.usefixtures("_panel_kernel")
+
+
+@pytest.fixture()
+def _panel_kernel():
+    if not HAVE_COMPILER or not build.enabled() or ops.panel_isa() < 1:
+        pytest.skip("the panel kernel's vector code needs the native build on x86 with AVX2")
 
 
 @needs_panel
@@ -143,13 +148,13 @@ def test_panel_kernel_is_invariant_by_construction_and_accurate(k, n, bias):
     # The design's promise: an output's bits do not depend on the instruction set (AVX-512, AVX2, the
     # scalar reference), on the other rows in the call, or on the thread count; and it is a float32
     # rounding of the exact product.
-    module = native.load()
+    module = build.load()
     torch.manual_seed(2)
     w = torch.randn(n, k) * 0.05
     b = torch.randn(n) if bias else None
     x = hard_input(13, k=k)  # two full 6-row tiles and one row
     panels = pack_panels(w)
-    by_isa = [module.panel_linear(x, panels, n, b, isa) for isa in range(native.panel_isa() + 1)]
+    by_isa = [module.panel_linear(x, panels, n, b, isa) for isa in range(ops.panel_isa() + 1)]
     for level, y in enumerate(by_isa):
         assert torch.equal(y, by_isa[0]), f"isa level {level} differs from the scalar reference"
     y = by_isa[-1]
@@ -181,10 +186,10 @@ def packed_int8_layer(n: int, k: int, pack, width: int):
 @needs_panel
 @pytest.mark.parametrize("k, n", [(300, 130), (5, 7), (96, 1)])
 def test_int8_panel_kernel_is_invariant_and_computes_the_dequantized_product(k, n):
-    module = native.load()
+    module = build.load()
     q, scales, panels, padded, b = packed_int8_layer(n, k, pack_panels, 64)
     x = hard_input(13, k=k)
-    by_isa = [module.panel_int8_linear(x, panels, padded, n, b, isa) for isa in range(native.panel_isa() + 1)]
+    by_isa = [module.panel_int8_linear(x, panels, padded, n, b, isa) for isa in range(ops.panel_isa() + 1)]
     for level, y in enumerate(by_isa):
         assert torch.equal(y, by_isa[0]), f"isa level {level} differs from the scalar reference"
     y = by_isa[-1]
@@ -200,14 +205,19 @@ def test_int8_panel_kernel_is_invariant_and_computes_the_dequantized_product(k, 
         module.panel_int8_linear(x, panels.float(), padded, n, b)
 
 
-needs_amx = pytest.mark.skipif(not HAVE_COMPILER or not native.enabled() or not amx_available(),
-                               reason="needs the native kernels on a CPU with AMX-INT8")
+needs_amx = pytest.mark.usefixtures("_amx_kernel")
+
+
+@pytest.fixture()
+def _amx_kernel():
+    if not HAVE_COMPILER or not build.enabled() or not amx_available():
+        pytest.skip("needs the native kernels on a CPU with AMX-INT8")
 
 
 @needs_amx
 @pytest.mark.parametrize("k, n", [(300, 130), (5, 7), (64, 16), (96, 1)])
 def test_amx_kernel_equals_its_reference_is_invariant_and_keeps_16_bit_activations(k, n):
-    module = native.load()
+    module = build.load()
     q, scales, packed, padded, b = packed_int8_layer(n, k, pack_amx, 16)
     x = hard_input(37, k=k)  # 37 rows: 74 A rows, two full 32-row groups and a part-filled one
     y = module.amx_int8_linear(x, packed, padded, n, k, b)
@@ -249,7 +259,7 @@ def test_amx_kernel_equals_its_reference_is_invariant_and_keeps_16_bit_activatio
 
 @needs_panel
 def test_panel_kernel_refuses_mismatched_shapes_with_a_clear_error():
-    module = native.load()
+    module = build.load()
     panels = pack_panels(torch.randn(70, 16))
     with pytest.raises(RuntimeError, match=r"expected an input of shape \(\.\.\., 16\)"):
         module.panel_linear(torch.randn(2, 15), panels, 70, None)
@@ -278,8 +288,8 @@ def test_prepared_int8_model_deep_copies_with_working_kernels(kernel):
 
 def test_disabled_by_environment(monkeypatch, fresh_state):
     monkeypatch.setenv("GPTFORGE_NATIVE", "0")
-    assert not native.enabled() and native.load() is None
-    assert native.panel_isa() == 0 and not panel_available()
+    assert not build.enabled() and build.load() is None
+    assert ops.panel_isa() == 0 and not panel_available()
     layer = PackedLinear(nn.Linear(16, 8)) if onednn_available() else None
     if layer is not None:
         assert layer.kernel == "onednn" and layer._native is None
@@ -297,11 +307,11 @@ def test_a_failed_build_warns_once_and_keeps_the_python_path(monkeypatch, fresh_
     bad.write_text("this is not C++\n")
     monkeypatch.setenv("GPTFORGE_NATIVE", "1")
     monkeypatch.setenv("GPTFORGE_NATIVE_DIR", str(tmp_path / "build"))
-    monkeypatch.setattr(native, "SOURCE", bad)
-    with caplog.at_level(logging.WARNING, logger="gptforge.native"):
-        assert native.load() is None
-        assert native.load() is None
-        assert native.packed_linear(torch.zeros(1)) is None
+    monkeypatch.setattr(build, "SOURCES", [bad])
+    with caplog.at_level(logging.WARNING, logger="gptforge.backends.cpu.build"):
+        assert build.load() is None
+        assert build.load() is None
+        assert ops.onednn_linear_kernel(torch.zeros(1)) is None
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 1
     assert "GPTFORGE_NATIVE=0" in warnings[0].getMessage()
@@ -317,12 +327,62 @@ def test_build_directory_depends_on_the_source(tmp_path, monkeypatch):
     a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
     a.write_text("// one\n")
     b.write_text("// two\n")
-    assert native.build_directory(a) != native.build_directory(b)
-    assert native.build_directory(a).parent == tmp_path
-    assert torch.__version__.split("+")[0] in native.build_directory(a).name
+    assert build.build_directory(a) != build.build_directory(b)
+    assert build.build_directory(a).parent == tmp_path
+    assert torch.__version__.split("+")[0] in build.build_directory(a).name
 
 
-def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_path):
+def test_build_directory_depends_on_everything_that_changes_the_binary(tmp_path, monkeypatch):
+    # Another header, another checkout, another ninja or compiler, another torch install: another folder, so
+    # a second venv or checkout builds beside the first instead of evicting it.
+    monkeypatch.setenv("GPTFORGE_NATIVE_DIR", str(tmp_path))
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+        (folder / "k.cpp").write_text("// k\n")
+        (folder / "k.h").write_text("// h\n")
+    first = build.build_directory(one / "k.cpp")
+    assert build.build_directory(one / "k.cpp") == first
+    assert build.build_directory(two / "k.cpp") != first  # the same text in another checkout
+    (one / "k.h").write_text("// h changed\n")
+    changed = build.build_directory(one / "k.cpp")
+    assert changed != first
+    monkeypatch.setattr(build, "_ninja", lambda: str(tmp_path / "other-ninja"))
+    assert build.build_directory(one / "k.cpp") != changed
+    monkeypatch.setenv("CXX", "clang++")
+    assert len({build.build_directory(one / "k.cpp"), changed, first}) == 3
+    before = build.build_directory(one / "k.cpp")
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "venv2" / "torch" / "__init__.py"))
+    assert build.build_directory(one / "k.cpp") != before
+
+
+def test_every_op_of_the_table_is_compiled_and_agrees_with_its_reference():
+    if not HAVE_COMPILER or not build.enabled() or ops.panel_isa() < 1:
+        pytest.skip("needs the native kernels with vector code")
+    torch.manual_seed(5)
+    x = torch.randn(5, 40)
+    for name, op in ops.OPS.items():
+        assert ops.native_op(name) is not None, name
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.native_op("gelu_tanh")(x), ops.OPS["gelu_tanh"].reference(x), **close)
+    torch.testing.assert_close(ops.native_op("exp_values")(x), ops.OPS["exp_values"].reference(x), **close)
+    w, b = torch.randn(70, 40) * 0.1, torch.randn(70)
+    panels = pack_panels(w)
+    torch.testing.assert_close(ops.native_op("panel_linear")(x, panels, 70, b),
+                               ops.OPS["panel_linear"].reference(x, panels, 70, b), **close)
+    q, scales = quantize_weight(w)
+    int8 = pack_panels(q)
+    padded = torch.zeros(int8.shape[0] * 64)
+    padded[:70] = scales
+    torch.testing.assert_close(ops.native_op("panel_int8_linear")(x, int8, padded, 70, b),
+                               ops.OPS["panel_int8_linear"].reference(x, int8, padded, 70, b), **close)
+    qh, k, v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
+    for starts in ([], [0, 2, 5]):
+        torch.testing.assert_close(ops.native_op("decode_attention")(qh, k, v, starts, 0.3),
+                                   ops.OPS["decode_attention"].reference(qh, k, v, starts, 0.3), **close)
+
+
+def test_a_stale_lock_does_not_hang_the_next_build_and_a_build_says_so_once(tmp_path):
     # torch's builder waits forever while its `lock` file exists; a killed build leaves one behind.
     import subprocess
     import sys
@@ -330,22 +390,27 @@ def test_a_stale_lock_from_an_interrupted_build_does_not_hang_the_next_one(tmp_p
 
     source = tmp_path / "mini.cpp"
     source.write_text('#include <pybind11/pybind11.h>\n'
-                      f'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.attr("ABI") = {native._ABI}; }}\n')
+                      f'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.attr("ABI") = {build._ABI}; }}\n')
     build_dir = tmp_path / "build-0123456789ab"
     build_dir.mkdir()
     (build_dir / "lock").write_text("")
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from gptforge import native
-        module = native.build(Path({str(source)!r}), Path({str(build_dir)!r}))
+        from gptforge.backends.cpu import build
+        module = build.build(Path({str(source)!r}), Path({str(build_dir)!r}))
         print("ABI", module.ABI)
     """)
     if not HAVE_COMPILER:
         pytest.skip("no C++ compiler here")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"ABI {native._ABI}" in done.stdout
+    assert f"ABI {build._ABI}" in done.stdout
     assert not (build_dir / "lock").exists()
+    # With no logging configured, a build that compiles says so in one line (Python's last-resort handler
+    # prints WARNING records); one that finds its build done says nothing.
+    assert done.stderr.count("building gptforge's native CPU kernels") == 1, done.stderr[-2000:]
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "building" not in again.stderr, again.stderr[-2000:]
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch's own unpickling of fbgemm weights
@@ -363,7 +428,7 @@ def test_an_int8_prepared_model_still_pickles_whole(tmp_path, kernel):
     torch.save(model, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     layer = next(m for m in loaded.modules() if isinstance(m, Int8Linear))
-    assert (layer._native is None) == (native.load() is None)
+    assert (layer._native is None) == (build.load() is None)
     with torch.inference_mode():
         assert torch.equal(loaded(ids), expected)
 
@@ -428,11 +493,11 @@ def test_one_call_decode_step_gives_the_python_loops_bits(monkeypatch, quantize,
         return torch.stack(logits), cache.k.clone(), cache.v.clone()
 
     with torch.inference_mode():
-        assert model._decode_plan(torch.zeros(3, 1, 64)) is not None
-    if native.gelu_available():  # then both paths run the native GELU
+        assert model.blocks.decode_plan(torch.zeros(3, 1, 64)) is not None
+    if ops.gelu_available():  # then both paths run the native GELU
         assert all(type(block.mlp.act).__name__ == "NativeGELU" for block in model.blocks)
     fused = decode()
-    monkeypatch.setattr(GPT, "_decode_plan", lambda self, x: None)
+    monkeypatch.setattr(FusedDecodeBlocks, "decode_plan", lambda self, x: None)
     loop = decode()
     for a, b in zip(fused, loop):
         assert torch.equal(a, b)
@@ -445,29 +510,29 @@ def test_one_call_decode_step_steps_aside_for_hooks_training_and_gradients():
                                                   vocab_size=50)).eval())
     x = torch.zeros(1, 1, 32)
     with torch.inference_mode():
-        assert model._decode_plan(x) is not None
+        assert model.blocks.decode_plan(x) is not None
         seen = []
         handle = model.blocks[1].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-        assert model._decode_plan(x) is None  # a hook must run, so the Python loop does
+        assert model.blocks.decode_plan(x) is None  # a hook must run, so the Python loop does
         cache = model.new_kv_cache(1, 8)
         model(torch.tensor([[1, 2]]), kv_cache=cache)
         model(torch.tensor([[3]]), kv_cache=cache)
         assert seen[-1] == (1, 1, 128)
         handle.remove()
-        assert model._decode_plan(x.double()) is None
-    assert model._decode_plan(x) is None  # gradients enabled
+        assert model.blocks.decode_plan(x.double()) is None
+    assert model.blocks.decode_plan(x) is None  # gradients enabled
     with torch.inference_mode():
         model.train()
-        assert model._decode_plan(x) is None
+        assert model.blocks.decode_plan(x) is None
         model.eval()
         model.blocks[0].mlp.fc = nn.Linear(32, 128)  # a plain layer: no native kernel to call
-        assert model._decode_plan(x) is None
+        assert model.blocks.decode_plan(x) is None
 
 
 @needs_native
 @pytest.mark.parametrize("head_dim", [64, 24, 20])  # AVX-512 (16 | D), AVX2 (8 | D), the scalar loop
 def test_decode_attention_matches_sdpa_and_each_row_is_computed_alone(head_dim):
-    module = native.load()
+    module = build.load()
     torch.manual_seed(5)
     B, H, S = 5, 3, 40
     cache_k, cache_v = torch.randn(2, B, H, 64, head_dim), torch.randn(2, B, H, 64, head_dim)
@@ -498,9 +563,10 @@ def test_decode_attention_matches_sdpa_and_each_row_is_computed_alone(head_dim):
 
 
 @needs_native
-@pytest.mark.skipif(not native.gelu_available(), reason="the native GELU has vector code for AVX2 and AVX-512 only")
 def test_native_gelu_is_accurate_and_its_vector_code_equals_the_scalar_reference():
-    module = native.load()
+    if not ops.gelu_available():
+        pytest.skip("the native GELU has vector code for AVX2 and AVX-512 only")
+    module = build.load()
     torch.manual_seed(6)
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e20, -1e20, 3e38, -3e38, float("inf"), float("-inf"),
                             float("nan")])
@@ -530,7 +596,7 @@ def test_native_gelu_is_accurate_and_its_vector_code_equals_the_scalar_reference
 
 @needs_native
 def test_native_exp_levels_equal_the_scalar_reference():
-    module = native.load()
+    module = build.load()
     # Over the clamps, into subnormal results (below about -87.3) and overflow (above about 88.7), where
     # AVX2 applies 2^n as two powers of two, and around 0 and the rounding points of n.
     x = torch.cat([torch.linspace(-110, 95, 200_001), torch.linspace(-104.5, -86, 20_001),
@@ -550,8 +616,6 @@ def test_native_exp_levels_equal_the_scalar_reference():
 
 @needs_native
 def test_native_gelu_module_falls_back_where_the_kernel_does_not_apply():
-    from gptforge.inference import NativeGELU
-
     act = NativeGELU()
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     y = act(x)

@@ -1,5 +1,8 @@
 """int8 weight-only quantization: a module swap applied to a built model (gpt-fast style).
 
+It lives beside, not inside, the CPU backend: the ``int8pack`` and ``dequant`` kernels serve GPUs too; the
+CPU kernels come from :mod:`gptforge.backends.cpu`.
+
 ``quantize_int8(model)`` replaces every ``nn.Linear`` with an :class:`Int8Linear` that stores the weight
 as int8 with one float scale per output channel (symmetric: ``scale = absmax(row) / 127``) and keeps the
 bias in float. Only the weights lose precision: activations stay in floating point, or, where a kernel
@@ -13,9 +16,9 @@ the input exact and keeps ``model.wte.weight`` (whose dtype and device the KV ca
 
 Kernels (picked per device by ``kernel="auto"``; all compute the same weight-only product):
 
-``amx`` (x86 CPUs with AMX-INT8, Intel Sapphire Rapids and later, when :mod:`gptforge.native` could be
-built; the CPU default there)
-    gptforge's own kernel on Intel AMX's tile multiply (gptforge/native/kernels.cpp, AmxInt8Linear):
+``amx`` (x86 CPUs with AMX-INT8, Intel Sapphire Rapids and later, when the native kernels
+(:mod:`gptforge.backends.cpu`) could be built; the CPU default there)
+    gptforge's own kernel on Intel AMX's tile multiply (backends/cpu/csrc, AmxInt8Linear):
     int8 weights times int8 activations in exact int32 sums. Activations are not rounded to 8 bits:
     each row is split into two int8 parts on a per-row grid, ``x ≈ step·(hi + lo/254)`` with
     ``step = max|x| / 127`` (about 16 bits; the error is ~1e-5 of the row's largest value, far below the
@@ -25,10 +28,10 @@ built; the CPU default there)
     multiply-adds a cycle, so the layer is bound by reading the weight at any decode size: GPT-2 124M's
     49 linears take ~3.3 ms at 1 row and ~4.5 ms at 16 rows on the CI machine (the panel kernel: 4.1 /
     19.9 ms, bound by float multiply-adds). Weight layout: :func:`pack_amx`.
-``panel`` (x86 CPUs with AVX2 or AVX-512, when :mod:`gptforge.native` could be built; the CPU default
+``panel`` (x86 CPUs with AVX2 or AVX-512, when the native kernels could be built; the CPU default
 where ``amx`` is not)
-    gptforge's own kernel (gptforge/native/kernels.cpp), the float32 panel kernel of
-    :class:`gptforge.inference.PackedLinear` reading int8 weights: the weight is packed once into panels of
+    gptforge's own kernel (backends/cpu/csrc), the float32 panel kernel of
+    :class:`gptforge.backends.cpu.PackedLinear` reading int8 weights: the weight is packed once into panels of
     64 outputs, ``(ceil(N / 64), K, 64)`` int8, widened to float32 in registers (exact), and each output
     is one fused multiply-add chain ``sum_k x[k] * q[k]`` in order, then ``* scale``, then ``+ bias``.
     Activations are not rounded at all, and every output has the same bits at any row count, thread
@@ -41,7 +44,7 @@ where ``amx`` is not)
     scale 1, zero point 64 (lossless for these integers). Products are exact in int32, so the result
     matches the dequantized weight to about 1e-3 relative, well below the weight's own rounding (~1e-2).
     At decode sizes the GEMM is bound by memory bandwidth, so the extra rows are almost free.
-    The split and the recombination run as one C++ call when :mod:`gptforge.native` could be built (the
+    The split and the recombination run as one C++ call when the native kernels could be built (the
     same arithmetic, bit for bit; ~15 torch calls from Python otherwise, as slow as the GEMM at batch 1).
 ``int8pack``
     ``torch._weight_int8pack_mm`` (CUDA; CPUs with AVX-512, where its kernel is vectorized; on AVX2 it
@@ -66,46 +69,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .native import amx_available, panel_available
+from ..errors import ConfigError
+from .cpu.layouts import AMX_MAX_INPUTS, AMX_STRIP, pack_amx, pack_panels, quantize_weight
+from .cpu.ops import (amx_available, amx_int8_linear_kernel, fbgemm_int8_linear_kernel, panel_available,
+                      panel_int8_linear_kernel)
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "amx", "panel", "fbgemm", "int8pack", "dequant")
-_QMAX = 127  # symmetric int8; -128 is never used, so fbgemm's 16-bit pair sums cannot saturate
-
-
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (N, K) float → int8 (N, K) and float32 scales (N,)."""
-    w = weight.detach().float()
-    absmax = w.abs().amax(dim=1)
-    scales = torch.where(absmax > 0, absmax / _QMAX, torch.ones_like(absmax))
-    q = torch.round(w / scales.unsqueeze(1)).clamp_(-_QMAX, _QMAX).to(torch.int8)
-    return q, scales
-
-
-AMX_STRIP = 16  # outputs per strip of the amx kernel's weight layout (kAmxOut in kernels.cpp)
-AMX_DEPTH = 64  # inputs per amx tile step, K padded to a multiple (kAmxDepth in kernels.cpp)
-AMX_MAX_INPUTS = 131072  # beyond it the amx kernel's int32 sums could overflow (K x 127 x 127 >= 2^31)
-
-
-def pack_amx(weight: torch.Tensor) -> torch.Tensor:
-    """An int8 (N, K) weight in the amx kernel's layout: (ceil(N / 16), Kp / 4, 64) int8, Kp = K rounded up
-    to 64, zero-padded; strip s, k-group g holds ``weight[16 s + j, 4 g + b]`` at ``[s, g, 4 j + b]`` (the
-    B-tile layout of Intel AMX, so one strip's 64 inputs are 1 KB of contiguous bytes)."""
-    n, k = weight.shape
-    np_, kp = -(-n // AMX_STRIP) * AMX_STRIP, -(-k // AMX_DEPTH) * AMX_DEPTH
-    w = torch.zeros(np_, kp, dtype=torch.int8)
-    w[:n, :k] = weight.detach().cpu()
-    return w.view(np_ // AMX_STRIP, AMX_STRIP, kp // 4, 4).permute(0, 2, 1, 3).reshape(
-        np_ // AMX_STRIP, kp // 4, 4 * AMX_STRIP).contiguous()
-
-
-def unpack_amx(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The (N, K) int8 weight that :func:`pack_amx` packed."""
-    strips, groups, _ = packed.shape
-    w = packed.view(strips, groups, AMX_STRIP, 4).permute(0, 2, 1, 3).reshape(strips * AMX_STRIP, groups * 4)
-    return w[:out_features, :in_features]
 
 
 def fbgemm_available() -> bool:
@@ -158,7 +129,7 @@ class Int8Linear(nn.Module):
         self._packed = None  # the kernel's packed weight, derived from ``weight``; rebuilt when that changes
         self._padded_scales: Optional[torch.Tensor] = None  # amx / panel: scales padded to whole strips / panels
         self._pin: Optional[torch.Tensor] = None  # fbgemm's extra input row, see _pin_row
-        self._native = None  # the same product as one C++ call (gptforge.native), when it could be built
+        self._native = None  # the same product as one C++ call (the native kernels), when they could be built
         self._resolved: dict[str, str] = {}  # device type → kernel actually used
 
     @classmethod
@@ -211,20 +182,18 @@ class Int8Linear(nn.Module):
                 self._resolved.clear()
 
     def _attach_native(self) -> None:
-        from . import native
-
         kernel = self._resolved.get(self.weight.device.type)
         if kernel == "amx":
-            self._native = native.amx_int8_linear(self._packed, self._padded_scales, self.out_features,
+            self._native = amx_int8_linear_kernel(self._packed, self._padded_scales, self.out_features,
                                                   self.in_features)
         elif kernel == "panel":
-            self._native = native.panel_int8_linear(self._packed, self._padded_scales, self.out_features)
+            self._native = panel_int8_linear_kernel(self._packed, self._padded_scales, self.out_features)
         else:
-            self._native = native.int8_linear(self._packed, self.in_features)
+            self._native = fbgemm_int8_linear_kernel(self._packed, self.in_features)
 
     def native_decode_kernel(self):
-        """(C++ kernel, bias) that forward calls for float32 CPU input, or None: what GPT's one-call decode
-        step (gptforge.model.gpt) runs instead of this module."""
+        """(C++ kernel, bias) that forward calls for float32 CPU input, or None: what the one-call decode
+        step (:class:`gptforge.backends.cpu.FusedDecodeBlocks`) runs instead of this module."""
         native = self.__dict__.get("_native")  # set by prepare() on CPU only; dropped by .to()
         if native is None:
             return None
@@ -258,8 +227,6 @@ class Int8Linear(nn.Module):
             return
         kernel = self.resolved_kernel(self.weight.device)
         if kernel in ("amx", "panel"):
-            from .inference import pack_panels
-
             packed = pack_amx(self.weight) if kernel == "amx" else pack_panels(self.weight)
             width = AMX_STRIP if kernel == "amx" else packed.shape[2]
             scales = torch.zeros(packed.shape[0] * width, dtype=torch.float32)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .config import KV_CACHE_DTYPES
 from .errors import ConfigError
-from .model.gpt import draw_from_logits
+from .model.sampling import draw_from_logits
 from .native import panel_available
 
 log = logging.getLogger(__name__)

@@ -622,8 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="browser origin allowed to call the API (repeatable)")
     p.add_argument("--request-timeout", type=_float, default=600.0, metavar="S",
                    help="seconds a request may run before it is cancelled (default: 600)")
-    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
-                   help="plain batched matmuls: faster on GPUs, but a result may then depend on its batch-mates")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode each row as if alone, so batching never changes a result; --no-batch-invariant: "
+                        "plain batched matmuls, faster on GPUs, but a result may then depend on its batch-mates "
+                        "(default: on for CPU, off for GPUs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_serve)

@@ -316,10 +316,11 @@ class ServeConfig:
     """Browser origins allowed to call the API (CORS); empty allows none."""
     shutdown_grace: float = 30.0
     """On SIGTERM, seconds that in-flight requests get to finish while new ones get 503."""
-    batch_invariant: bool = True
+    batch_invariant: Optional[bool] = None
     """Decode every row with the arithmetic of a request running alone, so batching never changes a
     result (greedy output equals `gptforge generate`); False uses plain batched matmuls (faster on GPUs,
-    results may then differ in the last bits of a float)."""
+    results may then differ in the last bits of a float). None: on for a model on the CPU (where it is
+    free), off on a GPU."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     dtype: str = "auto"

@@ -165,26 +165,42 @@ def next_tokens(model: torch.nn.Module, rows: Sequence[SamplingRow],
     if not screened(model):
         logits = out.float()
         return _from_logits(rows, logits), logits, list(range(n))
-    tokens = torch.empty(n, dtype=torch.long, device=out.device)
+    tokens = _Tokens(n)
     kinds = [_screen_kind(row) for row in rows]
     by_ban: dict[Optional[int], list[int]] = {}
     for i, kind in enumerate(kinds):
         if kind == "argmax":
             by_ban.setdefault(_banned_eos(rows[i]), []).append(i)
     for ban, members in by_ban.items():
-        tokens[members] = greedy_tokens(model, _take(out, members, n), ban)
+        tokens.put(members, greedy_tokens(model, _take(out, members, n), ban))
     drawn = [i for i, kind in enumerate(kinds) if kind == "sample"]
     if drawn:
-        tokens[drawn] = sample_tokens(model, _take(out, drawn, n), [rows[i].config.temperature for i in drawn],
-                                      [rows[i].generator for i in drawn], [_banned_eos(rows[i]) for i in drawn])
+        tokens.put(drawn, sample_tokens(model, _take(out, drawn, n), [rows[i].config.temperature for i in drawn],
+                                        [rows[i].generator for i in drawn], [_banned_eos(rows[i]) for i in drawn]))
     need = [i for i, kind in enumerate(kinds) if kind is None or rows[i].config.logprobs]
     if not need:
-        return tokens, None, need
+        return tokens.all, None, need
     logits = model.logits(_take(out, need, n).unsqueeze(1))[:, 0].float()  # (r, V): the forward's own head call
     rest = [j for j, i in enumerate(need) if kinds[i] is None]
     if rest:
-        tokens[[need[j] for j in rest]] = _from_logits([rows[need[j]] for j in rest], _take(logits, rest, len(need)))
-    return tokens, logits, need
+        tokens.put([need[j] for j in rest], _from_logits([rows[need[j]] for j in rest], _take(logits, rest, len(need))))
+    return tokens.all, logits, need
+
+
+class _Tokens:
+    """The (n,) tokens of a step, filled group by group; a group of all n rows is taken as it is."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.all: Optional[torch.Tensor] = None
+
+    def put(self, members: list[int], values: torch.Tensor) -> None:
+        if len(members) == self.n:
+            self.all = values
+            return
+        if self.all is None:
+            self.all = torch.empty(self.n, dtype=torch.long, device=values.device)
+        self.all[members] = values
 
 
 def _from_logits(rows: Sequence[SamplingRow], logits: torch.Tensor) -> torch.Tensor:
@@ -200,7 +216,7 @@ def _from_logits(rows: Sequence[SamplingRow], logits: torch.Tensor) -> torch.Ten
         key = ("greedy",) if c.temperature == 0 else (
             "sample", row.generator is not None, c.temperature, c.top_k, c.top_p, c.min_p)
         groups.setdefault(key, []).append(i)
-    tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+    tokens = _Tokens(n)
     for key, members in groups.items():
         if len(members) == 1:
             batch = scores[members[0]]
@@ -209,8 +225,5 @@ def _from_logits(rows: Sequence[SamplingRow], logits: torch.Tensor) -> torch.Ten
         else:
             batch = torch.cat([scores[i] for i in members])
         generators = [rows[i].generator for i in members] if key[0] == "sample" and key[1] else None
-        picked = choose_tokens(batch, rows[members[0]].config, generators)  # (len(members),)
-        if len(members) == n:
-            return picked
-        tokens[members] = picked
-    return tokens
+        tokens.put(members, choose_tokens(batch, rows[members[0]].config, generators))  # (len(members),)
+    return tokens.all

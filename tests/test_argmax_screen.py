@@ -14,7 +14,6 @@ import torch.nn as nn
 from gptforge.config import GenerateConfig, ModelConfig
 from gptforge.errors import ConfigError
 from gptforge.generate import generate_ids
-from gptforge.generate.sampler import greedy_tokens, sample_tokens, screened as has_screen
 from gptforge.inference import ArgmaxScreen, PackedLinear, panel_available, prepare_for_inference
 from gptforge.model import GPT
 from gptforge.native import amx_available
@@ -174,18 +173,6 @@ def test_prepare_for_inference_screens_the_tied_head_and_greedy_tokens_are_uncha
     assert not calls
 
 
-@torch.no_grad()
-def test_greedy_tokens_without_a_screen_is_the_logits_argmax():
-    model = gpt(1)
-    assert not has_screen(model)
-    hidden = model.hidden_states(torch.tensor([[3, 4, 5]]))[:, -1]
-    logits = model.lm_head(hidden)
-    assert torch.equal(greedy_tokens(model, hidden), logits.argmax(-1))
-    best = int(logits.argmax(-1))
-    logits[:, best] = float("-inf")
-    assert torch.equal(greedy_tokens(model, hidden, suppress=best), logits.argmax(-1))
-
-
 @pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 here")
 @torch.no_grad()
 def test_the_amx_input_split_is_within_the_screens_assumption():
@@ -223,7 +210,6 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.slow  # chi-square tests over many draws: about 2 minutes
 @pytest.mark.parametrize("kernel", SCREEN_KERNELS)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @torch.no_grad()
@@ -329,20 +315,3 @@ def test_engine_samples_through_the_screen_reproducibly(monkeypatch):
     calls.clear()
     generate_ids(screened, prompts, GenerateConfig(max_new_tokens=5, temperature=0.9, top_p=0.9, seed=5))
     assert not calls
-
-
-@torch.no_grad()
-def test_sample_tokens_without_a_screen_samples_the_logits():
-    model = gpt(2)
-    hidden = model.hidden_states(torch.tensor([[3, 4, 5]]))[:, -1].repeat(4, 1)
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1, 3)]
-    a = sample_tokens(model, hidden, 1.0, gens)
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1, 3)]
-    assert torch.equal(a, sample_tokens(model, hidden, [1.0] * 4, gens)) and a[0] == a[2]
-    best = int(model.lm_head(hidden[:1]).argmax())
-    cold = sample_tokens(model, hidden, 0.01, None, suppress=best)
-    assert not bool((cold == best).any())
-    with pytest.raises(ValueError):
-        sample_tokens(model, hidden, [1.0, 1.0])
-    with pytest.raises(ValueError, match="temperatures > 0"):
-        sample_tokens(model, hidden, 0.0)

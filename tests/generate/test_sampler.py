@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import gptforge.model.sampling as drawing
-from gptforge.config import GenerateConfig
-from gptforge.generate.sampler import choose_tokens, make_generator, sample
+from gptforge.config import GenerateConfig, ModelConfig
+from gptforge.generate.sampler import choose_tokens, greedy_tokens, make_generator, sample, sample_tokens, screened
+from gptforge.model import GPT
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -65,3 +66,37 @@ def test_choose_tokens_uses_the_same_sampler(temperature):
     b = sample(probs, [g2] * 3)
     assert torch.equal(a, b)
     assert not math.isnan(float(a.sum()))
+
+
+def gpt(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=2000)).eval()
+
+
+@torch.no_grad()
+def test_greedy_tokens_without_a_screen_is_the_logits_argmax():
+    model = gpt(1)
+    assert not screened(model)
+    hidden = model.hidden_states(torch.tensor([[3, 4, 5]]))[:, -1]
+    logits = model.lm_head(hidden)
+    assert torch.equal(greedy_tokens(model, hidden), logits.argmax(-1))
+    best = int(logits.argmax(-1))
+    logits[:, best] = float("-inf")
+    assert torch.equal(greedy_tokens(model, hidden, suppress=best), logits.argmax(-1))
+
+
+@torch.no_grad()
+def test_sample_tokens_without_a_screen_samples_the_logits():
+    model = gpt(2)
+    hidden = model.hidden_states(torch.tensor([[3, 4, 5]]))[:, -1].repeat(4, 1)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1, 3)]
+    a = sample_tokens(model, hidden, 1.0, gens)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1, 3)]
+    assert torch.equal(a, sample_tokens(model, hidden, [1.0] * 4, gens)) and a[0] == a[2]
+    best = int(model.lm_head(hidden[:1]).argmax())
+    cold = sample_tokens(model, hidden, 0.01, None, suppress=best)
+    assert not bool((cold == best).any())
+    with pytest.raises(ValueError):
+        sample_tokens(model, hidden, [1.0, 1.0])
+    with pytest.raises(ValueError, match="temperatures > 0"):
+        sample_tokens(model, hidden, 0.0)

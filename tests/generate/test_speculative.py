@@ -124,7 +124,7 @@ def probs(model, ids, temperature, top_k):
     return filter_logits(logits[None], temperature=temperature, top_k=top_k).softmax(-1)[0]
 
 
-@pytest.mark.slow  # a chi-square test over 1,500 runs a case: about 2 minutes
+@pytest.mark.slow  # a chi-square test over 1,500 speculative runs a case, the longest statistical test
 @pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 4)])
 def test_sampling_keeps_the_targets_joint_distribution(temperature, top_k):
     target, draft, prompt = peaked_model(10), peaked_model(11), [2, 0, 3]

@@ -268,6 +268,7 @@ def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context:
     from gptforge.convert import load_hf_folder
     from gptforge.backends import Int8Linear, prepare_for_inference
     from gptforge.backends.cpu import PackedLinear
+    from gptforge.generate.sampler import greedy_tokens, sample_tokens
 
     torch.set_num_threads(threads)
     model = prepare_for_inference(load_hf_folder(folder).model, quantize="int8" if int8 else None)
@@ -308,7 +309,7 @@ def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context:
         def greedy_step():  # what a greedy step runs: the blocks, then the head's argmax (screened if it can)
             cache.length = context
             hidden = model.hidden_states(token, kv_cache=cache, position_ids=torch.full((batch, 1), context))
-            model.greedy_tokens(hidden[:, -1])
+            greedy_tokens(model, hidden[:, -1])
 
         hidden_x = torch.nn.functional.layer_norm(torch.randn(batch, model.config.n_embd), (model.config.n_embd,))
 
@@ -317,14 +318,14 @@ def profile_step(folder: str, threads: int, int8: bool, batch: int = 1, context:
         t_lin = median_time(linears_only)
         t_head = median_time(head_only)
         t_greedy = median_time(greedy_step)
-        t_greedy_head = median_time(lambda: model.greedy_tokens(hidden_x))
+        t_greedy_head = median_time(lambda: greedy_tokens(model, hidden_x))
         # A sampled token at temperature 1 from the final hidden states: through the screen (a draw by
-        # rejection, GPT.sample_tokens), against the full head, softmax and inverse CDF.
+        # rejection, sample_tokens), against the full head, softmax and inverse CDF.
         from gptforge.config import GenerateConfig
-        from gptforge.generate.sampling import choose_tokens
+        from gptforge.generate.sampler import choose_tokens
 
         sampling = GenerateConfig(temperature=1.0)
-        t_sample_head = median_time(lambda: model.sample_tokens(hidden_x, 1.0))
+        t_sample_head = median_time(lambda: sample_tokens(model, hidden_x, 1.0))
         t_full_sample = median_time(lambda: choose_tokens(model.lm_head(hidden_x), sampling))
         c = model.config
         q = torch.randn(batch, c.n_head, 1, c.head_dim)

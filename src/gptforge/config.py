@@ -389,7 +389,7 @@ class InferenceConfig:
     """int8: weight-only int8 quantization of the linear layers; null keeps them in `dtype`."""
     prepack: bool = True
     """On CPU in float32, reorder linear weights once for oneDNN's faster, batch-invariant kernel
-    (gptforge.inference); off keeps plain float32 linear layers."""
+    (gptforge.backends); off keeps plain float32 linear layers."""
     kv_cache_dtype: str = field(default="auto", metadata=flag(choices=KV_CACHE_DTYPES))
     """Key/value cache dtype: auto (the weights' dtype) or bfloat16 (half the memory and the bytes each
     decode step's attention reads; keys and values rounded to 8 bits of mantissa)."""
@@ -429,10 +429,11 @@ class ServeConfig(InferenceConfig):
     """Browser origins allowed to call the API (CORS); empty allows none."""
     shutdown_grace: float = field(default=30.0, metadata=flag(metavar="S"))
     """On SIGTERM, seconds that in-flight requests get to finish while new ones get 503."""
-    batch_invariant: bool = True
+    batch_invariant: Optional[bool] = None
     """Decode every row with the arithmetic of a request running alone, so batching never changes a
     result (greedy output equals `gptforge generate`); False uses plain batched matmuls (faster on GPUs,
-    results may then differ in the last bits of a float)."""
+    results may then differ in the last bits of a float). None: on for a model on the CPU (where it is
+    free), off on a GPU."""
 
     def validate(self) -> "ServeConfig":
         super().validate()

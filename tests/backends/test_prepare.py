@@ -588,7 +588,7 @@ def test_decode_session_gathers_the_plan_once(monkeypatch):
     generate_ids(model, [[1, 2, 3], [4, 5, 6]], config)  # equal lengths: no mask, the one-call step
     assert len(builds) == 1
     # The engine's steps run in inference mode, the consumer's code between them does not.
-    rows = [engine._Row([1, 2, 3], config, None, None)]
-    for _ in engine._decode(model, rows, config, None):
+    states = [engine.SequenceState([1, 2, 3], config, model)]
+    for _ in engine._decode(model, states, config):
         assert not torch.is_inference_mode_enabled()
-    assert len(rows[0].token_ids) == 10
+    assert len(states[0].token_ids) == 10

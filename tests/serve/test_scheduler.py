@@ -98,8 +98,9 @@ def test_all_greedy_steps_read_the_argmax_screen_and_give_the_engines_tokens(mod
     model, tokenizer = model_and_tokenizer
     assert model.lm_head.screened
     calls = []
-    original = type(model).greedy_tokens
-    monkeypatch.setattr(type(model), "greedy_tokens", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    head = type(model.lm_head)
+    original = head.argmax
+    monkeypatch.setattr(head, "argmax", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     greedy = GenerateConfig(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = ["the cat", "a dog ran far", "x", "hello there", "sea"]
     together = run(model, tokenizer, [(p, greedy, None) for p in prompts])
@@ -107,13 +108,12 @@ def test_all_greedy_steps_read_the_argmax_screen_and_give_the_engines_tokens(mod
     want = [generate(model, tokenizer, p, greedy)[0][0].token_ids for p in prompts]
     assert together == want
     # A mixed batch: the greedy rows still read the screen, a plain sampled row is drawn through it as the
-    # engine draws it (GPT.sample_tokens), and a row that needs its logits (a penalty) gets them; each row
+    # engine draws it (the head's sample), and a row that needs its logits (a penalty) gets them; each row
     # gets what it gets alone.
     calls.clear()
     draws = []
-    original_sample = type(model).sample_tokens
-    monkeypatch.setattr(type(model), "sample_tokens",
-                        lambda self, *a, **k: draws.append(1) or original_sample(self, *a, **k))
+    original_sample = head.sample
+    monkeypatch.setattr(head, "sample", lambda self, *a, **k: draws.append(1) or original_sample(self, *a, **k))
     sampled = GenerateConfig(max_new_tokens=14, temperature=1.0, ignore_eos=True)
     penalized = GenerateConfig(max_new_tokens=9, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
     logged = GenerateConfig(max_new_tokens=10, temperature=0.7, logprobs=1, ignore_eos=True)
@@ -224,3 +224,17 @@ def test_start_releases_the_calling_threads_openmp_pool(model_and_tokenizer, mon
     scheduler.start()
     scheduler.stop(timeout=10)
     assert calls == [threading.current_thread()]
+
+
+def test_batch_invariance_is_on_by_default_on_cpu(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    assert Scheduler(model, tokenizer).batch_invariant is True
+    assert Scheduler(model, tokenizer, batch_invariant=False).batch_invariant is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_invariance_is_off_by_default_on_a_gpu():
+    tokenizer = CharTokenizer(CHARS)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)).cuda()
+    assert Scheduler(model, tokenizer).batch_invariant is False
+    assert Scheduler(model, tokenizer, batch_invariant=True).batch_invariant is True

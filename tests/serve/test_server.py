@@ -382,16 +382,18 @@ def slow_server(lm_checkpoint):
     config = ServeConfig(checkpoint=str(lm_checkpoint), device="cpu", max_batch_size=1, max_queue=1,
                          request_timeout=1.5)
     ckpt = load_served_checkpoint(config)
-    # A step ends in forward (logits) or, when all rows are plain greedy, in greedy_tokens (the argmax
-    # screen): slow both, so that every step sleeps once.
-    for name in ("forward", "greedy_tokens"):
-        plain = getattr(ckpt.model, name)
+    # A step ends in forward (logits) or, when all rows are plain greedy, in the LM head's argmax (the
+    # argmax screen): slow both, so that every step sleeps once.
+    for owner, name in ((ckpt.model, "forward"), (ckpt.model.lm_head, "argmax")):
+        if not hasattr(owner, name):  # a head without a screen: every step ends in forward
+            continue
+        plain = getattr(owner, name)
 
         def slow(*args, _plain=plain, **kwargs):
             time.sleep(0.03)
             return _plain(*args, **kwargs)
 
-        setattr(ckpt.model, name, slow)
+        setattr(owner, name, slow)
     live = LiveServer(config, ckpt)
     yield live
     live.close()

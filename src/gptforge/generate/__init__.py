@@ -1,13 +1,18 @@
-"""Text generation: pure logits processors and sampling functions, and a KV-cache decoding engine.
+"""Text generation: one sampler (logits, or a screened LM head, → tokens) and one KV-cache decoding engine.
 
     generate(model, tokenizer, prompts, config)        -> list[list[Completion]]  (per prompt, per sequence)
     generate_ids(model, prompts_ids, config, eos_id)   -> the same from token ids
     stream(model, tokenizer, prompt, config)           -> Stream: text pieces as they are decided
+    greedy_tokens(model, hidden) / sample_tokens(model, hidden, temperature)  -> the next token of each row
+
+:mod:`.sampler` turns logits into tokens; :mod:`.engine` holds the per-sequence state and the decode step that
+the CLI, chat, speculative decoding and the server's scheduler share.
 """
 
-from .batch import Completion
+from .batch import Completion, FinishReason
 from .beam import beam_search
-from .engine import Stream, encode_prompt, generate, generate_ids, generate_tokens, stream, stream_ids
+from .engine import (Decoder, SequenceState, Stream, TokenChoice, encode_prompt, generate, generate_ids,
+                     generate_tokens, stream, stream_ids)
 from .processors import (
     TokenHistory,
     apply_presence_frequency_penalty,
@@ -20,12 +25,14 @@ from .processors import (
     top_p_filter,
     warp_logits,
 )
-from .sampling import choose_tokens, filter_logits, logits_to_probs, sample, sample_next, token_logprobs
+from .sampler import (choose_tokens, filter_logits, greedy_tokens, logits_to_probs, sample, sample_tokens,
+                      token_logprobs)
 
 __all__ = [
-    "Completion", "Stream", "beam_search", "encode_prompt", "generate", "generate_ids", "generate_tokens", "stream",
-    "stream_ids",
+    "Completion", "Decoder", "FinishReason", "SequenceState", "Stream", "TokenChoice", "beam_search",
+    "encode_prompt", "generate", "generate_ids", "generate_tokens", "stream", "stream_ids",
     "TokenHistory", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
     "ban_tokens", "min_p_filter", "process_logits", "top_k_filter", "top_p_filter", "warp_logits",
-    "choose_tokens", "filter_logits", "logits_to_probs", "sample", "sample_next", "token_logprobs",
+    "choose_tokens", "filter_logits", "greedy_tokens", "logits_to_probs", "sample", "sample_tokens",
+    "token_logprobs",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-
+import enum
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -16,7 +16,21 @@ from ..model import GPT
 
 log = logging.getLogger(__name__)
 
-FinishReason = str  # "stop" | "length" | "eos"
+
+class FinishReason(enum.StrEnum):
+    """Why a sequence ended: the one vocabulary of the engine, beam search and the server's scheduler (the
+    server reports OpenAI's names, where an end-of-text token is "stop" too). Members are strings."""
+
+    EOS = "eos"
+    """The end-of-text token came."""
+    STOP = "stop"
+    """A stop string came."""
+    LENGTH = "length"
+    """max_new_tokens were generated."""
+    CANCELLED = "cancelled"
+    """The server dropped it: its client went away, its deadline passed, or the server is stopping."""
+    ERROR = "error"
+    """The server could not run it (its prefill failed)."""
 
 
 @dataclass
@@ -79,13 +93,6 @@ class PromptBatch:
                 mask[row, :width - n] = 0
             self.attention_mask = mask
         self.positions = torch.tensor(lengths, device=device).unsqueeze(1)  # (B, 1): the next token's position
-
-    @property
-    def screened(self) -> bool:
-        """Whether the LM head has an argmax screen (prepared CPU float32 models), through which
-        ``GPT.greedy_tokens`` and ``GPT.sample_tokens`` choose from :meth:`prefill_hidden` and
-        :meth:`decode_hidden` without forming the logits."""
-        return bool(getattr(self.model.lm_head, "screened", False))
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts through the model; the logits for each row's first new token, (B, V)."""

@@ -19,7 +19,7 @@ from ..config import GenerateConfig
 from ..errors import ConfigError
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from .batch import Completion, PromptBatch
+from .batch import Completion, FinishReason, PromptBatch
 from .processors import TokenHistory, process_logits
 
 # Hugging Face marks impossible beams with this score rather than -inf; kept for identical tie-breaking.
@@ -158,9 +158,9 @@ def _completion(trace: _Trace, prompt: int, item: tuple[float, int, int], prompt
                 eos_id: Optional[int], tokenizer: Optional[Tokenizer]) -> Completion:
     score, step, candidate = item
     tokens, logprobs, tops = trace.backtrack(prompt, step, candidate)
-    reason = "length"
+    reason = FinishReason.LENGTH
     if eos_id is not None and tokens[-1] == eos_id:
-        reason = "eos"
+        reason = FinishReason.EOS
         tokens, logprobs, tops = tokens[:-1], logprobs[:-1], tops[:-1]
     return Completion(
         token_ids=tokens, text=tokenizer.decode(tokens) if tokenizer is not None else "", finish_reason=reason,

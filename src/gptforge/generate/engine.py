@@ -1,14 +1,21 @@
 """Autoregressive decoding with a preallocated KV cache: prefill the prompts once, then one token a step.
 
-Many prompts decode together, left-padded (see :class:`~gptforge.generate.batch.PromptBatch`); each row gives
-the tokens it would give alone, because sampling draws every row from its own generator. A finished row is
-no longer read; the loop ends when every row is finished. Per step the Python work is proportional to the
-batch, never to the length generated so far.
+The one decode engine. A :class:`SequenceState` is one sequence being decoded (its parameters, penalties'
+history, generator, tokens, log-probabilities, text and why it ended); :meth:`Decoder.step` chooses every
+unfinished sequence's next token from the forward's last position (through :mod:`gptforge.generate.sampler`)
+and records it. :func:`generate`, :func:`stream` (and so chat) run it over a left-padded
+:class:`~gptforge.generate.batch.PromptBatch`; the server's scheduler (:mod:`gptforge.serve.scheduler`) runs it
+over its continuous batch, and speculative decoding records its tokens in a :class:`SequenceState`.
+
+Many prompts decode together; each row gives the tokens it would give alone, because sampling draws every
+row from its own generator. A finished row is no longer read; the loop ends when every row is finished. Per
+step the Python work is proportional to the batch, never to the length generated so far.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -18,16 +25,16 @@ from ..config import GenerateConfig
 from ..errors import ConfigError
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from .batch import Completion, PromptBatch, check_context
+from .batch import Completion, FinishReason, PromptBatch, check_context
 from .beam import beam_search
-from .processors import TokenHistory, argmax_only, process_logits, sample_only
-from .sampling import choose_tokens, make_generators, token_logprobs
+from .processors import TokenHistory
+from .sampler import make_generator, next_tokens, screened, token_logprobs
 from .stopping import TextTracker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Completion", "Stream", "check_context", "encode_prompt", "generate", "generate_ids",
-           "generate_tokens", "stream", "stream_ids"]
+__all__ = ["Completion", "Decoder", "FinishReason", "SequenceState", "Stream", "TokenChoice", "check_context",
+           "encode_prompt", "generate", "generate_ids", "generate_tokens", "stream", "stream_ids"]
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -60,10 +67,13 @@ def generate_ids(model: GPT, prompts_ids: Sequence[Sequence[int]], config: Gener
     if config.num_beams > 1:
         return beam_search(model, prompts_ids, config, eos_id, tokenizer=tokenizer)
     n = config.num_return_sequences
-    rows = [_Row(ids, config, eos_id, tokenizer) for ids in prompts_ids for _ in range(n)]
-    for _ in _decode(model, rows, config, eos_id):
+    # Row r draws with seed + r: a row's tokens do not depend on the rows beside it.
+    states = [SequenceState(ids, config, model, eos_id=eos_id, tokenizer=tokenizer,
+                            seed=None if config.seed is None else config.seed + r)
+              for r, ids in enumerate(ids for ids in prompts_ids for _ in range(n))]
+    for _ in _decode(model, states, config):
         pass
-    results = [row.result() for row in rows]
+    results = [state.result() for state in states]
     return [results[i:i + n] for i in range(0, len(results), n)]
 
 
@@ -80,8 +90,8 @@ class Stream:
     concatenated, they equal ``completion.text``.
     """
 
-    def __init__(self, row: "_Row", steps: Iterator[list[str]]):
-        self._row = row
+    def __init__(self, state: "SequenceState", steps: Iterator[list[str]]):
+        self._state = state
         self._steps = steps
         self.completion: Optional[Completion] = None
 
@@ -89,7 +99,7 @@ class Stream:
         for pieces in self._steps:
             if pieces[0]:
                 yield pieces[0]
-        self.completion = self._row.result()
+        self.completion = self._state.result()
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt: str, config: GenerateConfig) -> Stream:
@@ -104,116 +114,159 @@ def stream_ids(model: GPT, tokenizer: Tokenizer, prompt_ids: Sequence[int], conf
         raise ConfigError("streaming is not supported with beam search; use num_beams=1")
     if config.num_return_sequences != 1:
         raise ConfigError("streaming produces one sequence; set num_return_sequences to 1")
-    row = _Row(prompt_ids, config, tokenizer.eos_id, tokenizer)
-    return Stream(row, _decode(model, [row], config, tokenizer.eos_id))
+    state = SequenceState(prompt_ids, config, model, eos_id=tokenizer.eos_id, tokenizer=tokenizer, seed=config.seed)
+    return Stream(state, _decode(model, [state], config))
 
 
 # --------------------------------------------------------------------------------------------------
-class _Row:
-    """The output of one row: tokens, log-probabilities, text, and why it ended."""
+@dataclass
+class TokenChoice:
+    """What one step decided for one sequence."""
 
-    def __init__(self, prompt_ids: Sequence[int], config: GenerateConfig, eos_id: Optional[int],
-                 tokenizer: Optional[Tokenizer]):
+    token_id: int
+    """The chosen token (an end-of-text token too, though the sequence's tokens leave it out)."""
+    text: str
+    """The text it decides (possibly empty; see :class:`Stream`)."""
+    logprob: Optional[float] = None
+    """Its log-probability, when the sequence's config asks for log-probabilities."""
+    top_logprobs: Optional[list[tuple[int, float]]] = None
+    """The most likely (token_id, log-probability) pairs, as many as config.logprobs."""
+    finish_reason: Optional[FinishReason] = None
+    """Set when this token ended the sequence."""
+
+
+class SequenceState:
+    """One sequence being decoded: its parameters, the history its penalties read, its generator, and its
+    output so far (tokens, log-probabilities, text) and why it ended. What :func:`~gptforge.generate.sampler.
+    next_tokens` reads of a row. ``seed`` seeds its own generator (None: the global RNG); ``tokenizer``
+    (optional) decodes its text and applies the stop strings."""
+
+    def __init__(self, prompt_ids: Sequence[int], config: GenerateConfig, model: GPT, *,
+                 eos_id: Optional[int] = None, tokenizer: Optional[Tokenizer] = None, seed: Optional[int] = None):
+        device = model.wte.weight.device
         self.prompt_ids = list(prompt_ids)
+        self.config = config
         self.eos_id = None if config.ignore_eos else eos_id
+        self.history = TokenHistory([self.prompt_ids], model.config.vocab_size, config, device)
+        self.generator = make_generator(seed, device)
+        self.steps = 0  # tokens chosen, an ending end-of-text token included
         self.token_ids: list[int] = []
         self.logprobs: Optional[list[float]] = [] if config.logprobs else None
         self.top_logprobs: Optional[list[list[tuple[int, float]]]] = [] if config.logprobs else None
         self.text = TextTracker(tokenizer, self.prompt_ids, config.stop) if tokenizer is not None else None
-        self.finish_reason: Optional[str] = None
+        self.finish_reason: Optional[FinishReason] = None
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
     def add(self, token: int, logprob: Optional[float] = None,
-            top: Optional[list[tuple[int, float]]] = None) -> str:
-        """Append a token; return the text it decides (possibly empty)."""
+            top: Optional[list[tuple[int, float]]] = None) -> TokenChoice:
+        """Record the next token; what it decides (its text, and the finish reason when it ends the sequence:
+        end-of-text, a stop string, or max_new_tokens)."""
+        self.steps += 1
         if token == self.eos_id:
-            return self.finish("eos")
+            return TokenChoice(token, self._finish(FinishReason.EOS), logprob, top, FinishReason.EOS)
         self.token_ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
             self.top_logprobs.append(top)
-        if self.text is None:
-            return ""
-        piece = self.text.push(token)
-        if self.text.stopped:
-            self.finish_reason = "stop"
-        return piece
+        piece = self.text.push(token) if self.text is not None else ""
+        if self.text is not None and self.text.stopped:
+            self.finish_reason = FinishReason.STOP
+        elif self.steps >= self.config.max_new_tokens:
+            piece += self._finish(FinishReason.LENGTH)
+        return TokenChoice(token, piece, logprob, top, self.finish_reason)
 
-    def finish(self, reason: str) -> str:
+    def _finish(self, reason: FinishReason) -> str:
+        """End the sequence; the text held back until now (an unfinished character, a partial stop string)."""
         self.finish_reason = reason
         return self.text.finish() if self.text is not None else ""
 
     def result(self) -> Completion:
         return Completion(token_ids=self.token_ids, text=self.text.text if self.text is not None else "",
-                          finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt_ids),
+                          finish_reason=self.finish_reason or FinishReason.LENGTH, prompt_tokens=len(self.prompt_ids),
                           logprobs=self.logprobs, top_logprobs=self.top_logprobs)
 
 
-def _decode(model: GPT, rows: list[_Row], config: GenerateConfig, eos_id: Optional[int]) -> Iterator[list[str]]:
-    """Greedy or sampled decoding of ``rows``; after each step, yield the text each row gained."""
+class Decoder:
+    """Chooses and records the next token of many sequences, each under its own parameters, from one forward
+    over all of them. The caller owns the batch layout (a :class:`~gptforge.generate.batch.PromptBatch`, or
+    the server's continuous batch) and runs :meth:`forward` on it; :meth:`step` does the rest."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.screened = screened(model)
+        """Whether the forward stops at the final hidden states (a screened LM head chooses from them)."""
+
+    def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The model on ``idx`` (B, T) (``kwargs``: kv_cache, attention_mask, position_ids), up to what
+        :meth:`step` takes, at the last position: final hidden states (B, C) under a screened LM head, else
+        logits (B, V)."""
+        if self.screened:
+            return self.model.hidden_states(idx, **kwargs)[:, -1]
+        return self.model(idx, last_only=True, **kwargs)[:, -1]
+
+    def step(self, states: Sequence[SequenceState], out: torch.Tensor) -> list[Optional[TokenChoice]]:
+        """Choose, record and return each unfinished sequence's next token (None for a finished one) from
+        ``out``, the forward's last position for each of ``states`` (see :meth:`forward`)."""
+        active = [i for i, state in enumerate(states) if not state.done]
+        rows = list(states) if len(active) == len(states) else [states[i] for i in active]
+        if len(active) != len(states):
+            out = out[active]
+        tokens, logits, logit_rows = next_tokens(self.model, rows, out)
+        token_list = tokens.tolist()
+        logprobs = _logprobs(rows, tokens, logits, logit_rows)
+        choices: list[Optional[TokenChoice]] = [None] * len(states)
+        for j, (i, state) in enumerate(zip(active, rows)):
+            if state.history.tracking:
+                state.history.append(tokens[j:j + 1], token_list[j:j + 1])
+            choices[i] = state.add(token_list[j], *logprobs[j])
+        return choices
+
+
+def _logprobs(rows: list[SequenceState], tokens: torch.Tensor, logits: Optional[torch.Tensor],
+              logit_rows: list[int]) -> list[tuple[Optional[float], Optional[list[tuple[int, float]]]]]:
+    """Each row's (log-probability, top alternatives) of its chosen token, (None, None) where its config does
+    not ask for them; ``logits`` (r, V) are those of rows ``logit_rows``. Rows asking for as many alternatives
+    are read in one call."""
+    found: list = [(None, None)] * len(rows)
+    groups: dict[int, list[int]] = {}
+    for j, row in enumerate(rows):
+        if row.config.logprobs:
+            groups.setdefault(row.config.logprobs, []).append(j)
+    if not groups:
+        return found
+    where = {j: k for k, j in enumerate(logit_rows)}
+    for top_n, members in groups.items():
+        index = [where[j] for j in members]
+        some = logits if index == list(range(len(logit_rows))) else logits[index]
+        chosen, top_ids, top_logp = token_logprobs(some, tokens if len(members) == len(rows) else tokens[members],
+                                                   top_n)
+        for j, lp, ids, values in zip(members, chosen.tolist(), top_ids.tolist(), top_logp.tolist()):
+            found[j] = (lp, list(zip(ids, values)))
+    return found
+
+
+def _decode(model: GPT, states: list[SequenceState], config: GenerateConfig) -> Iterator[list[str]]:
+    """Decode ``states`` (prompts of one config) together; after each step, yield the text each gained."""
     with decode_session(model):
-        yield from _decode_steps(model, rows, config, eos_id)
+        yield from _decode_steps(model, states, config)
 
 
 @torch.inference_mode()  # as a decorator: the consumer's code between steps runs outside it
-def _decode_steps(model: GPT, rows: list[_Row], config: GenerateConfig,
-                  eos_id: Optional[int]) -> Iterator[list[str]]:
-    batch = PromptBatch(model, [row.prompt_ids for row in rows], config)
-    device = batch.idx.device
-    history = TokenHistory([row.prompt_ids for row in rows], model.config.vocab_size, config, device)
-    generators = make_generators(config.seed, len(rows), device)
-    suppressible_eos = None if config.ignore_eos else eos_id
-    # A screened LM head (prepared CPU float32 models, gptforge.inference.ArgmaxScreen) chooses plain greedy
-    # and plain sampled tokens without forming the logits: the same argmax; draws from the same softmax
-    # (the logits are formed besides only for log-probabilities).
-    screened = "argmax" if batch.screened and argmax_only(config, history) else (
-        "sample" if batch.screened and sample_only(config, history) else None)
-
-    def pick(hidden: torch.Tensor, step: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """(logits if log-probabilities need them, the tokens the screen chooses) from final hidden states."""
-        suppress = suppressible_eos if step < config.min_new_tokens else None
-        logits = model.logits(hidden.unsqueeze(1))[:, 0] if config.logprobs else None
-        if screened == "argmax":
-            return logits, model.greedy_tokens(hidden, suppress)
-        return logits, model.sample_tokens(hidden, config.temperature, generators, suppress)
-
-    logits: Optional[torch.Tensor] = None  # (B, V), when the step needs them
-    chosen: Optional[torch.Tensor] = None  # (B,), when the screen chose
-    if screened:
-        logits, chosen = pick(batch.prefill_hidden(), 0)
-    else:
-        logits = batch.prefill()
-    for step in range(config.max_new_tokens):
-        if chosen is None:
-            scores = process_logits(logits.float(), history, config, step=step, eos_id=suppressible_eos)
-            tokens = choose_tokens(scores, config, generators)  # (B,)
-        else:
-            tokens = chosen
-        token_list = tokens.tolist()
-        pieces = _record(rows, token_list, tokens, logits, config.logprobs)
-        if step + 1 == config.max_new_tokens:
-            pieces = [p + row.finish("length") if not row.done else p for p, row in zip(pieces, rows)]
-        yield pieces
-        if all(row.done for row in rows):
+def _decode_steps(model: GPT, states: list[SequenceState], config: GenerateConfig) -> Iterator[list[str]]:
+    batch = PromptBatch(model, [state.prompt_ids for state in states], config)
+    decoder = Decoder(model)
+    # Under a screened LM head the steps stop at the final hidden states, from which the sampler forms the
+    # logits only for the rows that need them.
+    out = batch.prefill_hidden() if decoder.screened else batch.prefill()
+    while True:
+        choices = decoder.step(states, out)
+        yield [choice.text if choice is not None else "" for choice in choices]
+        if all(state.done for state in states):
             return
-        history.append(tokens, token_list)
-        if screened:
-            logits, chosen = pick(batch.decode_hidden(tokens), step + 1)
-        else:
-            logits = batch.decode(tokens)
-
-
-def _record(rows: list[_Row], token_list: list[int], tokens: torch.Tensor, logits: torch.Tensor,
-            top_n: int) -> list[str]:
-    """Hand each unfinished row its token (and log-probabilities); the text each row gained."""
-    chosen: list = [None] * len(rows)
-    tops: list = [None] * len(rows)
-    if top_n:
-        logp, top_ids, top_logp = token_logprobs(logits, tokens, top_n)
-        chosen = logp.tolist()
-        tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_logp.tolist())]
-    return [row.add(t, lp, top) if not row.done else ""
-            for row, t, lp, top in zip(rows, token_list, chosen, tops)]
+        # A finished row's input no longer matters (no row's result depends on another's).
+        tokens = torch.tensor([choice.token_id if choice is not None else 0 for choice in choices],
+                              dtype=torch.long, device=batch.idx.device)
+        out = batch.decode_hidden(tokens) if decoder.screened else batch.decode(tokens)

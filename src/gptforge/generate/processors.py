@@ -147,6 +147,11 @@ class TokenHistory:
         if config.no_repeat_ngram_size:
             self.ngrams = [NGramTable(config.no_repeat_ngram_size, ids) for ids in rows_ids]
 
+    @property
+    def tracking(self) -> bool:
+        """Whether a penalty or ban reads this history (else appending to it does nothing)."""
+        return self.seen is not None or self.counts is not None or self.ngrams is not None
+
     def append(self, tokens: torch.Tensor, token_list: Sequence[int]) -> None:
         """Record one new token per row: ``tokens`` (B,) on the model's device, the same as a list."""
         column = tokens.unsqueeze(1)  # (B, 1)
@@ -176,19 +181,18 @@ class TokenHistory:
 def argmax_only(config: GenerateConfig, history: TokenHistory) -> bool:
     """Whether the next token under ``config`` is the logits' plain argmax: greedy, no log-probabilities,
     and no penalty or ban in ``history`` (end-of-text before ``min_new_tokens`` aside: the caller's to
-    exclude). What lets a screened LM head skip the logits (gptforge.inference.ArgmaxScreen)."""
-    return (config.temperature == 0 and not config.logprobs and history.seen is None and history.counts is None
-            and history.ngrams is None)
+    exclude). What lets a screened LM head skip the logits (see gptforge.generate.sampler)."""
+    return config.temperature == 0 and not config.logprobs and not history.tracking
 
 
 def sample_only(config: GenerateConfig, history: TokenHistory) -> bool:
     """Whether the next token under ``config`` is a plain draw from ``softmax(logits / temperature)``: sampling
     without top-k, top-p or min-p, penalties or bans (end-of-text before ``min_new_tokens`` aside: the
-    caller's to pass on). A screened LM head draws such tokens without the logits
-    (gptforge.inference.ArgmaxScreen.sample), and always so, log-probabilities or not (they are read from
+    caller's to pass on). A screened LM head draws such tokens without the logits (see
+    gptforge.generate.sampler), and always so, log-probabilities or not (they are read from
     the logits besides), so that asking for them never changes which tokens a seed gives."""
     return (config.temperature > 0 and config.top_k is None and (config.top_p is None or config.top_p >= 1.0)
-            and not config.min_p and history.seen is None and history.counts is None and history.ngrams is None)
+            and not config.min_p and not history.tracking)
 
 
 def process_logits(logits: torch.Tensor, history: TokenHistory, config: GenerateConfig, *, step: int,

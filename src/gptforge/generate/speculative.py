@@ -27,7 +27,9 @@ import torch
 from ..config import GenerateConfig
 from ..errors import ConfigError
 from ..model import GPT
-from .sampling import filter_logits, sample
+from .batch import FinishReason
+from .engine import SequenceState
+from .sampler import greedy_tokens, logits_to_probs, sample
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,8 @@ def speculative_generate(
     (forward passes, prompt prefill included), ``new_tokens``. Sampling draws come from ``generator``
     (on the target's device) when given, else from torch's global RNG.
     """
-    GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p).validate()
+    config = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    config.validate()
     if num_draft_tokens < 1:
         raise ConfigError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
     if len(prompt_ids) == 0:
@@ -79,11 +82,12 @@ def speculative_generate(
     greedy = temperature == 0
 
     def probs(logits: torch.Tensor) -> torch.Tensor:  # (..., V) → the distribution sampling draws from
-        return filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(-1)
+        return logits_to_probs(logits, config)
 
     def ids(tokens: Sequence[int], device: torch.device) -> torch.Tensor:
         return torch.tensor([list(tokens)], dtype=torch.long, device=device)  # (1, T)
 
+    state = SequenceState(prompt_ids, config, target, eos_id=eos_id)  # the output, and when it ends
     seq = list(prompt_ids)
     total = len(seq) + max_new_tokens
     t_cache = target.new_kv_cache(1, total)
@@ -95,11 +99,9 @@ def speculative_generate(
         stats["target_forwards"] += 1
         stats["draft_forwards"] += 1
 
-    new: list[int] = []
-    finished = False
-    while not finished and len(new) < max_new_tokens:
+    while not state.done:
         # A round yields at most k + 1 tokens, so k never overshoots max_new_tokens (nor the context).
-        k = min(num_draft_tokens, max_new_tokens - len(new) - 1)
+        k = min(num_draft_tokens, max_new_tokens - state.steps - 1)
         proposals: list[int] = []
         q_rows: list[torch.Tensor] = []
         step = ids(seq[d_cache.length:], d_device)  # the draft's first step also catches its cache up
@@ -130,25 +132,25 @@ def speculative_generate(
         stats["accepted"] += n_ok
 
         for token in kept:
-            if eos_id is not None and token == eos_id:
-                finished = True
+            if state.add(token).finish_reason is FinishReason.EOS:
                 break
             seq.append(token)
-            new.append(token)
+            if state.done:
+                break
         # Keep what both caches computed for tokens that stayed: seq[:n_before + n_ok].
         t_cache.truncate(n_before + n_ok)
         d_cache.truncate(min(d_cache.length, n_before + n_ok))
 
-    stats["new_tokens"] = len(new)
+    stats["new_tokens"] = len(state.token_ids)
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
     log.debug("speculative decoding: %s", stats)
-    return new, stats
+    return state.token_ids, stats
 
 
 def _greedy(model: GPT, idx: torch.Tensor, cache) -> list[int]:
     """Feed ``idx`` (1, T) through ``model`` on ``cache``; the argmax token at each of the T positions
     (through a prepared LM head's argmax screen when it has one: the same tokens, a quarter of its bytes)."""
-    return model.greedy_tokens(model.hidden_states(idx, kv_cache=cache)[0]).tolist()
+    return greedy_tokens(model, model.hidden_states(idx, kv_cache=cache)[0]).tolist()
 
 
 def _draw(weights: torch.Tensor, generator: Optional[torch.Generator]) -> int:

@@ -6,7 +6,7 @@ Shapes: B batch, T new tokens, S keys attended to (cached + new), C = n_embd, H 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .kv_cache import KVCache
-from .sampling import sample
 
 
 class Attention(nn.Module):
@@ -239,44 +238,6 @@ class GPT(nn.Module):
             return logits.reshape(*x.shape[:-1], -1)
         return head(x)
 
-    def greedy_tokens(self, x: torch.Tensor, suppress: Optional[int] = None) -> torch.Tensor:
-        """The most likely next token of each row, (B,), from final hidden states ``x`` (B, C): the first
-        argmax of the LM head's logits, with ``suppress`` (a token id, or None) excluded. A head with an
-        argmax screen (gptforge.inference.ArgmaxScreen, set up by ``prepare_for_inference``) gives the same
-        tokens while reading a quarter of the head's bytes."""
-        if getattr(self.lm_head, "screened", False):
-            return self.lm_head.argmax(x, suppress)
-        logits = self.logits(x.unsqueeze(1))[:, 0]
-        if suppress is not None:
-            logits[:, suppress] = float("-inf")
-        return logits.argmax(dim=-1)
-
-    def sample_tokens(self, x: torch.Tensor, temperature: float | Sequence[float],
-                      generators: Optional[Sequence[Optional[torch.Generator]]] = None,
-                      suppress: Optional[int] | Sequence[Optional[int]] = None) -> torch.Tensor:
-        """Each row's next token drawn from ``softmax(logits / temperature)``, (B,), from final hidden states
-        ``x`` (B, C). ``temperature`` (> 0) and ``suppress`` (a token id a row must not draw, or None) are
-        one value for all rows or one a row; ``generators``: one a row (None: the global generator), each
-        giving one 63-bit seed per call, from which the row's draw follows (its tokens do not depend on
-        the other rows). A head with an argmax screen (``prepare_for_inference``) draws without forming the
-        logits (:meth:`gptforge.inference.ArgmaxScreen.sample`: the same distribution)."""
-        B = x.shape[0]
-        temps = [float(temperature)] * B if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
-        bans = [suppress] * B if suppress is None or isinstance(suppress, int) else list(suppress)
-        gens = [None] * B if generators is None else list(generators)
-        if len(temps) != B or len(bans) != B or len(gens) != B:
-            raise ValueError(f"temperature, suppress and generators need one value per row ({B})")
-        if not all(t > 0 and math.isfinite(t) for t in temps):
-            raise ValueError(f"sampling needs finite temperatures > 0 (0 is greedy: greedy_tokens), got {temps}")
-        seeds = torch.cat([torch.randint(0, 2 ** 63 - 1, (1,), generator=g, device=g.device if g is not None else "cpu")
-                           .cpu() for g in gens])
-        t = torch.tensor(temps, dtype=torch.float64)
-        banned = torch.tensor([-1 if b is None else b for b in bans], dtype=torch.long)
-        head = self.lm_head
-        if getattr(head, "screened", False):
-            return head.sample(x, t, seeds, banned).to(x.device)
-        return draw_from_logits(self.logits(x.unsqueeze(1))[:, 0], t, seeds, banned).to(x.device)
-
     @staticmethod
     def _attention_mask(B, T, start, attention_mask, cached, device) -> Optional[torch.Tensor]:
         if attention_mask is None and (not cached or T == 1 or start == 0):
@@ -314,15 +275,3 @@ class GPT(nn.Module):
         c = self.config
         T = context or c.block_size
         return 6 * self.num_parameters(exclude_positions=True) + 12 * c.n_layer * c.n_head * c.head_dim * T
-
-
-def draw_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                     suppress: torch.Tensor) -> torch.Tensor:
-    """One draw a row from ``softmax(logits / temperature)``, (B,), with ``suppress[r]`` (>= 0) excluded, each
-    row with a generator seeded by ``seeds[r]`` (the way :meth:`GPT.sample_tokens` draws from logits)."""
-    logits = logits.float() / temperature.to(logits.device, torch.float32).unsqueeze(1)
-    banned = suppress.to(logits.device)
-    keep = banned >= 0
-    logits[torch.arange(logits.shape[0], device=logits.device)[keep], banned[keep]] = float("-inf")
-    generators = [torch.Generator(device=logits.device).manual_seed(int(seed)) for seed in seeds.tolist()]
-    return sample(logits.softmax(-1), generators)

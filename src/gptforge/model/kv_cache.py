@@ -27,6 +27,20 @@ class KVCache:
         self.max_length = max_length
         self.length = 0
 
+    def view(self, rows: slice, start: int = 0, length: Optional[int] = None,
+             row_starts: Optional[list[int]] = None) -> "KVCache":
+        """A cache over batch ``rows`` of this one and its columns from ``start`` on, holding ``length``
+        filled positions (default: all filled from ``start``), with ``row_starts`` for ragged decoding. It
+        shares the storage, so the model's writes through it land here (a server keeps one big cache and
+        decodes each step through a view of the rows and columns in use); this cache's own length is left
+        as it is."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, rows, :, start:], self.v[:, rows, :, start:]
+        view.max_length = self.max_length - start
+        view.length = self.length - start if length is None else length
+        view.row_starts = row_starts
+        return view
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]

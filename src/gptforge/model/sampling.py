@@ -1,6 +1,10 @@
-"""Drawing tokens from probabilities: the inverse-CDF sampler that decoding uses everywhere (re-exported by
-:mod:`gptforge.generate.sampling`), here so that the model's own decode helpers
-(:meth:`gptforge.model.GPT.sample_tokens`) can draw too."""
+"""The draw itself: inverse-CDF sampling from probabilities, and a seeded draw from logits.
+
+:mod:`gptforge.generate.sampler` is the one place that turns logits (or a screened LM head) into tokens and
+re-exports these two; they sit here, below every layer that draws, because a prepared LM head's screen
+(:mod:`gptforge.backends.cpu.screen`) falls back to :func:`draw_from_logits` for the rows it cannot settle and may not
+import :mod:`gptforge.generate`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["sample"]
+__all__ = ["draw_from_logits", "sample"]
 
 
 def sample(probs: torch.Tensor, generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
@@ -31,3 +35,16 @@ def sample(probs: torch.Tensor, generators: Optional[Sequence[torch.Generator]] 
         last = V - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
         tokens = torch.where(zero, last, tokens)
     return tokens
+
+
+def draw_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                     suppress: torch.Tensor) -> torch.Tensor:
+    """One draw a row from ``softmax(logits / temperature)``, (B,), with ``suppress[r]`` (>= 0) excluded, each
+    row with a generator seeded by ``seeds[r]`` (how :func:`gptforge.generate.sampler.sample_tokens` draws
+    from logits)."""
+    logits = logits.float() / temperature.to(logits.device, torch.float32).unsqueeze(1)
+    banned = suppress.to(logits.device)
+    keep = banned >= 0
+    logits[torch.arange(logits.shape[0], device=logits.device)[keep], banned[keep]] = float("-inf")
+    generators = [torch.Generator(device=logits.device).manual_seed(int(seed)) for seed in seeds.tolist()]
+    return sample(logits.softmax(-1), generators)

@@ -14,7 +14,6 @@ import torch.nn as nn
 from gptforge.config import GenerateConfig, ModelConfig
 from gptforge.errors import ConfigError
 from gptforge.generate import generate_ids
-from gptforge.generate.batch import PromptBatch
 from gptforge.backends import prepare_for_inference
 from gptforge.backends.cpu import ArgmaxScreen, PackedLinear, amx_available, panel_available
 from gptforge.model import GPT
@@ -171,8 +170,8 @@ def test_prepare_for_inference_screens_the_tied_head_and_greedy_tokens_are_uncha
     assert set(screened.state_dict()) == set(plain.state_dict())
     prompts = [[5, 17, 2], [9, 8, 7, 6, 5, 4, 3], [60]]
     calls = []
-    original = screened.greedy_tokens
-    screened.greedy_tokens = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = screened.lm_head.argmax
+    screened.lm_head.argmax = lambda *a, **k: calls.append(1) or original(*a, **k)
     for config in (GenerateConfig(max_new_tokens=40, temperature=0.0),
                    GenerateConfig(max_new_tokens=40, min_new_tokens=20, temperature=0.0)):
         want = [c[0].token_ids for c in generate_ids(plain, prompts, config, eos_id=1)]
@@ -188,19 +187,6 @@ def test_prepare_for_inference_screens_the_tied_head_and_greedy_tokens_are_uncha
         want = generate_ids(unscreened, prompts, config)
         assert [c[0].token_ids for c in got] == [c[0].token_ids for c in want]
     assert not calls
-
-
-@torch.no_grad()
-def test_greedy_tokens_without_a_screen_is_the_logits_argmax():
-    model = gpt(1)
-    batch = PromptBatch(model, [[3, 4, 5]], GenerateConfig(max_new_tokens=4, temperature=0.0))
-    assert not batch.screened
-    hidden = model.hidden_states(torch.tensor([[3, 4, 5]]))[:, -1]
-    logits = model.lm_head(hidden)
-    assert torch.equal(model.greedy_tokens(hidden), logits.argmax(-1))
-    best = int(logits.argmax(-1))
-    logits[:, best] = float("-inf")
-    assert torch.equal(model.greedy_tokens(hidden, suppress=best), logits.argmax(-1))
 
 
 @pytest.mark.usefixtures("needs_amx")
@@ -322,8 +308,8 @@ def test_engine_samples_through_the_screen_reproducibly(monkeypatch):
     plain = gpt(3)
     screened = prepare_for_inference(copy.deepcopy(plain))
     calls = []
-    original = GPT.sample_tokens
-    monkeypatch.setattr(GPT, "sample_tokens", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = PackedLinear.sample
+    monkeypatch.setattr(PackedLinear, "sample", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     prompts = [[5, 17, 2], [9, 8, 7, 6, 5, 4, 3]]
     config = GenerateConfig(max_new_tokens=30, temperature=0.9, seed=5, num_return_sequences=3)
     first = generate_ids(screened, prompts, config, eos_id=1)
@@ -345,20 +331,3 @@ def test_engine_samples_through_the_screen_reproducibly(monkeypatch):
     calls.clear()
     generate_ids(screened, prompts, GenerateConfig(max_new_tokens=5, temperature=0.9, top_p=0.9, seed=5))
     assert not calls
-
-
-@torch.no_grad()
-def test_sample_tokens_without_a_screen_samples_the_logits():
-    model = gpt(2)
-    hidden = model.hidden_states(torch.tensor([[3, 4, 5]]))[:, -1].repeat(4, 1)
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1, 3)]
-    a = model.sample_tokens(hidden, 1.0, gens)
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1, 3)]
-    assert torch.equal(a, model.sample_tokens(hidden, [1.0] * 4, gens)) and a[0] == a[2]
-    best = int(model.lm_head(hidden[:1]).argmax())
-    cold = model.sample_tokens(hidden, 0.01, None, suppress=best)
-    assert not bool((cold == best).any())
-    with pytest.raises(ValueError):
-        model.sample_tokens(hidden, [1.0, 1.0])
-    with pytest.raises(ValueError, match="temperatures > 0"):
-        model.sample_tokens(hidden, 0.0)

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import ConfigError
-from ...model.gpt import draw_from_logits
+from ...model.sampling import draw_from_logits
 from .layouts import pack_panels, unpack_panels
 from .ops import onednn_linear_kernel, panel_available, panel_linear_kernel
 from .screen import ArgmaxScreen

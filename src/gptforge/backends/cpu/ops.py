@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ...model.gpt import draw_from_logits
+from ...model.sampling import draw_from_logits
 from .build import enabled, load
 from .layouts import unpack_amx, unpack_panels
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ...errors import ConfigError
-from ...model.gpt import draw_from_logits
+from ...model.sampling import draw_from_logits
 from .layouts import AMX_MAX_INPUTS, AMX_STRIP, PANEL, pack_amx, pack_panels, quantize_weight, unpack_panels
 from .ops import amx_available, amx_int8_linear_kernel, native_op, panel_int8_linear_kernel
 

@@ -17,9 +17,15 @@ from ..model import GPT
 log = logging.getLogger(__name__)
 
 
-class FinishReason(enum.StrEnum):
+class FinishReason(str, enum.Enum):
     """Why a sequence ended: the one vocabulary of the engine, beam search and the server's scheduler (the
-    server reports OpenAI's names, where an end-of-text token is "stop" too). Members are strings."""
+    server reports OpenAI's names, where an end-of-text token is "stop" too). Members are strings, and
+    print as their values (``enum.StrEnum`` would do this, but needs Python 3.11)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
     EOS = "eos"
     """The end-of-text token came."""

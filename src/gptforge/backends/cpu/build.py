@@ -7,7 +7,7 @@ large as the matrix products (see benchmarks/README.md, "Decoding").
 
 The extension is built with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja; the
 ``ninja`` package is a dependency; OpenMP, which GCC has, for the threads) the first time a layer asks for
-it, once per checkout, venv and source (:func:`build_directory` has the whole key): a minute or two on 2
+it, once per checkout, venv and source (:func:`build_directory` has the whole key): about 40 s on 2
 cores, cached in ``$GPTFORGE_NATIVE_DIR`` (default ``~/.cache/gptforge/native``); a build says so in one
 line. If the build or the import fails, one
 warning says why and every layer keeps its Python path. ``GPTFORGE_NATIVE=0`` skips the kernels
@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = sorted(CSRC.glob("*.cpp"))  # what is compiled; the key also reads the headers beside them
+SOURCES = [CSRC / "extension.cpp"]  # one translation unit that includes each concern's file (see it)
 _ABI = 9  # must equal m.attr("ABI") in csrc/bindings.cpp
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded extension or None once tried
@@ -51,9 +51,10 @@ def _as_sources(sources: Optional[Path | Sequence[Path]]) -> list[Path]:
 
 
 def _inputs(sources: list[Path]) -> list[Path]:
-    """The sources and the headers beside them: every file whose change changes the binary."""
-    headers = {h for folder in {s.parent for s in sources} for h in folder.glob("*.h")}
-    return sorted(set(sources) | headers)
+    """The sources and the C++ files beside them (the headers and the files a source includes): every file
+    whose change changes the binary."""
+    beside = {f for folder in {s.parent for s in sources} for pattern in ("*.h", "*.cpp") for f in folder.glob(pattern)}
+    return sorted(set(sources) | beside)
 
 
 def _ninja() -> Optional[str]:
@@ -82,6 +83,8 @@ def build_directory(sources: Optional[Path | Sequence[Path]] = None) -> Path:
     sources = _as_sources(sources)
     root = Path(os.environ.get("GPTFORGE_NATIVE_DIR") or Path.home() / ".cache" / "gptforge" / "native")
     key = hashlib.sha256()
+    for path in sources:  # which files are compiled (the files beside them may be included)
+        key.update(str(path.resolve()).encode() + b"\0")
     for path in _inputs(sources):
         key.update(str(path.resolve()).encode() + b"\0" + path.read_bytes() + b"\0")
     compiler = os.environ.get("CXX") or "c++"
@@ -119,7 +122,7 @@ def build(sources: Optional[Path | Sequence[Path]] = None, directory: Optional[P
     with _build_lock(directory):
         cached = _up_to_date(directory, name, sources)
         if not cached:
-            log.warning("building gptforge's native CPU kernels, about 2 min on 2 cores, once per checkout, venv "
+            log.warning("building gptforge's native CPU kernels, about 40 s on 2 cores, once per checkout, venv "
                         "and source (in %s)", directory)
         module = cpp_extension.load(name=name, sources=[str(s) for s in sources], build_directory=str(directory),
                                     extra_cflags=_compile_flags(), extra_ldflags=_link_flags(), verbose=False)

@@ -23,10 +23,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .config import ModelConfig, config_from_dict
+from .backends import prepare_for_inference
+from .config import InferenceConfig, ModelConfig, config_from_dict
 from .convert import download_from_hub, export_hf, is_hf_folder, load_hf_folder
 from .errors import CheckpointError
 from .fsutil import check_output_dir, fsync_dir, fsync_file, publish_folder
+from .runtime import inference_dtype, resolve_device
 from .heads import TaskModel, head_state_dict, load_head
 from .model import GPT
 from .peft import load_peft
@@ -388,6 +390,19 @@ def load_pretrained(source: str | Path, *, device: str | torch.device = "cpu",
         return load_checkpoint(path, device=device, dtype=dtype)
     return load_hf_folder(path, device=device, dtype=dtype)
 
+
+
+def load_for_inference(config: InferenceConfig, *, task: bool = False) -> Checkpoint:
+    """``config.checkpoint`` on ``config.device`` in ``config.dtype``, made inference-only with
+    :func:`~gptforge.backends.prepare_for_inference` (int8 if asked, prepacked CPU float32 linears, the KV
+    cache dtype): the one loader of `generate`, `chat` and the server, so that they all round alike.
+    ``task``: load with :func:`load_task_checkpoint` (a classifier too), else :func:`load_pretrained`."""
+    device = resolve_device(config.device)
+    load = load_task_checkpoint if task else load_pretrained
+    ckpt = load(config.checkpoint, device=device, dtype=inference_dtype(config.dtype, device))
+    prepare_for_inference(ckpt.model, quantize=config.quantize, prepack=config.prepack,
+                          kv_cache_dtype=config.kv_cache_dtype)
+    return ckpt
 
 # --------------------------------------------------------------------------------------------------
 # The library calls behind `gptforge convert`

@@ -373,18 +373,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _load_for_inference(config: InferenceConfig):
-    """Load a checkpoint and make it inference-only: int8 if asked, prepacked CPU float32 linears, the
-    KV cache dtype."""
-    from .backends import prepare_for_inference
-    from .checkpoint import load_pretrained
-    from .runtime import inference_dtype, resolve_device
+    from .checkpoint import load_for_inference
 
-    dev = resolve_device(config.device)
-    ckpt = load_pretrained(config.checkpoint, device=dev, dtype=inference_dtype(config.dtype, dev))
-    # The general weight layout everywhere, so that `generate`, `chat` and the server round alike.
-    prepare_for_inference(ckpt.model, quantize=config.quantize, prepack=config.prepack,
-                          kv_cache_dtype=config.kv_cache_dtype)
-    return ckpt
+    return load_for_inference(config)
 
 
 # --------------------------------------------------------------------------------------------------

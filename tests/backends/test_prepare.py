@@ -375,10 +375,11 @@ def tiny_checkpoint(tmp_path) -> Path:
 
 @pytest.fixture()
 def prepared_models(monkeypatch):
-    """Record every model the CLI prepares, and the kinds of its linear layers afterwards."""
-    import gptforge.backends as backends
+    """Record every model the CLI prepares (through gptforge.checkpoint.load_for_inference, its one loader),
+    and the kinds of its linear layers afterwards."""
+    import gptforge.checkpoint as checkpoint
 
-    real = backends.prepare_for_inference
+    real = checkpoint.prepare_for_inference
     seen = []
 
     def spy(model, *, quantize=None, prepack=True, kv_cache_dtype=None):
@@ -388,7 +389,7 @@ def prepared_models(monkeypatch):
                                if isinstance(m, (nn.Linear, PackedLinear, Int8Linear))}})
         return out
 
-    monkeypatch.setattr(backends, "prepare_for_inference", spy)
+    monkeypatch.setattr(checkpoint, "prepare_for_inference", spy)
     return seen
 
 

@@ -195,15 +195,9 @@ def _too_large(limit: int) -> ApiError:
 # --------------------------------------------------------------------------------------------------
 def load_served_checkpoint(config: ServeConfig):
     """The checkpoint to serve, on the configured device: a language model, or a classifier."""
-    from ..checkpoint import load_task_checkpoint
-    from ..backends import prepare_for_inference
-    from ..runtime import inference_dtype, resolve_device
+    from ..checkpoint import load_for_inference
 
-    device = resolve_device(config.device)
-    checkpoint = load_task_checkpoint(config.checkpoint, device=device, dtype=inference_dtype(config.dtype, device))
-    prepare_for_inference(checkpoint.model, quantize=config.quantize, prepack=config.prepack,
-                          kv_cache_dtype=config.kv_cache_dtype)
-    return checkpoint
+    return load_for_inference(config, task=True)
 
 
 def create_app(config: ServeConfig, checkpoint=None) -> FastAPI:

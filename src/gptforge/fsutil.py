@@ -7,6 +7,7 @@ moment leaves either the previous folder or the complete new one, never a half-w
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +33,18 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinities) replaced by None, so that it serialises as
+    strict JSON (``json.dumps(..., allow_nan=False)`` accepts it). Walks dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

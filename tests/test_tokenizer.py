@@ -10,13 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptforge.errors import ConfigError, DataError
+from gptforge.errors import ConfigError, DataError, GptforgeError, InvalidTextError
 from gptforge.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
     EOS_TOKEN,
     BPETokenizer,
     CharTokenizer,
     IncrementalDecoder,
+    check_text,
     iter_pieces,
     load_tokenizer,
     render_chat,
@@ -171,6 +172,35 @@ def test_gpt2_vocab_and_merges(tmp_path):
     assert tok.vocab_size == len(GPT2_VOCAB)
     # The end-of-text marker is one special token, not spelled out from the merges.
     assert tok.encode(f"hello{EOS_TOKEN}") == tok.encode("hello") + [GPT2_VOCAB[EOS_TOKEN]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("\udcff", "the text holds a lone surrogate U+DCFF at character 0 (as Python reads the byte 0xff of input that "
+                "is not UTF-8), which is not valid Unicode and cannot be tokenized"),
+    ("ROMEO: \udc80!", "the text holds a lone surrogate U+DC80 at character 7 (as Python reads the byte 0x80 of "
+                        "input that is not UTF-8), which is not valid Unicode and cannot be tokenized"),
+    ("é\ud800", "the text holds a lone surrogate U+D800 at character 1, which is not valid Unicode and cannot be "
+                "tokenized"),
+    ("😀\udfff", "the text holds a lone surrogate U+DFFF at character 1,"),
+])
+@pytest.mark.parametrize("kind", ["bpe", "char", "gpt2-files"])
+def test_every_tokenizer_refuses_lone_surrogates_with_one_sentence(kind, text, message, tmp_path):
+    if kind == "gpt2-files":
+        _write_gpt2_files(tmp_path)
+        tok = load_tokenizer(tmp_path)
+    else:
+        tok = bpe() if kind == "bpe" else char()
+    for encode in (tok.encode, lambda t: tok.encode_batch(["fine", t])[1]):
+        with pytest.raises(InvalidTextError) as err:
+            encode(text)
+        assert isinstance(err.value, GptforgeError) and str(err.value).startswith(message)
+        assert err.value.position == next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+
+
+def test_check_text_names_the_text_and_passes_valid_text_through():
+    assert check_text("naïve 😀") == "naïve 😀"
+    with pytest.raises(InvalidTextError, match=r"^--prompt holds a lone surrogate U\+DCFE at character 2 "):
+        check_text("ab\udcfe", "--prompt")
 
 
 def test_gpt2_files_survive_save_and_load(tmp_path):

@@ -20,3 +20,13 @@ class DataError(GptforgeError):
 
 class CheckpointError(GptforgeError):
     """A missing, incomplete or incompatible checkpoint."""
+
+
+class InvalidTextError(DataError, ValueError):
+    """Text that is not valid Unicode: a lone surrogate, such as Python makes of bytes that are not UTF-8
+    (command-line arguments, ``surrogateescape`` streams) or a JSON ``"\\ud800"`` escape. ``position`` is the
+    index of the first bad character."""
+
+    def __init__(self, message: str, position: int = 0):
+        super().__init__(message)
+        self.position = position

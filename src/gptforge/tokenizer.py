@@ -5,8 +5,11 @@
 - :class:`CharTokenizer`: one id per character seen in the corpus, with a UTF-8 byte fallback so that
   characters never seen still encode (and decode back) exactly.
 
-Both give back any Unicode text exactly: ``decode(encode(text)) == text``. A tokenizer is saved inside
-every checkpoint and every prepared-data folder; its :attr:`fingerprint` tells whether two of them agree.
+Both give back any Unicode text exactly: ``decode(encode(text)) == text``. Text that is not valid Unicode
+(a lone surrogate, which is what Python makes of bytes that are not UTF-8 in command-line arguments) is
+refused by every tokenizer's ``encode`` with one :class:`~gptforge.errors.InvalidTextError`
+(:func:`check_text`). A tokenizer is saved inside every checkpoint and every prepared-data folder; its
+:attr:`fingerprint` tells whether two of them agree.
 
 Chat templates live here too (:data:`DEFAULT_CHAT_TEMPLATE`, :func:`render_chat`,
 :func:`encode_chat_prompt`): fine-tuning data, the chat command and the server all turn messages into
@@ -22,23 +25,48 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, InvalidTextError
 
 EOS_TOKEN = "<|endoftext|>"
 CHAR_FILE = "char_tokenizer.json"
 BPE_FILE = "tokenizer.json"
 
 
+def check_text(text: str, what: str = "the text") -> str:
+    """``text`` if it is valid Unicode; else :class:`~gptforge.errors.InvalidTextError` naming the first lone
+    surrogate (and, for one that stands for a byte of input that was not UTF-8, that byte). ``what`` names the
+    text in the message ("the prompt", "--text")."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        cp = ord(text[exc.start])
+        # Python's surrogateescape error handler maps an undecodable byte b to U+DC00 + b (b >= 0x80).
+        byte = f" (as Python reads the byte 0x{cp - 0xDC00:02x} of input that is not UTF-8)" if 0xDC80 <= cp <= 0xDCFF else ""
+        raise InvalidTextError(f"{what} holds a lone surrogate U+{cp:04X} at character {exc.start}{byte}, "
+                               "which is not valid Unicode and cannot be tokenized", exc.start) from None
+    return text
+
+
 class Tokenizer(ABC):
-    """Text ↔ token ids."""
+    """Text ↔ token ids. Every text passes :func:`check_text` before a subclass's ``_encode`` sees it."""
 
     kind: str
 
-    @abstractmethod
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        return self._encode(check_text(text))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
+        return self._encode_batch([check_text(t) for t in texts])
+
+    @abstractmethod
+    def _encode(self, text: str) -> list[int]: ...
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode(t) for t in texts]
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -123,11 +151,11 @@ class BPETokenizer(Tokenizer):
             tok.add_special_tokens([EOS_TOKEN])
         return cls(tok)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -190,13 +218,13 @@ class CharTokenizer(Tokenizer):
             raise DataError(f"cannot read character tokenizer {path}: {exc}") from None
         return cls(chars)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         ids: list[int] = []
         index = self._index
         for ch in text:
             i = index.get(ch)
             if i is None:
-                ids.extend(ch.encode("utf-8", "surrogatepass"))
+                ids.extend(ch.encode("utf-8"))
             else:
                 ids.append(i)
         return ids

@@ -1,6 +1,6 @@
 """A conversation with a loaded model: history, the checkpoint's chat template, streamed replies.
 
-    session = ChatSession(ckpt.model, ckpt.tokenizer, GenerateConfig(max_new_tokens=200),
+    session = ChatSession(ckpt.model, ckpt.tokenizer, GenerateConfig(temperature=0.7),
                           system="You are terse.", template=chat_template_of(ckpt.config))
     for piece in session.send("Capital of France?"):   # text pieces as they are decided
         print(piece, end="")
@@ -8,10 +8,12 @@
 
 Each turn's prompt is the whole conversation (system prompt, earlier user and assistant turns, the new
 user message) rendered with the chat template and followed by the opening of an assistant reply, exactly
-as :func:`~gptforge.tokenizer.encode_chat_prompt` tokenizes chats for fine-tuning. When that prompt
-plus ``max_new_tokens`` no longer fits the model's context, the oldest turns are dropped from the history
-(the system prompt is always kept) and :attr:`ChatSession.dropped_turns` counts them. This module never
-prints: the CLI (``gptforge chat``) decides what a person sees.
+as :func:`~gptforge.tokenizer.encode_chat_prompt` tokenizes chats for fine-tuning. Each turn keeps
+:attr:`ChatSession.reply_tokens` of the model's context for the reply: ``max_new_tokens`` when it is set,
+else half the context (at most 256), and a reply may then use all the room the prompt leaves (at most 256,
+:func:`~gptforge.config.resolve_max_new_tokens`). When the prompt no longer leaves that room, the oldest
+turns are dropped from the history (the system prompt is always kept) and :attr:`ChatSession.dropped_turns`
+counts them. This module never prints: the CLI (``gptforge chat``) decides what a person sees.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import dataclasses
 import logging
 from typing import Any, Iterator, Mapping, Optional
 
-from .config import GenerateConfig
+from .config import DEFAULT_MAX_NEW_TOKENS, GenerateConfig
 from .errors import ConfigError
 from .generate import stream_ids
 from .model import GPT
@@ -54,9 +56,12 @@ class ChatSession:
         """Turns (a user message and its reply) dropped so far to fit the context."""
         self.turns = 0
         encode_chat_prompt(tokenizer, [], template)  # a bad template fails here, not mid-conversation
-        if config.max_new_tokens >= model.config.block_size:
+        block = model.config.block_size
+        if config.max_new_tokens is not None and config.max_new_tokens >= block:
             raise ConfigError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the conversation in "
-                              f"the model's context of {model.config.block_size} tokens; lower it")
+                              f"the model's context of {block} tokens; lower it")
+        self.reply_tokens = config.max_new_tokens or max(1, min(DEFAULT_MAX_NEW_TOKENS, block // 2))
+        """The part of the context each turn keeps for the reply; older turns are dropped to keep it free."""
 
     def messages(self, user_text: Optional[str] = None) -> list[dict[str, str]]:
         """The conversation as chat messages: system prompt, history and (if given) a new user message."""
@@ -66,14 +71,19 @@ class ChatSession:
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """The next turn's prompt, after dropping the oldest turns while it does not fit the context."""
-        budget = self.model.config.block_size - self.config.max_new_tokens
+        block = self.model.config.block_size
+        budget = block - self.reply_tokens
         while True:
             ids = encode_chat_prompt(self.tokenizer, self.messages(user_text), self.template)
             if len(ids) <= budget:
                 return ids
             if not self.history:
+                if self.config.max_new_tokens is None:
+                    raise ConfigError(f"the message ({len(ids)} tokens with the system prompt and chat template) "
+                                      f"does not fit the model's context of {block} tokens with {self.reply_tokens} "
+                                      "tokens kept for the reply; shorten it")
                 raise ConfigError(f"the message ({len(ids)} tokens with the system prompt and chat template) does not "
-                                  f"fit the model's context of {self.model.config.block_size} tokens with "
+                                  f"fit the model's context of {block} tokens with "
                                   f"max_new_tokens {self.config.max_new_tokens}; shorten it or lower max_new_tokens")
             # A turn is a user message and the reply to it; drop both so the history still alternates.
             del self.history[:2]
@@ -86,7 +96,7 @@ class ChatSession:
         A reply abandoned before its end (the iterator closed, or Ctrl-C) leaves the history unchanged.
         """
         ids = self.prompt_ids(user_text)
-        config = self.config
+        config = self.config.for_prompt(len(ids), self.model.config.block_size)
         if config.seed is not None:  # reproducible, yet not the same draw every turn
             config = dataclasses.replace(config, seed=config.seed + self.turns)
         self.turns += 1

@@ -266,8 +266,9 @@ class TrainConfig(OptimizerConfig, LoopConfig):
 class GenerateConfig:
     """Decoding controls shared by the Python API, the CLI and the server."""
 
-    max_new_tokens: int = 200
-    """Most tokens to generate after the prompt."""
+    max_new_tokens: Optional[int] = None
+    """Most tokens to generate after the prompt. Unset: as many as the model's context leaves after the
+    prompt, at most 256."""
     min_new_tokens: int = 0
     """End-of-text is suppressed until this many tokens have been generated."""
     temperature: Optional[float] = None
@@ -310,9 +311,11 @@ class GenerateConfig:
             self.temperature = 0.0 if self.num_beams > 1 else 0.8
 
     def validate(self) -> "GenerateConfig":
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        if self.max_new_tokens is None and self.min_new_tokens < 0:
+            raise ConfigError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.max_new_tokens is not None and not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError(
                 f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
                 f"got {self.min_new_tokens}"
@@ -349,6 +352,17 @@ class GenerateConfig:
             self._validate_beam_search()
         return self
 
+    def for_prompt(self, prompt_tokens: int, context_length: int) -> "GenerateConfig":
+        """This config for a prompt of ``prompt_tokens`` tokens in a context of ``context_length``, with
+        max_new_tokens set (see :func:`resolve_max_new_tokens`) and checked; ConfigError if it does not fit."""
+        max_new = resolve_max_new_tokens(self.max_new_tokens, prompt_tokens, context_length)
+        if self.max_new_tokens is None and self.min_new_tokens > max_new:
+            raise ConfigError(f"min_new_tokens ({self.min_new_tokens}) is more than the {max_new} new tokens the "
+                              f"model's context of {context_length} tokens leaves after the prompt "
+                              f"({prompt_tokens} tokens); shorten the prompt or lower min_new_tokens")
+        config = self if max_new == self.max_new_tokens else dataclasses.replace(self, max_new_tokens=max_new)
+        return config.validate()
+
     def _validate_beam_search(self) -> None:
         if self.temperature > 0:
             raise ConfigError(
@@ -362,6 +376,31 @@ class GenerateConfig:
             raise ConfigError("stop strings are not supported with beam search; use num_beams=1")
 
 
+DEFAULT_MAX_NEW_TOKENS = 256
+"""The most new tokens generated when max_new_tokens is unset (fewer when the context leaves less room)."""
+
+
+def resolve_max_new_tokens(max_new_tokens: Optional[int], prompt_tokens: int, context_length: int) -> int:
+    """The number of new tokens to generate after a prompt of ``prompt_tokens`` tokens in a model's context of
+    ``context_length`` tokens: ``max_new_tokens`` itself when set (ConfigError if the prompt and it do not fit),
+    else what the context leaves, at most :data:`DEFAULT_MAX_NEW_TOKENS` (ConfigError if it leaves none).
+
+    The one place where an unset max_new_tokens gets its value: generation (the CLI, chat, the Python API)
+    and the server call it."""
+    if max_new_tokens is not None:
+        if prompt_tokens + max_new_tokens > context_length:
+            raise ConfigError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) is longer than the model's "
+                f"context of {context_length} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        return max_new_tokens
+    room = context_length - prompt_tokens
+    if room < 1:
+        raise ConfigError(f"the prompt ({prompt_tokens} tokens) leaves no room to generate in the model's context "
+                          f"of {context_length} tokens; shorten the prompt")
+    return min(DEFAULT_MAX_NEW_TOKENS, room)
+
+
 KV_CACHE_DTYPES = ("auto", "bfloat16")
 """Names of the KV cache dtypes (``--kv-cache-dtype``): auto = the weights' dtype."""
 
@@ -371,8 +410,9 @@ INFERENCE_DTYPES = DTYPES
 CHAT_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 """The GenerateConfig fields that `gptforge chat` takes as flags."""
 
-CHAT_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256}
-"""Where `gptforge chat`'s defaults differ from GenerateConfig's: a reply may run longer than a sample."""
+CHAT_DEFAULTS: dict[str, Any] = {}
+"""Where `gptforge chat`'s defaults differ from GenerateConfig's (nowhere now: an unset max_new_tokens fits
+each reply to the context, as it fits a sample)."""
 
 
 @dataclass

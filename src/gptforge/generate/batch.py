@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import GenerateConfig
+from ..config import GenerateConfig, resolve_max_new_tokens
 from ..errors import ConfigError
 from ..model import GPT
 
@@ -63,13 +63,10 @@ class Completion:
         return dataclasses.asdict(self)
 
 
-def check_context(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
-    block = model.config.block_size
-    if prompt_len + max_new_tokens > block:
-        raise ConfigError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) is longer than the model's "
-            f"context of {block} tokens; shorten the prompt or lower max_new_tokens"
-        )
+def check_context(model: GPT, prompt_len: int, max_new_tokens: Optional[int]) -> int:
+    """The new tokens a prompt of ``prompt_len`` tokens gets in the model's context (None: as many as fit, at
+    most DEFAULT_MAX_NEW_TOKENS); ConfigError when they do not fit (:func:`~gptforge.config.resolve_max_new_tokens`)."""
+    return resolve_max_new_tokens(max_new_tokens, prompt_len, model.config.block_size)
 
 
 class PromptBatch:
@@ -85,16 +82,16 @@ class PromptBatch:
             raise ConfigError("every prompt needs at least one token")
         lengths = [len(ids) for ids in rows_ids]
         width = max(lengths)
-        check_context(model, width, config.max_new_tokens)
+        max_new_tokens = check_context(model, width, config.max_new_tokens)
         device = model.wte.weight.device
         self.model = model
         self.forward = _decode_forward(model, config.compile)
-        self.cache = model.new_kv_cache(len(rows_ids), width + config.max_new_tokens)
+        self.cache = model.new_kv_cache(len(rows_ids), width + max_new_tokens)
         self.idx = torch.tensor([[0] * (width - n) + list(ids) for ids, n in zip(rows_ids, lengths)],
                                 dtype=torch.long, device=device)  # (B, width)
         self.attention_mask: Optional[torch.Tensor] = None
         if min(lengths) != width:
-            mask = torch.ones(len(rows_ids), width + config.max_new_tokens, dtype=torch.long, device=device)
+            mask = torch.ones(len(rows_ids), width + max_new_tokens, dtype=torch.long, device=device)
             for row, n in enumerate(lengths):
                 mask[row, :width - n] = 0
             self.attention_mask = mask

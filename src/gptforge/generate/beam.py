@@ -85,6 +85,8 @@ def beam_search(model: GPT, prompts_ids: Sequence[Sequence[int]], config: Genera
                 eos_id: Optional[int] = None, *, tokenizer: Optional[Tokenizer] = None) -> list[list[Completion]]:
     """The ``config.num_return_sequences`` best beams of each prompt, best first."""
     P, K = len(prompts_ids), config.num_beams
+    if config.max_new_tokens is None and prompts_ids:  # as many as the context leaves the longest prompt
+        config = config.for_prompt(max(len(ids) for ids in prompts_ids), model.config.block_size)
     if 2 * K > model.config.vocab_size:
         raise ConfigError(f"num_beams ({K}) must be at most half the vocabulary ({model.config.vocab_size} tokens)")
     rows_ids = [ids for ids in prompts_ids for _ in range(K)]

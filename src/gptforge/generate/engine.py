@@ -64,6 +64,8 @@ def generate_ids(model: GPT, prompts_ids: Sequence[Sequence[int]], config: Gener
     config.validate()
     if config.stop and tokenizer is None:
         raise ConfigError("stop strings need a tokenizer to decode the output; pass tokenizer=")
+    if prompts_ids:  # an unset max_new_tokens: what the longest prompt leaves (an empty prompt fails later)
+        config = config.for_prompt(max(len(ids) for ids in prompts_ids), model.config.block_size)
     if config.num_beams > 1:
         return beam_search(model, prompts_ids, config, eos_id, tokenizer=tokenizer)
     n = config.num_return_sequences
@@ -114,6 +116,7 @@ def stream_ids(model: GPT, tokenizer: Tokenizer, prompt_ids: Sequence[int], conf
         raise ConfigError("streaming is not supported with beam search; use num_beams=1")
     if config.num_return_sequences != 1:
         raise ConfigError("streaming produces one sequence; set num_return_sequences to 1")
+    config = config.for_prompt(len(prompt_ids), model.config.block_size)  # fails here, before any output
     state = SequenceState(prompt_ids, config, model, eos_id=tokenizer.eos_id, tokenizer=tokenizer, seed=config.seed)
     return Stream(state, _decode(model, [state], config))
 
@@ -145,6 +148,8 @@ class SequenceState:
                  eos_id: Optional[int] = None, tokenizer: Optional[Tokenizer] = None, seed: Optional[int] = None):
         device = model.wte.weight.device
         self.prompt_ids = list(prompt_ids)
+        if config.max_new_tokens is None:  # as many as the context leaves this prompt
+            config = config.for_prompt(len(self.prompt_ids), model.config.block_size)
         self.config = config
         self.eos_id = None if config.ignore_eos else eos_id
         self.history = TokenHistory([self.prompt_ids], model.config.vocab_size, config, device)

@@ -50,7 +50,7 @@ def speculative_generate(
     draft: GPT,
     prompt_ids: Sequence[int],
     *,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int] = None,
     num_draft_tokens: int = 4,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
@@ -63,7 +63,8 @@ def speculative_generate(
     Stats: ``drafted`` (proposals made), ``accepted`` (proposals kept), ``acceptance_rate``
     (accepted / drafted, 0.0 when nothing was drafted), ``target_forwards`` and ``draft_forwards``
     (forward passes, prompt prefill included), ``new_tokens``. Sampling draws come from ``generator``
-    (on the target's device) when given, else from torch's global RNG.
+    (on the target's device) when given, else from torch's global RNG. ``max_new_tokens`` None: as many as the
+    models' shared context leaves the prompt, at most 256 (:func:`~gptforge.config.resolve_max_new_tokens`).
     """
     config = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     config.validate()
@@ -72,6 +73,9 @@ def speculative_generate(
     if len(prompt_ids) == 0:
         raise ConfigError("the prompt has no tokens")
     context = check_draft(target, draft)
+    if max_new_tokens is None:  # as many as the shared context leaves the prompt
+        config = config.for_prompt(len(prompt_ids), context)
+        max_new_tokens = config.max_new_tokens
     if len(prompt_ids) + max_new_tokens > context:
         raise ConfigError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) is longer than the "

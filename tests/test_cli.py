@@ -9,8 +9,19 @@ import pytest
 
 from gptforge.checkpoint import COMPLETE_MARKER
 from gptforge.cli import EXIT_USER_ERROR
-from tests.cli_utils import assert_one_line_error, run
+from tests.cli_utils import assert_one_line_error, run, save_tiny_bpe_checkpoint
 from tests.model_utils import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def bpe_checkpoint(tmp_path_factory) -> Path:
+    """A byte-level BPE model with the demo model's 128-token context."""
+    return save_tiny_bpe_checkpoint(tmp_path_factory.mktemp("bpe") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def bpe_classifier(tmp_path_factory) -> Path:
+    return save_tiny_bpe_checkpoint(tmp_path_factory.mktemp("cls") / "ckpt", labels=["neg", "pos"])
 
 
 @pytest.fixture()
@@ -193,7 +204,8 @@ def test_flags_fill_the_config_with_its_own_defaults():
     args, _ = build_parser().parse_known_args(["serve", "--checkpoint", "x"])
     assert config_from_flags(ServeConfig, args) == ServeConfig(checkpoint="x")
     args, _ = build_parser().parse_known_args(["chat", "--checkpoint", "x"])
-    assert config_from_flags(GenerateConfig, args) == GenerateConfig(max_new_tokens=256)
+    assert config_from_flags(GenerateConfig, args) == GenerateConfig()
+    assert GenerateConfig().max_new_tokens is None  # unset: what the context leaves (resolve_max_new_tokens)
 
 
 def test_readme_flag_spellings_parse():
@@ -231,3 +243,103 @@ def test_readme_flag_spellings_parse():
 def test_bad_chat_and_serve_flags(capsys, argv, fragment):
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, fragment)
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 19: text that is not UTF-8, failures that print nothing but their error, defaults that fit the model,
+# and the line that says what was loaded.
+NOT_UTF8 = ("holds a lone surrogate U+DCFF at character 3 (as Python reads the byte 0xff of input that is not UTF-8), "
+            "which is not valid Unicode and cannot be tokenized")
+
+
+def test_prompt_bytes_that_are_not_utf8_are_one_error_line(bpe_checkpoint):
+    # A real process, with the raw byte in argv: Python decodes it with surrogateescape.
+    exe = Path(sys.executable).parent / "gptforge"
+    done = subprocess.run([str(exe), "generate", "--checkpoint", str(bpe_checkpoint), "--prompt", b"KIN\xff"],
+                          capture_output=True, timeout=120)
+    assert done.returncode == EXIT_USER_ERROR
+    assert done.stdout == b""
+    assert done.stderr.decode() == f"error: --prompt {NOT_UTF8}\n"
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"], ["--num-samples", "2"], ["--num-beams", "2"]])
+def test_a_lone_surrogate_in_any_generate_mode_is_refused_before_loading(capsys, bpe_checkpoint, flags):
+    code, out, err = run(capsys, "generate", "--checkpoint", str(bpe_checkpoint), "--prompt", "KIN\udcff", *flags)
+    assert (code, out, err) == (EXIT_USER_ERROR, "", f"error: --prompt {NOT_UTF8}\n")
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_file_line_and_byte(capsys, bpe_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("ROMEO:\nJULIET: caf\xc3\xa9\nKING: \xe9t\xe9\n".encode("latin-1"))
+    code, out, err = run(capsys, "generate", "--checkpoint", str(bpe_checkpoint), "--prompt-file", str(prompts))
+    assert (code, out) == (EXIT_USER_ERROR, "")
+    assert err == (f"error: prompt file {prompts} is not UTF-8: byte 0xe9 on line 3 is not valid UTF-8; "
+                   "save the file as UTF-8\n")
+    # a byte-order mark is not part of the first prompt
+    prompts.write_bytes(b"\xef\xbb\xbfROMEO:\n")
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(bpe_checkpoint), "--prompt-file", str(prompts),
+                       "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["prompt"] == "ROMEO:"
+
+
+@pytest.mark.parametrize("prompt, flags, message", [
+    ("KING:", ["--max-new-tokens", "200"], "prompt (3 tokens) + max_new_tokens (200) is longer than the model's "
+                                           "context of 128 tokens; shorten the prompt or lower max_new_tokens"),
+    ("KING: " * 100, [], "the prompt (400 tokens) leaves no room to generate in the model's context of 128 tokens; "
+                         "shorten the prompt"),
+    ("KING:", ["--min-new-tokens", "126"], "min_new_tokens (126) is more than the 125 new tokens the model's "
+                                           "context of 128 tokens leaves after the prompt (3 tokens)"),
+])
+def test_a_failing_generate_prints_only_its_error(capsys, bpe_checkpoint, prompt, flags, message):
+    code, out, err = run(capsys, "generate", "--checkpoint", str(bpe_checkpoint), "--prompt", prompt, *flags)
+    assert out == ""  # not the prompt before the error (was "KING:error: ...")
+    assert_one_line_error(code, err, message)
+
+
+@pytest.mark.parametrize("flags, count", [
+    ([], 125),                                         # one prompt, streamed
+    (["--num-samples", "2", "--seed", "1"], 125),      # sampled sequences
+    (["--num-beams", "2", "--temperature", "0"], 125),  # beam search
+    (["--max-new-tokens", "40"], 40),                  # a given value is kept
+])
+def test_max_new_tokens_defaults_to_what_the_context_leaves(capsys, bpe_checkpoint, flags, count):
+    code, out, err = run(capsys, "generate", "--checkpoint", str(bpe_checkpoint), "--prompt", "KING:",
+                         "--ignore-eos", "--json", *flags)
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["completions"][0]["prompt_tokens"] == 3
+    assert {len(c["token_ids"]) for c in record["completions"]} == {count}  # 128 - 3, not 200
+
+
+def test_generate_says_which_checkpoint_it_loaded(capsys, bpe_checkpoint, tmp_path):
+    code, out, err = run(capsys, "generate", "--checkpoint", str(bpe_checkpoint), "--prompt", "KING:",
+                         "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("KING:")
+    assert [line for line in err.splitlines() if line.startswith("loaded")] == [f"loaded {bpe_checkpoint}"]
+    code, out, err = run(capsys, "-q", "generate", "--checkpoint", str(bpe_checkpoint), "--max-new-tokens", "3")
+    assert code == 0 and err == ""  # -q: results only
+
+
+def test_classify_says_what_it_loaded_and_refuses_text_that_is_not_utf8(capsys, bpe_classifier, tmp_path):
+    code, out, err = run(capsys, "classify", "--checkpoint", str(bpe_classifier), "--text", "good", "--text", "KIN\udcff")
+    assert (code, out, err) == (EXIT_USER_ERROR, "", f"error: --text {NOT_UTF8}\n")
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes(b"good\nba\xffd\n")
+    code, out, err = run(capsys, "classify", "--checkpoint", str(bpe_classifier), "--file", str(texts))
+    assert (code, out) == (EXIT_USER_ERROR, "")
+    assert err == f"error: text file {texts} is not UTF-8: byte 0xff on line 2 is not valid UTF-8; save the file as UTF-8\n"
+    code, out, err = run(capsys, "classify", "--checkpoint", str(bpe_classifier), "--text", "good")
+    assert code == 0 and out.startswith(("neg\t", "pos\t"))
+    assert [line for line in err.splitlines() if line.startswith("loaded")] == [f"loaded {bpe_classifier}"]
+
+
+def test_evaluate_names_the_data_file_holding_a_lone_surrogate(capsys, bpe_classifier, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "good", "label": "pos"}\n{"text": "KIN\\udcff", "label": "neg"}\n', encoding="utf-8")
+    code, out, err = run(capsys, "evaluate", "--checkpoint", str(bpe_classifier), "--data", str(data))
+    assert (code, out) == (EXIT_USER_ERROR, "")
+    assert err == f"error: data file {data}: the text {NOT_UTF8}\n"
+    data.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n', encoding="utf-8")
+    code, out, err = run(capsys, "evaluate", "--checkpoint", str(bpe_classifier), "--data", str(data))
+    assert code == 0 and out.startswith("val_loss ")
+    assert [line for line in err.splitlines() if line.startswith("loaded")] == [f"loaded {bpe_classifier}"]

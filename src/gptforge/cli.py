@@ -8,6 +8,7 @@ imported lazily so ``gptforge --help`` and config errors answer at once.
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
 import logging
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .config import CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, InferenceConfig, ServeConfig
-from .errors import ConfigError, GptforgeError
+from .errors import ConfigError, GptforgeError, InvalidTextError
 
 log = logging.getLogger("gptforge")
 
@@ -76,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.draft_checkpoint is not None:
         return _generate_speculative(args, gen, prompts[0], ckpt)
 
-    from .generate import generate, stream
+    from .generate import encode_prompt, generate, stream_ids
 
     out = sys.stdout
     if args.json:
@@ -85,9 +86,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             record = {"prompt": prompt, "completions": [c.to_dict() for c in completions]}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif len(prompts) == 1 and gen.num_return_sequences == 1 and gen.num_beams == 1:
+        # Everything that can fail (the prompt's length against the context, the options) fails here, so
+        # that a failing command prints its error line only.
+        pieces = stream_ids(ckpt.model, ckpt.tokenizer, encode_prompt(ckpt.tokenizer, prompts[0]), gen)
         out.write(prompts[0])
         out.flush()
-        for piece in stream(ckpt.model, ckpt.tokenizer, prompts[0], gen):
+        for piece in pieces:
             out.write(piece)
             out.flush()
         out.write("\n")
@@ -102,16 +106,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from .tokenizer import check_text
+
     gen = config_from_flags(GenerateConfig, args)
+    system = check_text(_unescape(args.system), "--system") if args.system else None
     ckpt = _load_for_inference(config_from_flags(InferenceConfig, args))
     from .chat import ChatSession, chat_template_of
 
-    session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=_unescape(args.system) if args.system else None,
-                          template=chat_template_of(ckpt.config))
+    session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=system, template=chat_template_of(ckpt.config))
+    # A typed line with bytes that are not UTF-8 becomes text with lone surrogates, which the tokenizer refuses
+    # with one error line (the chat goes on), rather than a decoding error that ends the command.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     out = sys.stdout
     if interactive:
-        print("chatting with " + str(ckpt.path) + ": /reset clears the history, /exit (or Ctrl-D) leaves")
+        print("chatting: /reset clears the history, /exit (or Ctrl-D) leaves")
     warned = False
     while True:
         try:
@@ -134,6 +144,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         dropped = session.dropped_turns
         try:
+            check_text(text, "the message")
             session.prompt_ids(text)  # drops old turns if need be; a message too long fails before any output
         except GptforgeError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -177,7 +188,7 @@ def _generate_speculative(args: argparse.Namespace, gen, prompt: str, ckpt) -> i
     from .generate.speculative import speculative_generate
 
     draft = _load_for_inference(dataclasses.replace(config_from_flags(InferenceConfig, args),
-                                                    checkpoint=args.draft_checkpoint))
+                                                    checkpoint=args.draft_checkpoint), "draft model")
     if draft.tokenizer.fingerprint != ckpt.tokenizer.fingerprint:
         raise ConfigError(f"the draft model's tokenizer ({draft.tokenizer.fingerprint}) differs from the "
                           f"target's ({ckpt.tokenizer.fingerprint}); speculative decoding needs the same tokenizer")
@@ -236,8 +247,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate.tasks import HEADLINE, evaluate_checkpoint
     from .finetune.report import format_task_report
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, device=args.device,
-                                 batch_size=args.batch_size)
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, device=args.device,
+                                     batch_size=args.batch_size)
+    except InvalidTextError as exc:  # a JSON "\udcff" escape, say: name the file it is in
+        raise InvalidTextError(f"data file {args.data}: {exc}", exc.position) from None
+    _say_loaded(result["checkpoint"])
     task = result["task"]
     print("  ".join(f"{name} {_fmt(result['metrics'].get(name))}" for name in HEADLINE[task]))
     if task != "lm":
@@ -253,6 +268,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     texts = _read_texts(args)
     ckpt = load_for_task(args.checkpoint, "classify", args.device)
+    _say_loaded(ckpt.path)
     for result in classify_texts(ckpt.model, ckpt.tokenizer, texts, ckpt.config["task"]["labels"]):
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -267,6 +283,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
     texts = _read_texts(args)
     ckpt = load_for_task(args.checkpoint, "tokens", args.device)
+    _say_loaded(ckpt.path)
     for result in tag_texts(ckpt.model, ckpt.tokenizer, texts, ckpt.config["task"]["labels"]):
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -320,17 +337,39 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _say_loaded(path, what: str = "") -> None:
+    """The one line (on stderr, at INFO) that says which checkpoint folder a command loaded (``what``: which
+    of its models, where it loads more than one)."""
+    log.info("loaded %s%s", what + " " if what else "", path)
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a text file. The file must be UTF-8 (a byte-order mark is skipped); a file that is not is
+    one error naming the file, the line and the byte, never decoded with replacement characters."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{what} {path} is not UTF-8: byte 0x{data[exc.start]:02x} on line {line} is not "
+                          "valid UTF-8; save the file as UTF-8") from None
+    return text.splitlines()
+
+
 def _read_texts(args: argparse.Namespace) -> list[str]:
     """Texts from --text (repeatable) or one per non-empty line of --file."""
+    from .tokenizer import check_text
+
     if args.file is None:
-        return list(args.text)
+        return [check_text(text, "--text") for text in args.text]
     path = Path(args.file)
-    try:
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise ConfigError(f"text file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read text file {path}: {exc}") from None
+    texts = [line.strip() for line in _read_lines(path, "text file") if line.strip()]
     if not texts:
         raise ConfigError(f"text file {path} has no texts (one per line)")
     return texts
@@ -357,25 +396,23 @@ def _unescape(text: str) -> str:
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     """One prompt from --prompt, or one per non-empty line of --prompt-file (generated as a batch)."""
+    from .tokenizer import check_text
+
     if args.prompt_file is None:
-        return [args.prompt]
+        return [check_text(args.prompt, "--prompt")]  # bytes that are not UTF-8: one line, before loading
     path = Path(args.prompt_file)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"prompt file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read prompt file {path}: {exc}") from None
-    prompts = [_unescape(line) for line in lines if line.strip()]
+    prompts = [_unescape(line) for line in _read_lines(path, "prompt file") if line.strip()]
     if not prompts:
         raise ConfigError(f"prompt file {path} has no prompts (one per line)")
     return prompts
 
 
-def _load_for_inference(config: InferenceConfig):
+def _load_for_inference(config: InferenceConfig, what: str = ""):
     from .checkpoint import load_for_inference
 
-    return load_for_inference(config)
+    ckpt = load_for_inference(config)
+    _say_loaded(ckpt.path, what)
+    return ckpt
 
 
 # --------------------------------------------------------------------------------------------------

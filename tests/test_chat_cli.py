@@ -134,3 +134,48 @@ def test_cli_message_too_long_is_an_error_line_and_the_chat_goes_on(checkpoint, 
     assert code == 0
     assert err.count("error:") == 1 and "does not fit" in err and "Traceback" not in err
     assert len(out) >= 2 and out.endswith("\n")  # the reply to "hi" (greedy from random weights: maybe blank)
+
+
+@pytest.fixture(scope="module")
+def demo_sized(tmp_path_factory) -> Path:
+    """The demo model's context (128 tokens) and tokenizer kind (byte-level BPE)."""
+    from tests.cli_utils import save_tiny_bpe_checkpoint
+
+    return save_tiny_bpe_checkpoint(tmp_path_factory.mktemp("chat128") / "ckpt")
+
+
+def test_an_unset_max_new_tokens_keeps_half_the_context_for_the_reply(demo_sized):
+    ckpt = load_checkpoint(demo_sized)
+    session = ChatSession(ckpt.model, ckpt.tokenizer, GenerateConfig(temperature=0.0, ignore_eos=True))
+    assert session.reply_tokens == 64  # half of 128 (256 was the old default: more than the whole context)
+    reply = "".join(session.send("ROMEO:"))
+    assert session.history[-1] == {"role": "assistant", "content": reply}
+    with pytest.raises(ConfigError) as err:
+        session.prompt_ids("KING: " * 20)
+    assert str(err.value) == ("the message (102 tokens with the system prompt and chat template) does not fit the "
+                              "model's context of 128 tokens with 64 tokens kept for the reply; shorten it")
+    assert session.dropped_turns == 1 and session.history == []  # the earlier turn was dropped to try to fit it
+    with pytest.raises(ConfigError, match=r"^max_new_tokens \(128\) leaves no room for the conversation"):
+        ChatSession(ckpt.model, ckpt.tokenizer, GenerateConfig(max_new_tokens=128))
+
+
+@pytest.mark.integration
+def test_cli_line_that_is_not_utf8_is_an_error_and_the_chat_goes_on(demo_sized):
+    stdin = b"hello\nbad \xff line\nROMEO: again\n"
+    done = subprocess.run([sys.executable, "-m", "gptforge.cli", "chat", "--checkpoint", str(demo_sized),
+                           "--temperature", "0", "--device", "cpu"], input=stdin, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    err = done.stderr.decode()
+    assert [line for line in err.splitlines() if line.startswith(("error:", "loaded", "Traceback"))] == [
+        f"loaded {demo_sized}",
+        "error: the message holds a lone surrogate U+DCFF at character 4 (as Python reads the byte 0xff of input "
+        "that is not UTF-8), which is not valid Unicode and cannot be tokenized"]
+    # two replies (the chat went on after the bad line), with the default reply length on a 128-token context
+    ckpt = load_checkpoint(demo_sized)
+    session = ChatSession(prepare_for_inference(ckpt.model), ckpt.tokenizer, GenerateConfig(temperature=0.0))
+    first = "".join(session.send("hello"))
+    second = "".join(session.send("ROMEO: again"))
+    expected = f"{first}\n{second}\n"
+    if session.dropped_turns:
+        expected = f"{first}\n(the conversation no longer fits the model's context: dropping the oldest turns)\n{second}\n"
+    assert done.stdout.decode() == expected

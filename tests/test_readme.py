@@ -33,3 +33,64 @@ def test_python_api_examples_run(tmp_path, monkeypatch, capsys):
     with torch.inference_mode():
         logits = namespace["served"].lm_head(namespace["hidden"])
     assert torch.equal(namespace["greedy"], logits.argmax(-1))
+
+
+def cli_commands(command: str) -> list[list[str]]:
+    """Each `gptforge COMMAND ...` line of the README's bash blocks (and the Makefile's demo), as argv."""
+    import shlex
+
+    text = README.read_text(encoding="utf-8")
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    makefile = (README.parent / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    lines += [line.split("/bin/", 1)[1] for line in makefile.splitlines() if f"/bin/gptforge {command} " in line]
+    argvs = [shlex.split(line, comments=True) for line in lines if line.startswith(f"gptforge {command} ")]
+    return [argv[1:] for argv in argvs]
+
+
+GENERATE_COMMANDS = cli_commands("generate")
+CHAT_COMMANDS = cli_commands("chat")
+
+
+@pytest.fixture(scope="module")
+def demo_sized(tmp_path_factory):
+    """A stand-in for runs/demo: a byte-level BPE model with its 128-token context."""
+    from tests.cli_utils import save_tiny_bpe_checkpoint
+
+    return save_tiny_bpe_checkpoint(tmp_path_factory.mktemp("readme") / "demo")
+
+
+def _as_written(argv: list[str], checkpoint, tmp_path) -> list[str]:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET:\n", encoding="utf-8")
+    swap = {"runs/demo": str(checkpoint), "runs/chat-sft": str(checkpoint), "prompts.txt": str(prompts)}
+    return [swap.get(a, a) for a in argv] + ["--device", "cpu"]
+
+
+def test_the_readme_has_the_commands_this_file_runs():
+    assert len(GENERATE_COMMANDS) == 9 and len(CHAT_COMMANDS) == 1  # 8 in the README, 1 in the Makefile
+
+
+@pytest.mark.parametrize("argv", [a for a in GENERATE_COMMANDS if "gpt2" not in a],  # the hub id needs the hub
+                         ids=lambda argv: " ".join(argv[2:6]))
+def test_readme_generate_examples_run_on_a_demo_sized_model(argv, demo_sized, tmp_path, monkeypatch, capsys):
+    from gptforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(_as_written(argv, demo_sized, tmp_path))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out and "error:" not in err
+
+
+@pytest.mark.parametrize("argv", CHAT_COMMANDS)
+def test_readme_chat_example_runs_on_a_demo_sized_model(argv, demo_sized, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    from gptforge.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nWho are you?\n"))
+    code = main(_as_written(argv, demo_sized, tmp_path))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.count("\n") >= 2 and "error:" not in err  # two replies

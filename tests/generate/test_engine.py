@@ -202,3 +202,21 @@ def test_compile_is_left_off_on_cpu_with_a_warning(model, caplog):
         got = generate_tokens(model, [1, 2], GenerateConfig(max_new_tokens=5, temperature=0, compile=True))
     assert got == generate_tokens(model, [1, 2], GenerateConfig(max_new_tokens=5, temperature=0))
     assert "compile is only used on CUDA" in caplog.text
+
+
+def test_an_unset_max_new_tokens_fits_each_entry_point_to_the_context():
+    from gptforge.generate import generate_ids, stream_ids
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, block_size=24, n_layer=1, n_head=2, n_embd=16)).eval()
+    config = GenerateConfig(temperature=0)
+    # a batch: what the longest prompt leaves, for every row
+    rows = generate_ids(model, [[1, 2, 3], [4, 5, 6, 7, 8]], config)
+    assert [len(row[0].token_ids) for row in rows] == [19, 19]
+    beams = generate_ids(model, [[1, 2, 3]], GenerateConfig(temperature=0, num_beams=2))
+    assert len(beams[0][0].token_ids) == 21
+    streamed = stream_ids(model, CharTokenizer(list("abc")), [1, 2, 3], config)
+    list(streamed)
+    assert len(streamed.completion.token_ids) == 21 and streamed.completion.finish_reason == "length"
+    with pytest.raises(ConfigError, match=r"^the prompt \(24 tokens\) leaves no room to generate"):
+        stream_ids(model, CharTokenizer(list("abc")), [1] * 24, config)  # before the first piece is asked for

@@ -152,3 +152,10 @@ def test_sampling_keeps_the_targets_joint_distribution(temperature, top_k):
     chi2 = sum(float((counts[c] - expected[c]) ** 2 / expected[c]) for c in cells)
     # The 99.99% quantile of chi-square is below 2 * dof + 25 for these degrees of freedom.
     assert chi2 < 2 * (len(cells) - 1) + 25, (chi2, len(cells))
+
+
+def test_an_unset_max_new_tokens_fills_the_context_the_models_share(target, small_draft):
+    prompt = PROMPTS[2]  # 7 tokens; the draft's context (48) is the shorter
+    out, _ = speculative_generate(target, small_draft, prompt, num_draft_tokens=3)  # no eos_id: runs to the end
+    assert len(out) == 48 - len(prompt)
+    assert out == generate_tokens(target, prompt, GenerateConfig(max_new_tokens=48 - len(prompt), temperature=0))[0]

@@ -20,3 +20,7 @@ class DataError(GptforgeError):
 
 class CheckpointError(GptforgeError):
     """A missing, incomplete or incompatible checkpoint."""
+
+
+class TrainingDiverged(GptforgeError):
+    """Training produced non-finite losses, gradients or weights too many steps in a row to go on."""

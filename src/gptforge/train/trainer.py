@@ -265,7 +265,7 @@ class Trainer:
                 while self.step < self.max_steps and not stopped:
                     lr = self.lr_at(self.step)
                     t0 = time.monotonic()
-                    loss, tokens, fault, stop_signal = self._train_step(lr, signals.signum)
+                    loss, tokens, fault, stop_signal = self._train_step(lr, signals)
                     self.step += 1
                     self.tokens_seen += tokens
                     due = self.step % self.log_interval == 0 or self.step == self.max_steps
@@ -280,12 +280,7 @@ class Trainer:
                         self._skipped(lr, fault)
                     else:
                         self.nonfinite_in_a_row = 0
-                    if stop_signal is not None:
-                        path = self.save_checkpoint()
-                        log.warning("stopped by %s at step %d; saved %s", signal_name(stop_signal), self.step, path)
-                        break
-
-                    if fault is None and (due or last):
+                    if fault is None and (due or last or stop_signal is not None):
                         train_loss = all_reduce_mean(loss_value, ctx, self.device)
                         tok_s = (self.tokens_seen - last_log[1]) / max(now - last_log[0], 1e-9)
                         last_log = (now, self.tokens_seen)
@@ -295,6 +290,10 @@ class Trainer:
                         if not show_bar:
                             log.log(self.step_log_level, "step %d/%d: loss %.4f, lr %.2e, %.0f tok/s",
                                     self.step, self.max_steps, train_loss, lr, tok_s)
+                    if stop_signal is not None:  # no evaluation: a stop is asked to be quick
+                        path = self.save_checkpoint()
+                        log.warning("stopped by %s at step %d; saved %s", signal_name(stop_signal), self.step, path)
+                        break
                     if self.step % config.eval_interval == 0 or last:
                         stopped = bool(self.evaluate())
                     if last or stopped:
@@ -327,8 +326,9 @@ class Trainer:
                      "lr": lr, "skipped_steps": self.skipped_steps})
         if self.nonfinite_in_a_row >= limit:
             raise TrainingDiverged(
-                f"training diverged: step {self.step} had a {what}, the {limit}th step in a row "
-                f"({self._flag('max_nonfinite_steps')}); {self._kept()}; resume from it with a lower learning "
+                f"training diverged: {limit} steps in a row had a non-finite loss or gradient norm (step "
+                f"{self.step}: {what}; {self._flag('max_nonfinite_steps')}={limit}); {self._kept()}; resume from it "
+                f"with a lower learning "
                 f"rate ({self._flag('learning_rate')}=... {self._flag('allow_resume_changes')}=true) or "
                 f"stronger clipping ({self._flag('grad_clip')})")
 
@@ -348,7 +348,7 @@ class Trainer:
     def _flag(self, name: str) -> str:
         return f"--train.{name}" if isinstance(self.config, TrainConfig) else f"--{name}"
 
-    def _train_step(self, lr: float, signum: Optional[int]
+    def _train_step(self, lr: float, signals: StopSignals
                     ) -> tuple[float, int, Optional[dict[str, float]], Optional[int]]:
         """One optimizer step: (this process's mean micro-batch loss, tokens, the fault that made every process
         skip the update or None, the signal that some process received or None).
@@ -380,7 +380,8 @@ class Trainer:
         loss_value, norm_value = torch.stack([total.float(), norm.float().to(total.device)]).tolist()
         # An infinite gradient under fp16 loss scaling is the scaler's business (it skips and lowers the scale).
         bad = not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value))
-        any_bad, any_signal = max_over_processes([float(bad), float(signum or 0)], self.ctx, self.device)
+        # A signal that came during this step (it is read now) ends the run after it.
+        any_bad, any_signal = max_over_processes([float(bad), float(signals.signum or 0)], self.ctx, self.device)
         fault = None
         if any_bad:
             # Gradient norms agree after the all-reduce; losses do not: report the mean (NaN if any is).

@@ -57,10 +57,9 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        # No logging here: writing to a stream the interrupted code may be writing to (the progress bar's
+        # stderr) can fail with a reentrant-call error. The training loop says what happens at the step.
         if self.signum is not None:
             self._restore()
-            log.warning("%s again: stopping now, without a checkpoint", signal_name(signum))
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: saving a checkpoint after this step, then stopping (send it again to stop "
-                    "at once, without one)", signal_name(signum))

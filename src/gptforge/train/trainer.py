@@ -291,6 +291,8 @@ class Trainer:
                             log.log(self.step_log_level, "step %d/%d: loss %.4f, lr %.2e, %.0f tok/s",
                                     self.step, self.max_steps, train_loss, lr, tok_s)
                     if stop_signal is not None:  # no evaluation: a stop is asked to be quick
+                        log.warning("%s received: saving a checkpoint at step %d, then stopping (a second signal "
+                                    "stops at once, without one)", signal_name(stop_signal), self.step)
                         path = self.save_checkpoint()
                         log.warning("stopped by %s at step %d; saved %s", signal_name(stop_signal), self.step, path)
                         break

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from gptforge import checkpoint as ckpt
+from gptforge.errors import ConfigError
 from gptforge.train import pretrain
 from gptforge.train.metrics import read_metrics
 from gptforge.weights import first_nonfinite
@@ -116,7 +117,7 @@ def test_changing_the_schedule_on_resume_is_explicit(make_config, tmp_path, capl
     pretrain(make_config(max_steps=4), progress=False)
     out = Path(make_config().train.out_dir)
     before = snapshot(out)
-    with pytest.raises(Exception, match=r"--resume would change lr_decay_steps \(4 -> 8\)"):
+    with pytest.raises(ConfigError, match=r"--resume would change lr_decay_steps \(4 -> 8\)"):
         pretrain(make_config(max_steps=8, lr_decay_steps=8), resume=True, progress=False)
     assert snapshot(out) == before
     pretrain(make_config(max_steps=8, lr_decay_steps=8, allow_resume_changes=True), resume=True, progress=False)

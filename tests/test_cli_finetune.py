@@ -156,3 +156,49 @@ def test_bad_settings_are_one_line(files, capsys, tmp_path, extra, fragment):
 def test_finetune_help_config_lists_every_key(capsys):
     code, out, _ = run(capsys, "finetune", "--help-config")
     assert code == 0 and "--learning_rate=0.0005" in out and "--patience=None" in out
+
+
+def test_a_resume_with_new_hyperparameters_is_one_line_and_changes_nothing(classifier, files, capsys):
+    from tests.train.test_faults import snapshot
+
+    before = snapshot(classifier)
+    code, _, err = run(capsys, "finetune", "--task", "classify", "--checkpoint", files["base"], "--train",
+                       files["train"], "--val", files["val"], "--out", str(classifier), "-q", "--max_steps=40",
+                       "--eval_interval=15", "--learning_rate", "1e-2", "--dropout=0", "--device=cpu", "--resume")
+    assert_one_line_error(code, err, "--resume would change learning_rate (0.003 -> 0.01) from what the run in")
+    assert snapshot(classifier) == before
+
+
+def test_sigterm_during_finetune_saves_and_says_where(files, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gptforge.checkpoint import latest_checkpoint
+    from gptforge.train.metrics import read_metrics
+
+    out = tmp_path / "run"
+    env = {**os.environ, "GPTFORGE_NATIVE": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "gptforge.cli", "finetune", "--task", "classify", "--checkpoint",
+                             files["base"], "--train", files["train"], "--val", files["val"], "--out", str(out), "-q",
+                             "--max_steps=100000", "--eval_interval=100000", "--checkpoint_interval=100000",
+                             "--device=cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while (not any("train_loss" in r for r in read_metrics(out / "metrics.jsonl"))
+               and proc.poll() is None and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    latest = latest_checkpoint(out)
+    n = json.loads((latest / "trainer_state.json").read_text())["step"]
+    assert stdout.strip() == f"stopped by SIGTERM at step {n}; saved {latest}; resume with --resume"
+    assert "Traceback" not in stderr

@@ -54,13 +54,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, args.overrides)
     from .train import pretrain
 
-    result = pretrain(config, resume=args.resume, progress=not args.quiet)
+    result = pretrain(config, resume=args.resume, progress=not args.quiet, handle_signals=True)
     if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun, rank 0 reports for everyone
+        return _stop_exit_code(result.stopped_by)  # under torchrun, rank 0 reports for everyone
+    if result.stopped_by is not None:
+        return _report_signal_stop(result.stopped_by, result.steps, result.checkpoint)
     print(f"step {result.steps}: val loss {result.val_loss:.4f} | perplexity {result.val_ppl:.2f} | "
           f"bits/byte {result.val_bpb:.4f}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def _stop_exit_code(stopped_by: Optional[str]) -> int:
+    """128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process a signal
+    ended: the run did not reach its end, so a script must not take it for finished; 0 when none."""
+    import signal
+
+    return 128 + signal.Signals[stopped_by].value if stopped_by else 0
+
+
+def _report_signal_stop(stopped_by: str, steps: int, checkpoint: Path) -> int:
+    print(f"stopped by {stopped_by} at step {steps}; saved {checkpoint}; resume with --resume")
+    return _stop_exit_code(stopped_by)
 
 
 def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
@@ -230,7 +245,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = load_finetune_config(args.config, args.overrides, values)
     from .finetune import finetune
 
-    result = finetune(config, resume=args.resume, progress=not args.quiet)
+    result = finetune(config, resume=args.resume, progress=not args.quiet, handle_signals=True)
+    if result.stopped_by is not None:
+        return _report_signal_stop(result.stopped_by, result.steps, result.last_checkpoint)
     _print_before_after(result.task, result.before, result.after)
     share = 100 * result.trainable_parameters / max(result.total_parameters, 1)
     print(f"trained {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({share:.2f}%, "

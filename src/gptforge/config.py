@@ -217,11 +217,15 @@ class LoopConfig:
     """Write TensorBoard event files to out_dir/tensorboard."""
     overwrite: bool = False
     """Start afresh even if out_dir already holds checkpoints (they are deleted first)."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss or gradient norm is NaN or infinite is skipped (no weight update); after this many such steps in a row the run stops with an error, leaving the last finite checkpoint as `latest`."""
+    allow_resume_changes: bool = False
+    """With --resume, accept hyperparameters (learning rate, schedule, batch, seed, ...) that differ from the run's saved config; each change is logged as a warning. Without it such a resume is refused."""
 
     def validate(self) -> "LoopConfig":
         section = _section(self)
         _positive(self, "max_steps", "batch_size", "grad_accum_steps", "eval_interval", "checkpoint_interval",
-                  "keep_checkpoints")
+                  "keep_checkpoints", "max_nonfinite_steps")
         if self.dtype not in DTYPES:
             raise ConfigError(f"{section}.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -237,7 +241,7 @@ class TrainConfig(OptimizerConfig, LoopConfig):
     min_lr: float = 1e-4
     """Learning rate at the end of the cosine decay."""
     lr_decay_steps: Optional[int] = None
-    """Step at which cosine decay reaches min_lr; None means max_steps."""
+    """Step at which cosine decay reaches min_lr; None means max_steps as the run started. A resumed run keeps the length it started with (raise max_steps and the extra steps run at min_lr); changing it needs allow_resume_changes."""
     eval_batches: int = 20
     """Micro-batches averaged for each evaluation."""
     log_interval: int = 10

@@ -30,3 +30,7 @@ class InvalidTextError(DataError, ValueError):
     def __init__(self, message: str, position: int = 0):
         super().__init__(message)
         self.position = position
+
+
+class TrainingDiverged(GptforgeError):
+    """Training produced non-finite losses, gradients or weights too many steps in a row to go on."""

@@ -59,3 +59,51 @@ def test_two_processes_match_one_process_with_accumulation(make_config, tmp_path
     state = json.loads((tmp_path / "ddp/checkpoints/step-0000006/trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["global_batch_size"] == 8
     assert state["tokens_seen"] == one.tokens_seen
+
+
+# Rank 1 alone reports a NaN loss at step 2 (its gradients stay finite) and alone receives SIGTERM during
+# step 3: both processes must skip step 2 and both must stop, with one checkpoint, after step 3.
+FAULTY_WORKER = """
+import importlib, json, os, signal, sys
+import torch
+from gptforge.config import build_run_config
+
+pretraining = importlib.import_module("gptforge.train.pretrain")  # the module, not the function of that name
+rank = int(os.environ["RANK"])
+calls = [0]
+real_loss = pretraining.next_token_loss
+
+def loss(model, batch):
+    calls[0] += 1
+    value = real_loss(model, batch)
+    if rank == 1 and calls[0] == 2:
+        value = value + torch.tensor(float("nan"))  # a NaN value, finite gradients
+    if rank == 1 and calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return value
+
+pretraining.next_token_loss = loss
+result = pretraining.pretrain(build_run_config(json.loads(sys.argv[1])), progress=False, handle_signals=True)
+print("RESULT", json.dumps({"rank": rank, "steps": result.steps, "stopped_by": result.stopped_by}), flush=True)
+"""
+
+
+def test_processes_agree_on_skipping_a_step_and_on_stopping_for_a_signal(make_config, tmp_path):
+    config = make_config(max_steps=50, eval_interval=100, checkpoint_interval=100, out_dir=str(tmp_path / "ddp"))
+    script = tmp_path / "worker.py"
+    script.write_text(FAULTY_WORKER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), json.dumps(config.to_dict())],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                      if line.startswith("RESULT")), key=lambda r: r["rank"])
+    assert results == [{"rank": 0, "steps": 3, "stopped_by": "SIGTERM"}, {"rank": 1, "steps": 3, "stopped_by": "SIGTERM"}]
+    records = read_metrics(tmp_path / "ddp/metrics.jsonl")
+    assert [r["step"] for r in records if r.get("skipped")] == [2]
+    assert [r["step"] for r in records if r.get("train_loss") is not None] == [1, 3]
+    state = json.loads((tmp_path / "ddp/checkpoints/step-0000003/trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["skipped_steps"] == 1
+    assert sorted(p.name for p in (tmp_path / "ddp/checkpoints").iterdir()) == ["latest", "step-0000003"]

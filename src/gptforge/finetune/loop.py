@@ -17,6 +17,10 @@ improvement. The run folder::
       best/                the best weights: a task checkpoint, or an adapter folder (lora, adapter, prefix)
       merged/              lora with merge: the best adapter merged into a full task checkpoint
       checkpoints/         resumable checkpoints (weights as in best/, optimizer.pt, trainer_state.json)
+
+A resumed run keeps the learning-rate schedule's length fixed at its start (raising max_steps or epochs
+lets it go further at the final learning rate) and refuses other changed settings (:data:`RESUME_FREE_KEYS`)
+unless ``allow_resume_changes``; everything is checked before the run folder is written to.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from ..heads import forward_loss
 from ..runtime import resolve_device
 from ..train.metrics import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve
 from ..train.optim import lr_at
-from ..train.trainer import Trainer, clear_run_outputs
+from ..train.signals import signal_name
+from ..train.trainer import Trainer, check_resume_changes, clear_run_outputs, read_trainer_state, same_setting
 from .strategies import apply_strategy, base_model, count_parameters, set_dropout
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,16 @@ REPORT_FILE = "report.json"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 BEST_DIR = "best"
 MERGED_DIR = "merged"
+
+# Settings that make the saved weights or optimizer state not fit: a resume never changes them.
+RESUME_FIXED_KEYS = ("task", "strategy", "checkpoint", "train_file", "top_k_layers", "lora_rank", "lora_targets",
+                     "adapter_bottleneck", "prefix_length")
+RESUME_FREE_KEYS = frozenset({
+    "out_dir", "max_steps", "epochs", "eval_interval", "checkpoint_interval", "keep_checkpoints", "device",
+    "tensorboard", "overwrite", "evaluate_before", "merge", "max_nonfinite_steps", "allow_resume_changes",
+})
+"""Keys a resumed fine-tune may change freely (where it stops, how often it evaluates and saves, where it
+runs); any other one (learning rate, patience, dropout, ...) needs ``allow_resume_changes``."""
 
 # An evaluation hook: called with (step, validation metrics) after every evaluation during training.
 EvalCallback = Callable[[int, dict[str, Any]], None]
@@ -112,7 +127,7 @@ class FinetuneResult:
     best_value: Optional[float]
     stopped_early: bool
     before: Optional[dict[str, Any]]
-    after: dict[str, Any]
+    after: Optional[dict[str, Any]]
     best_checkpoint: Path
     last_checkpoint: Path
     merged_checkpoint: Optional[Path]
@@ -123,19 +138,25 @@ class FinetuneResult:
     tokens_per_s: float
     elapsed_s: float
     model: torch.nn.Module = dataclasses.field(repr=False)
-    """The fine-tuned model with the best weights (merged, with merge), in eval mode."""
+    """The fine-tuned model with the best weights (merged, with merge), in eval mode; as trained so far
+    when a signal stopped the run."""
+    stopped_by: Optional[str] = None
+    """``SIGTERM`` / ``SIGINT`` when a signal stopped the run after saving ``last_checkpoint``: there is then
+    no final evaluation (``after`` is None) and no report; None when it ran to its end."""
 
 
 def finetune(config: FinetuneConfig, *, resume: bool = False, progress: bool = True,
-             on_eval: Optional[EvalCallback] = None) -> FinetuneResult:
+             on_eval: Optional[EvalCallback] = None, handle_signals: bool = False) -> FinetuneResult:
     """Fine-tune ``config.checkpoint`` on ``config.train_file`` for ``config.task``; write into ``config.out_dir``.
 
     With ``resume`` the run continues exactly from the latest checkpoint in out_dir (same batches, same
     dropout draws). ``on_eval(step, metrics)`` is called after each evaluation during training (the
-    hyperparameter search reports to Optuna there, and may raise to end the run).
+    hyperparameter search reports to Optuna there, and may raise to end the run). ``handle_signals`` (the
+    CLI's choice): SIGTERM / SIGINT while training save a checkpoint at the next step and return
+    (``stopped_by``).
     """
     config.validate()
-    return _Run(config, resume=resume, progress=progress, on_eval=on_eval).train()
+    return _Run(config, resume=resume, progress=progress, on_eval=on_eval).train(handle_signals)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +282,8 @@ class _Run:
                                seed=config.seed, pad_id=self.pad_id)
         self.max_steps = (math.ceil(config.epochs * batches.batches_per_epoch / config.grad_accum_steps)
                           if config.epochs is not None else config.max_steps)
+        # The schedule's length is fixed at the run's start; a resume reads it back (_restore).
+        self.schedule_steps = self.max_steps
         self.early = EarlyStopping(config.patience, config.stop_mode, config.min_delta)
         self.train_time_before = 0.0
         self.before: Optional[dict[str, Any]] = None
@@ -285,12 +308,15 @@ class _Run:
     def _prepare_out_dir(self, resume: bool) -> Optional[Path]:
         out = self.out_dir
         if resume:
-            found = ckpt.find_resume_checkpoint(out, (ckpt.TRAINER_STATE_FILE,))
+            found = ckpt.find_resume_checkpoint(out, (ckpt.TRAINER_STATE_FILE, ckpt.OPTIMIZER_FILE))
             saved = ckpt.read_config(found).get("finetune", {})
-            for key in ("task", "strategy", "checkpoint", "train_file"):
-                if not _same_setting(saved.get(key), getattr(self.config, key)):
+            for key in RESUME_FIXED_KEYS:
+                if key in saved and not same_setting(saved.get(key), getattr(self.config, key)):
                     raise ConfigError(f"{key} is {getattr(self.config, key)!r} but the run in {out} was started "
                                       f"with {saved.get(key)!r}; a resumed run must keep it")
+            check_resume_changes(saved, self.config.to_dict(), free=RESUME_FREE_KEYS.union(RESUME_FIXED_KEYS),
+                                 allow=self.config.allow_resume_changes, flag="--allow_resume_changes", run_dir=out)
+            read_trainer_state(found, per_rank=False)  # a damaged one fails here, before the model is loaded
             log.info("resuming from %s", found)
             return found
         leftovers = [out / name for name in (ckpt.CHECKPOINTS_DIR, BEST_DIR, MERGED_DIR) if (out / name).exists()]
@@ -310,18 +336,28 @@ class _Run:
                             f"was started with ({', '.join(saved_task['labels'])})")
         load_trained_weights(self.model, path, self.config.strategy)
         state = self.trainer.restore(path)
-        self.train_time_before = state["train_time_s"]
-        self.before = state["before"]
-        self.early.load_state_dict(state["early_stopping"])
+        try:
+            self.train_time_before = float(state["train_time_s"])
+            self.before = state["before"]
+            self.early.load_state_dict(state["early_stopping"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: {ckpt.TRAINER_STATE_FILE} is damaged or not a fine-tuning "
+                                  f"run's ({type(exc).__name__}: {exc})") from None
+        recorded = state.get("schedule_steps")
+        self.schedule_steps = recorded if recorded is not None else self.max_steps
+        if self.max_steps > self.schedule_steps:
+            log.warning("the learning-rate schedule keeps the length it started with (%d steps): steps %d..%d run "
+                        "at the final learning rate", self.schedule_steps, self.schedule_steps + 1, self.max_steps)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"train_time_s": self._train_time(), "before": self.before, "early_stopping": self.early.state_dict()}
+        return {"train_time_s": self._train_time(), "before": self.before, "early_stopping": self.early.state_dict(),
+                "schedule_steps": self.schedule_steps}
 
     def _train_time(self) -> float:
         return self.train_time_before + self.trainer.train_time
 
     # ----------------------------------------------------------------------------------------------
-    def train(self) -> FinetuneResult:
+    def train(self, handle_signals: bool = False) -> FinetuneResult:
         config, trainer = self.config, self.trainer
         if trainer.step == 0 and config.evaluate_before:
             self.before = self._evaluate()
@@ -329,7 +365,10 @@ class _Run:
             log.info("before fine-tuning: %s", _brief(self.before["metrics"]))
         log.info("fine-tuning %s of %s parameters (%s) for steps %d..%d", f"{self.trainable:,}", f"{self.total:,}",
                  config.strategy, trainer.step + 1, self.max_steps)
-        stopped_early = trainer.run(stopped=self.early.should_stop, progress=self.progress).stopped
+        outcome = trainer.run(stopped=self.early.should_stop, progress=self.progress, handle_signals=handle_signals)
+        if outcome.signal is not None:
+            return self._stopped_by_signal(signal_name(outcome.signal))
+        stopped_early = outcome.stopped
         if stopped_early:
             log.info("early stopping at step %d: %s has not improved on %.4f (step %s) for %d evaluations",
                      trainer.step, config.stop_metric, self.early.best, self.early.best_step, self.early.bad_evals)
@@ -338,7 +377,7 @@ class _Run:
     def _lr(self, step: int) -> float:
         c = self.config
         return lr_at(step, learning_rate=c.learning_rate, min_lr=c.learning_rate * c.min_lr_ratio,
-                     warmup_steps=c.warmup_steps, decay_steps=self.max_steps)
+                     warmup_steps=c.warmup_steps, decay_steps=self.schedule_steps)
 
     def _evaluate(self) -> dict[str, Any]:
         return evaluate_task(self.model, self.data.val, self.task, pad_id=self.pad_id,
@@ -352,6 +391,9 @@ class _Run:
         metrics = result["metrics"]
         self.trainer.record({"step": step, **_prefixed(metrics)})
         log.info("step %d: %s", step, _brief(metrics))
+        loss = metrics.get("val_loss")
+        if loss is not None and not math.isfinite(loss):  # nothing (best/, a checkpoint) is written from it
+            raise self.trainer.nonfinite_evaluation("loss", loss)
         if self.on_eval is not None:
             self.on_eval(step, metrics)
         value = metrics.get(self.config.stop_metric)
@@ -367,6 +409,21 @@ class _Run:
 
     def _write_checkpoint(self, path: Path, **training_state: Any) -> None:
         save_finetuned(path, self.model, self.tokenizer, self.config_dict, self.config.strategy, **training_state)
+
+    def _stopped_by_signal(self, name: str) -> FinetuneResult:
+        """What a run stopped by a signal reached: its checkpoint is saved; no final evaluation, no report."""
+        config, trainer = self.config, self.trainer
+        best = self.out_dir / BEST_DIR
+        train_time = self._train_time()
+        return FinetuneResult(
+            task=self.task["type"], strategy=config.strategy, labels=list(self.task["labels"]), steps=trainer.step,
+            metric=config.stop_metric, best_step=self.early.best_step, best_value=self.early.best,
+            stopped_early=False, before=self.before, after=None, best_checkpoint=best,
+            last_checkpoint=trainer.last_checkpoint, merged_checkpoint=None, out_dir=self.out_dir,
+            trainable_parameters=self.trainable, total_parameters=self.total, tokens_seen=trainer.tokens_seen,
+            tokens_per_s=trainer.tokens_seen / train_time if train_time > 0 else 0.0,
+            elapsed_s=trainer.elapsed_s, model=self.model.eval(), stopped_by=name,
+        )
 
     def _finish(self, stopped_early: bool) -> FinetuneResult:
         config, out, trainer = self.config, self.out_dir, self.trainer
@@ -403,15 +460,6 @@ class _Run:
             tokens_per_s=trainer.tokens_seen / train_time if train_time > 0 else 0.0,
             elapsed_s=trainer.elapsed_s, model=self.model.eval(),
         )
-
-
-def _same_setting(saved: Any, now: Any) -> bool:
-    """Equal values, or two spellings of the same local path."""
-    if saved == now:
-        return True
-    if isinstance(saved, str) and isinstance(now, str) and Path(saved).exists() and Path(now).exists():
-        return Path(saved).resolve() == Path(now).resolve()
-    return False
 
 
 def _prefixed(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -96,3 +96,13 @@ def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def max_over_processes(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """The element-wise maximum of ``values`` over all processes (the values themselves in one process):
+    one all-reduce for several flags that every process must agree on."""
+    if not ctx.is_distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

@@ -1,4 +1,8 @@
-"""Training metrics: JSON lines (the source of truth), TensorBoard events and a PNG loss curve."""
+"""Training metrics: JSON lines (the source of truth), TensorBoard events and a PNG loss curve.
+
+``metrics.jsonl`` is strict JSON: a non-finite value (a NaN loss, an infinite perplexity) is written as
+``null``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
+
+from ..fsutil import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +42,13 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
         return
     kept = [r for r in read_metrics(p) if r.get("step", 0) <= last_step]
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp.write_text("".join(to_json_line(r) for r in kept), encoding="utf-8")
     os.replace(tmp, p)
+
+
+def to_json_line(record: dict[str, Any]) -> str:
+    """One record as a line of strict JSON (non-finite floats become null)."""
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
 
 
 class MetricsWriter:
@@ -59,11 +70,11 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(to_json_line(record))
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(_tb_tag(key), value, step)
 
     def close(self) -> None:
@@ -81,8 +92,8 @@ def _tb_tag(key: str) -> str:
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Optional[Path]:
     """Train and validation loss against step as a PNG; None when there is nothing to plot."""
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train and not val:
         return None
     # A bare Figure renders with Agg without touching pyplot's global backend or figure registry.

@@ -30,9 +30,11 @@ def lr_at(step: int, *, learning_rate: float, min_lr: float, warmup_steps: int, 
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def schedule_for(config: TrainConfig):
-    """The schedule of a TrainConfig as a function ``step -> lr``."""
-    decay_steps = config.lr_decay_steps if config.lr_decay_steps is not None else config.max_steps
+def schedule_for(config: TrainConfig, *, decay_steps: Optional[int] = None):
+    """The schedule of a TrainConfig as a function ``step -> lr``; ``decay_steps`` (a resumed run's recorded
+    length) overrides the config's ``lr_decay_steps`` / ``max_steps``."""
+    if decay_steps is None:
+        decay_steps = config.lr_decay_steps if config.lr_decay_steps is not None else config.max_steps
 
     def lr(step: int) -> float:
         return lr_at(step, learning_rate=config.learning_rate, min_lr=config.min_lr,

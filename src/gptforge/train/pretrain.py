@@ -6,12 +6,18 @@ checks a resumed run must pass. The step, schedule, checkpoints and restore are 
 :class:`~.trainer.Trainer`'s; every checkpoint holds the weights, the optimizer state and a trainer state
 with the step and every random-number state (Python, NumPy, torch, CUDA, the batch generator), so a
 resumed run continues bit for bit.
+
+The learning-rate schedule's length (``lr_decay_steps``, else ``max_steps``) is fixed when the run starts
+and recorded in the trainer state (``schedule_steps``): a resume that raises ``max_steps`` keeps it (the
+extra steps run at ``min_lr``), so "N steps, then resume to 2N" is exactly one run with that schedule.
+A resume refuses changed hyperparameters (see :data:`RESUME_FREE_KEYS`) unless ``allow_resume_changes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +37,19 @@ from .distributed import DistContext, barrier, broadcast_object, cleanup_distrib
 from .metrics import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve
 from .optim import schedule_for
 from .rng import seed_everything
-from .trainer import Trainer, clear_run_outputs, holds_checkpoints
+from .signals import signal_name
+from .trainer import Trainer, check_resume_changes, clear_run_outputs, holds_checkpoints, read_trainer_state
 
 log = logging.getLogger(__name__)
+
+RESUME_FREE_KEYS = frozenset({
+    "out_dir", "max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints", "device", "tensorboard",
+    "overwrite", "eval_batches", "log_interval", "compile", "max_minutes", "max_nonfinite_steps",
+    "allow_resume_changes", "lr_decay_steps",  # lr_decay_steps: compared with the recorded schedule instead
+})
+"""``train`` keys a resumed run may change freely: where it stops, how often it logs, evaluates and saves,
+where it runs. Every other key (learning rate, schedule, batch, seed, dtype, ...) needs
+``allow_resume_changes``; the ``model`` section may never change."""
 
 
 @dataclass
@@ -49,19 +65,24 @@ class TrainResult:
     out_dir: Path
     tokens_seen: int
     elapsed_s: float
+    stopped_by: Optional[str] = None
+    """``SIGTERM`` / ``SIGINT`` when a signal stopped the run (after saving ``checkpoint``; the val_* are then
+    None); None when it ran to its end."""
 
 
-def pretrain(config: RunConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+def pretrain(config: RunConfig, *, resume: bool = False, progress: bool = True,
+             handle_signals: bool = False) -> TrainResult:
     """Train ``config.model`` on the prepared data in ``config.data.dir``; checkpoint into ``config.train.out_dir``.
 
     With ``resume`` the run continues exactly from the latest complete checkpoint in out_dir (up to
     ``config.train.max_steps``, which may have been raised). Under ``torchrun`` every process calls
-    this; only rank 0 writes files and shows progress.
+    this; only rank 0 writes files and shows progress. ``handle_signals`` (the CLI's choice): SIGTERM /
+    SIGINT while training save a checkpoint at the next step and return (``stopped_by``).
     """
     config.validate()
     ctx, device = init_distributed(config.train.device)
     try:
-        return _Pretraining(config, ctx, device, resume=resume).run(progress)
+        return _Pretraining(config, ctx, device, resume=resume).run(progress, handle_signals)
     finally:
         cleanup_distributed(ctx)
 
@@ -87,9 +108,11 @@ class _Pretraining:
         block = self.model_config.block_size
         for split in ("train", "val"):
             self.data.require_tokens(split, block + 1)  # one window of inputs plus its shifted targets
+            self.data.check_ids(split, self.model_config.vocab_size)
         self.config_dict = config.to_dict()
         self.config_dict["model"] = dataclasses.asdict(self.model_config)
 
+        self.schedule_steps = tc.lr_decay_steps if tc.lr_decay_steps is not None else tc.max_steps
         resume_from = self._prepare_out_dir(resume)
 
         # Identical initial weights on every process (DDP would broadcast rank 0's anyway).
@@ -106,9 +129,10 @@ class _Pretraining:
                                     rank=ctx.rank, world_size=ctx.world_size)
         self.val: Optional[dict[str, Any]] = None
         self.trainer = Trainer(model, tc, device=device, ctx=ctx, batches=self.sampler, loss_fn=next_token_loss,
-                               lr_at=schedule_for(tc), max_steps=tc.max_steps, evaluate=self._evaluate,
-                               write_checkpoint=self._write_checkpoint, log_interval=tc.log_interval,
-                               max_minutes=tc.max_minutes, compile=tc.compile)
+                               lr_at=schedule_for(tc, decay_steps=self.schedule_steps), max_steps=tc.max_steps,
+                               evaluate=self._evaluate, write_checkpoint=self._write_checkpoint,
+                               extra_state=lambda: {"schedule_steps": self.schedule_steps},
+                               log_interval=tc.log_interval, max_minutes=tc.max_minutes, compile=tc.compile)
         if resume_from is None:
             # Distinct dropout streams per process; rank 0's matches a single-process run.
             seed_everything(tc.seed + ctx.rank)
@@ -132,6 +156,7 @@ class _Pretraining:
                     f"model.{k} is {now[k]!r} but checkpoint {found} was trained with {saved.get(k)!r}; "
                     f"a resumed run must keep the model section unchanged"
                 )
+            self._check_train_changes(found)
             log.info("resuming from %s", found)
             return found
 
@@ -149,24 +174,46 @@ class _Pretraining:
             clear_run_outputs(out)
         return None
 
+    def _check_train_changes(self, found: Path) -> None:
+        """Refuse (or, with allow_resume_changes, log) changed hyperparameters; keep the schedule's length
+        from the run's start unless lr_decay_steps changes it on purpose."""
+        tc = self.tc
+        saved_train = ckpt.read_config(found).get("train") or {}
+        recorded = read_trainer_state(found).get("schedule_steps")
+        if recorded is None:  # a checkpoint from before the length was recorded: what its own config said
+            recorded = saved_train.get("lr_decay_steps") or saved_train.get("max_steps") or tc.max_steps
+        saved = {**saved_train, "lr_decay_steps": recorded}
+        now = dataclasses.asdict(tc)
+        free = RESUME_FREE_KEYS - {"lr_decay_steps"} if tc.lr_decay_steps is not None else RESUME_FREE_KEYS
+        check_resume_changes(saved, now, free=free, allow=tc.allow_resume_changes,
+                             flag="--train.allow_resume_changes", run_dir=self.out_dir)
+        self.schedule_steps = tc.lr_decay_steps if tc.lr_decay_steps is not None else recorded
+        if tc.max_steps > self.schedule_steps:
+            log.warning("the learning-rate schedule keeps the length it started with (%d steps): steps %d..%d run "
+                        "at train.min_lr; to stretch it instead, pass --train.lr_decay_steps=%d with "
+                        "--train.allow_resume_changes=true", self.schedule_steps, self.schedule_steps + 1,
+                        tc.max_steps, tc.max_steps)
+
     # ----------------------------------------------------------------------------------------------
-    def run(self, progress: bool) -> TrainResult:
+    def run(self, progress: bool, handle_signals: bool = False) -> TrainResult:
         tc, trainer = self.tc, self.trainer
         if trainer.step >= tc.max_steps:
             log.info("checkpoint is at step %d and train.max_steps is %d: nothing to train", trainer.step, tc.max_steps)
         log.info("training %d parameters for steps %d..%d, %d tokens per step",
                  self.model.num_parameters(), trainer.step + 1, tc.max_steps, self.sampler.tokens_per_step)
-        outcome = trainer.run(progress=progress)
-        if self.val is None:  # nothing was trained (already at max_steps): still report where the model is
+        outcome = trainer.run(progress=progress, handle_signals=handle_signals)
+        stopped_by = signal_name(outcome.signal) if outcome.signal is not None else None
+        if self.val is None and stopped_by is None:  # nothing was trained: still report where the model is
             self._evaluate(record=False)
         if self.ctx.is_main:
             plot_loss_curve(self.out_dir / METRICS_FILE, self.out_dir / LOSS_CURVE_FILE)
         barrier(self.ctx)
-        val = self.val
+        val = self.val if stopped_by is None else None
         return TrainResult(
-            steps=trainer.step, train_loss=outcome.train_loss, val_loss=val["loss"], val_ppl=val["perplexity"],
-            val_bpb=val["bits_per_byte"], checkpoint=trainer.last_checkpoint, out_dir=self.out_dir,
-            tokens_seen=trainer.tokens_seen, elapsed_s=trainer.elapsed_s,
+            steps=trainer.step, train_loss=outcome.train_loss, val_loss=val and val["loss"],
+            val_ppl=val and val["perplexity"], val_bpb=val and val["bits_per_byte"],
+            checkpoint=trainer.last_checkpoint, out_dir=self.out_dir, tokens_seen=trainer.tokens_seen,
+            elapsed_s=trainer.elapsed_s, stopped_by=stopped_by,
         )
 
     def _evaluate(self, record: bool = True) -> None:
@@ -188,6 +235,8 @@ class _Pretraining:
                 self.trainer.record({"step": step, "val_loss": result["loss"], "val_ppl": result["perplexity"],
                                      "val_bpb": bpb})
         self.val = broadcast_object(result, self.ctx)
+        if not math.isfinite(self.val["loss"]):  # every process raises alike; no checkpoint is written
+            raise self.trainer.nonfinite_evaluation("loss", self.val["loss"])
 
     def _write_checkpoint(self, path: Path, **training_state: Any) -> None:
         ckpt.save_checkpoint(path, self.model, self.tokenizer, self.config_dict, **training_state)

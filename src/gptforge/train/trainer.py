@@ -11,6 +11,18 @@ data position, optimizer, grad scaler, every random state). What differs between
 - ``evaluate()``: called on the evaluation schedule; True stops the run (early stopping);
 - ``write_checkpoint(path, optimizer_state=..., trainer_state=...)``: writes the weights its own way;
 - ``extra_state()``: the caller's own entries of ``trainer_state.json`` (read back from :meth:`Trainer.restore`).
+
+Faults it handles the same way for every run:
+
+- a step whose loss or gradient norm is NaN or infinite is skipped (no weight update), logged and recorded
+  in ``metrics.jsonl`` (``"skipped": true``); ``max_nonfinite_steps`` of them in a row stop the run with
+  :class:`~gptforge.errors.TrainingDiverged`. Every process takes the same decision (one all-reduce of
+  the flags per step). Checkpoints are never written from non-finite weights, and a periodic checkpoint
+  is put off while the latest steps are being skipped, so ``latest`` stays on the last good one;
+- with ``handle_signals``, SIGTERM / SIGINT save a checkpoint at the next step boundary and end the run
+  (:attr:`RunOutcome.signal`); a second signal stops at once (:class:`~.signals.StopSignals`);
+- a resume validates ``trainer_state.json`` and ``optimizer.pt`` (parsing, keys, tensor shapes against the
+  parameters) before anything in the run folder is written, raising CheckpointError.
 """
 
 from __future__ import annotations
@@ -18,24 +30,29 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Union
+from typing import Any, Callable, Collection, Optional, Protocol, Union
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import checkpoint as ckpt
 from ..config import FinetuneConfig, TrainConfig
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..fsutil import write_json_atomic
 from ..runtime import autocast_dtype
-from .distributed import DistContext, all_reduce_mean, barrier, broadcast_object, gather_objects
+from ..weights import first_nonfinite
+from .distributed import (DistContext, all_reduce_mean, barrier, broadcast_object, gather_objects,
+                          max_over_processes)
 from .metrics import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, truncate_metrics
 from .optim import build_optimizer
 from .rng import get_rng_state, seed_everything, set_rng_state
+from .signals import StopSignals, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +90,8 @@ class RunOutcome:
     """``evaluate()`` asked to stop (or the run was already stopped)."""
     out_of_time: bool
     """``max_minutes`` ran out."""
+    signal: Optional[int] = None
+    """The signal (SIGTERM, SIGINT) that stopped the run after a checkpoint; None when none did."""
 
 
 class Trainer:
@@ -120,22 +139,68 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.metrics: Optional[MetricsWriter] = None
         self._t_start = time.monotonic()
+        self.skipped_steps = 0
+        """Steps skipped for a non-finite loss or gradient norm, over the whole run."""
+        self.nonfinite_in_a_row = 0
+        """Consecutive skipped steps up to the current one (0 after a good step)."""
 
     # ----------------------------------------------------------------------------------------------
     def restore(self, path: Path) -> dict[str, Any]:
         """Optimizer, counters, data position, grad scaler and every random state from a checkpoint's
         training files (its weights are the caller's to load); returns the trainer state, whose own
-        entries (``extra_state``) the caller reads back."""
-        self.optimizer.load_state_dict(torch.load(path / ckpt.OPTIMIZER_FILE, map_location=self.device,
-                                                  weights_only=True))
-        state = json.loads((path / ckpt.TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        entries (``extra_state``) the caller reads back.
+
+        Everything is validated first (CheckpointError for a damaged or foreign file, or an optimizer state
+        that does not fit the parameters); nothing on disk is touched."""
+        state = read_trainer_state(path, per_rank=self.per_rank_state)
+        optimizer_state = _load_optimizer_state(path, self.device)
+        self._check_optimizer_state(optimizer_state, path)
+        damaged = f"checkpoint {path}: {ckpt.TRAINER_STATE_FILE} is damaged or was not written by this kind of run"
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: {ckpt.OPTIMIZER_FILE} does not fit this run's optimizer "
+                                  f"({exc})") from None
         self.step, self.tokens_seen, self.elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
-        self.batches.load_state_dict(state)
-        if state.get("grad_scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["grad_scaler"])
-        self._restore_rng(state)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        try:
+            self.batches.load_state_dict(state)
+            if state.get("grad_scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["grad_scaler"])
+            self._restore_rng(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise CheckpointError(f"{damaged} (its data position, grad scaler or random states: "
+                                  f"{type(exc).__name__}: {exc})") from None
         self.last_checkpoint = path
         return state
+
+    def _check_optimizer_state(self, saved: Any, path: Path) -> None:
+        """CheckpointError unless ``saved`` is an AdamW state for exactly these parameters (groups, counts,
+        and the shape of every per-parameter tensor)."""
+        where = f"checkpoint {path}: {ckpt.OPTIMIZER_FILE}"
+        if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+                and isinstance(saved.get("param_groups"), list)):
+            raise CheckpointError(f"{where} is not an optimizer state (no 'state' and 'param_groups')")
+        groups = self.optimizer.param_groups
+        if len(saved["param_groups"]) != len(groups):
+            raise CheckpointError(f"{where} holds {len(saved['param_groups'])} parameter groups, this run's "
+                                  f"optimizer has {len(groups)}; was it written for another model or strategy?")
+        for i, (saved_group, group) in enumerate(zip(saved["param_groups"], groups)):
+            ids = saved_group.get("params") if isinstance(saved_group, dict) else None
+            if not isinstance(ids, list) or len(ids) != len(group["params"]):
+                n = len(ids) if isinstance(ids, list) else "no"
+                raise CheckpointError(f"{where} holds {n} parameters in group {i}, the model being trained has "
+                                      f"{len(group['params'])}; was it written for another model or strategy?")
+            for pid, param in zip(ids, group["params"]):
+                entry = saved["state"].get(pid, {})
+                if not isinstance(entry, dict):
+                    raise CheckpointError(f"{where} is damaged (the state of parameter {pid} is not a dict)")
+                for name, value in entry.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                        raise CheckpointError(
+                            f"{where} does not fit the model: its {name!r} has shape {tuple(value.shape)} for a "
+                            f"parameter of shape {tuple(param.shape)}; was it written for another model?")
 
     def _restore_rng(self, state: dict[str, Any]) -> None:
         rng, ctx = state["rng"], self.ctx
@@ -175,9 +240,13 @@ class Trainer:
             self.metrics.write(record)
 
     # ----------------------------------------------------------------------------------------------
-    def run(self, *, stopped: bool = False, progress: bool = True) -> RunOutcome:
+    def run(self, *, stopped: bool = False, progress: bool = True, handle_signals: bool = False) -> RunOutcome:
         """Train until ``max_steps``, until ``evaluate()`` says stop, or until ``max_minutes`` run out;
-        evaluate and checkpoint on their schedules and at the end."""
+        evaluate and checkpoint on their schedules and at the end.
+
+        ``handle_signals``: while training, SIGTERM / SIGINT save a checkpoint at the next step boundary and
+        end the run (``RunOutcome.signal``); a second one raises KeyboardInterrupt at once. Raises
+        TrainingDiverged after ``max_nonfinite_steps`` skipped steps in a row."""
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -189,27 +258,30 @@ class Trainer:
         last_log = (t_loop, self.tokens_seen)
         train_loss: Optional[float] = None
         out_of_time = False
+        stop_signal: Optional[int] = None
         try:
-            with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
+            with logging_redirect_tqdm() if show_bar else contextlib.nullcontext(), \
+                    StopSignals(handle_signals) as signals:
                 while self.step < self.max_steps and not stopped:
                     lr = self.lr_at(self.step)
                     t0 = time.monotonic()
-                    loss, tokens = self._train_step(lr)
+                    loss, tokens, fault, stop_signal = self._train_step(lr, signals)
                     self.step += 1
                     self.tokens_seen += tokens
                     due = self.step % self.log_interval == 0 or self.step == self.max_steps
-                    # .item() waits for the device: only on logged steps, and inside the step's time.
-                    loss_value = loss.item() if due else None
+                    loss_value = loss if fault is None else None
                     self.train_time += time.monotonic() - t0
                     bar.update(1)
                     now = time.monotonic()
                     if self.max_minutes is not None:  # every process must stop together
                         out_of_time = broadcast_object(now - t_loop >= self.max_minutes * 60, ctx)
                     last = self.step == self.max_steps or out_of_time
-
-                    if due or last:
-                        train_loss = all_reduce_mean(loss.item() if loss_value is None else loss_value,
-                                                     ctx, self.device)
+                    if fault is not None:
+                        self._skipped(lr, fault)
+                    else:
+                        self.nonfinite_in_a_row = 0
+                    if fault is None and (due or last or stop_signal is not None):
+                        train_loss = all_reduce_mean(loss_value, ctx, self.device)
                         tok_s = (self.tokens_seen - last_log[1]) / max(now - last_log[0], 1e-9)
                         last_log = (now, self.tokens_seen)
                         self.record({"step": self.step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
@@ -218,10 +290,22 @@ class Trainer:
                         if not show_bar:
                             log.log(self.step_log_level, "step %d/%d: loss %.4f, lr %.2e, %.0f tok/s",
                                     self.step, self.max_steps, train_loss, lr, tok_s)
+                    if stop_signal is not None:  # no evaluation: a stop is asked to be quick
+                        log.warning("%s received: saving a checkpoint at step %d, then stopping (a second signal "
+                                    "stops at once, without one)", signal_name(stop_signal), self.step)
+                        path = self.save_checkpoint()
+                        log.warning("stopped by %s at step %d; saved %s", signal_name(stop_signal), self.step, path)
+                        break
                     if self.step % config.eval_interval == 0 or last:
                         stopped = bool(self.evaluate())
-                    if self.step % config.checkpoint_interval == 0 or last or stopped:
+                    if last or stopped:
                         self.save_checkpoint()
+                    elif self.step % config.checkpoint_interval == 0:
+                        if self.nonfinite_in_a_row:  # keep `latest` on a step the run was still sound at
+                            log.warning("step %d: checkpoint put off, the last %d step(s) were skipped", self.step,
+                                        self.nonfinite_in_a_row)
+                        else:
+                            self.save_checkpoint()
                     if out_of_time:
                         log.info("train.max_minutes (%g) reached at step %d; stopping", self.max_minutes, self.step)
                         break
@@ -229,10 +313,50 @@ class Trainer:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-        return RunOutcome(train_loss=train_loss, stopped=stopped, out_of_time=out_of_time)
+        return RunOutcome(train_loss=train_loss, stopped=stopped, out_of_time=out_of_time, signal=stop_signal)
 
-    def _train_step(self, lr: float) -> tuple[torch.Tensor, int]:
-        """One optimizer step: (this process's mean micro-batch loss as a detached tensor, tokens)."""
+    def _skipped(self, lr: float, fault: dict[str, float]) -> None:
+        """Count, log and record a step skipped for a non-finite loss or gradient norm; raise
+        TrainingDiverged when there have been ``max_nonfinite_steps`` in a row."""
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.config.max_nonfinite_steps
+        what = _describe_fault(fault)
+        log.warning("step %d: %s; update skipped (%d in a row, %s stops the run)", self.step, what,
+                    self.nonfinite_in_a_row, limit)
+        self.record({"step": self.step, "skipped": True, "train_loss": fault["loss"], "grad_norm": fault["grad_norm"],
+                     "lr": lr, "skipped_steps": self.skipped_steps})
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingDiverged(
+                f"training diverged: {limit} steps in a row had a non-finite loss or gradient norm (step "
+                f"{self.step}: {what}; {self._flag('max_nonfinite_steps')}={limit}); {self._kept()}; resume from it "
+                f"with a lower learning "
+                f"rate ({self._flag('learning_rate')}=... {self._flag('allow_resume_changes')}=true) or "
+                f"stronger clipping ({self._flag('grad_clip')})")
+
+    def nonfinite_evaluation(self, name: str, value: Any) -> TrainingDiverged:
+        """The error for a validation metric that came out NaN or infinite (the caller raises it)."""
+        return TrainingDiverged(
+            f"training diverged: validation {name} is {value} at step {self.step}; {self._kept()}; resume from it "
+            f"with a lower learning rate ({self._flag('learning_rate')}=... "
+            f"{self._flag('allow_resume_changes')}=true)")
+
+    def _kept(self) -> str:
+        kept = ckpt.latest_checkpoint(self.out_dir) if self.ctx.is_main else self.last_checkpoint
+        if kept is None:
+            return "no checkpoint was saved"
+        return f"nothing more was saved, and {kept} is still the latest checkpoint"
+
+    def _flag(self, name: str) -> str:
+        return f"--train.{name}" if isinstance(self.config, TrainConfig) else f"--{name}"
+
+    def _train_step(self, lr: float, signals: StopSignals
+                    ) -> tuple[float, int, Optional[dict[str, float]], Optional[int]]:
+        """One optimizer step: (this process's mean micro-batch loss, tokens, the fault that made every process
+        skip the update or None, the signal that some process received or None).
+
+        The loss and gradient norm are read back every step (one wait for the device), and one all-reduce
+        makes every process agree on skipping and on stopping."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = self.batches.next_step()
@@ -249,13 +373,27 @@ class Trainer:
                     loss = self.loss_fn(self.runner, batch) / n
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        if self.config.grad_clip > 0:
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
+        loss_value, norm_value = torch.stack([total.float(), norm.float().to(total.device)]).tolist()
+        # An infinite gradient under fp16 loss scaling is the scaler's business (it skips and lowers the scale).
+        bad = not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value))
+        # A signal that came during this step (it is read now) ends the run after it.
+        any_bad, any_signal = max_over_processes([float(bad), float(signals.signum or 0)], self.ctx, self.device)
+        fault = None
+        if any_bad:
+            # Gradient norms agree after the all-reduce; losses do not: report the mean (NaN if any is).
+            fault = {"loss": all_reduce_mean(loss_value, self.ctx, self.device), "grad_norm": norm_value}
+        else:
+            self.scaler.step(self.optimizer)
+        if self.scaler.is_enabled():
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, tokens
+        return loss_value, tokens, fault, int(any_signal) or None
 
     def _to_device(self, batch: Any) -> Any:
         if self.device.type != "cuda":
@@ -267,22 +405,33 @@ class Trainer:
         return type(batch)(move(t) for t in batch)
 
     def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoints/step-N`` (on the main process), point ``latest`` at it, prune old ones."""
+        """Write ``out_dir/checkpoints/step-N`` (on the main process), point ``latest`` at it, prune old ones.
+
+        Weights holding a NaN or an infinity are never written: TrainingDiverged, and ``latest`` and the
+        older checkpoints stay as they are (every process sees the same weights, so all raise alike)."""
+        bad = first_nonfinite(self.model.state_dict())
+        if bad is not None:
+            raise TrainingDiverged(
+                f"training diverged: the weights hold non-finite values ({bad}) at step {self.step}, so no "
+                f"checkpoint was written; {self._kept()}; resume from it with a lower learning rate "
+                f"({self._flag('learning_rate')}=... {self._flag('allow_resume_changes')}=true)")
         # Every process contributes its random state (dropout streams differ per rank).
         rng_states = gather_objects(get_rng_state(self.device), self.ctx)
         name = f"step-{self.step:07d}"
         path = self.out_dir / ckpt.CHECKPOINTS_DIR / name
         if self.ctx.is_main:
             trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_s,
+                             "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                              **self.batches.state_dict(), **self.extra_state(),
                              "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
             if self.per_rank_state:
                 trainer_state.update(world_size=self.ctx.world_size, rng=rng_states)
             else:
                 trainer_state["rng"] = rng_states[0]
+            # latest moves, and older checkpoints are pruned, only once this one is written.
             self.write_checkpoint(path, optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state)
             ckpt.update_latest(self.out_dir, name)
-            ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+            ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints, protect=(name,))
         self.last_checkpoint = path
         barrier(self.ctx)
         return path
@@ -300,3 +449,81 @@ def clear_run_outputs(out_dir: Path, *files: str) -> None:
     for name in (METRICS_FILE, LOSS_CURVE_FILE, *files):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+
+
+def _describe_fault(fault: dict[str, float]) -> str:
+    loss, norm = fault["loss"], fault["grad_norm"]
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    return f"non-finite gradient norm ({norm}) at loss {loss:.4f}"
+
+
+def read_trainer_state(path: Path, *, per_rank: bool = True) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path``, checked for the entries every run restores (step,
+    counters, random states); CheckpointError, naming the file, for a damaged or foreign one."""
+    file = path / ckpt.TRAINER_STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {file} ({type(exc).__name__}: {exc}); resume from an earlier "
+                              f"checkpoint or start afresh") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} is not a trainer state (not a JSON object)")
+    checks = {"step": _is_count, "tokens_seen": _is_count,
+              "elapsed_s": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "rng": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v)) if per_rank
+              else (lambda v: isinstance(v, dict)),
+              "schedule_steps": lambda v: v is None or (_is_count(v) and v > 0)}
+    if per_rank:
+        checks["world_size"] = lambda v: _is_count(v) and v > 0
+    for key, ok in checks.items():
+        if key == "schedule_steps" and key not in state:
+            continue  # written since the schedule's length is fixed at the run's start
+        if key not in state:
+            raise CheckpointError(f"{file} has no {key!r} entry: it is damaged or was not written by this kind of "
+                                  f"run; resume from an earlier checkpoint or start afresh")
+        if not ok(state[key]):
+            raise CheckpointError(f"{file} has an invalid {key!r} entry ({str(state[key])[:40]!r}): it is damaged; "
+                                  f"resume from an earlier checkpoint or start afresh")
+    return state
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _load_optimizer_state(path: Path, device: torch.device) -> Any:
+    file = path / ckpt.OPTIMIZER_FILE
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except Exception as exc:  # a truncated zip, a foreign pickle, a missing file: all mean "cannot resume"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot read {file} ({reason[:200]}); resume from an earlier checkpoint or "
+                              f"start afresh") from None
+
+
+def check_resume_changes(saved: dict[str, Any], now: dict[str, Any], *, free: Collection[str], allow: bool,
+                         flag: str, run_dir: Path) -> list[tuple[str, Any, Any]]:
+    """The settings of ``now`` (a config section as a dict) that differ from the ``saved`` one a resumed run
+    was started with, leaving out the ``free`` ones (where it stops, how often it evaluates, ...).
+
+    ConfigError listing them unless ``allow`` (the ``flag`` option); with it, a warning lists them."""
+    changes = [(k, saved[k], v) for k, v in now.items() if k in saved and k not in free and not same_setting(saved[k], v)]
+    if not changes:
+        return []
+    listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in changes)
+    if not allow:
+        raise ConfigError(f"--resume would change {listed} from what the run in {run_dir} was started with; "
+                          f"leave them as they were to continue it exactly, or add {flag}=true to change them "
+                          f"on purpose")
+    log.warning("resuming %s with changed settings (%s): %s", run_dir, flag, listed)
+    return changes
+
+
+def same_setting(saved: Any, now: Any) -> bool:
+    """Equal values, or two spellings of the same local path."""
+    if saved == now:
+        return True
+    if isinstance(saved, str) and isinstance(now, str) and saved and now and Path(saved).exists() and Path(now).exists():
+        return Path(saved).resolve() == Path(now).resolve()
+    return False

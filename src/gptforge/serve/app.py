@@ -846,7 +846,7 @@ class _Job:
 def _stopped_error(reason: str) -> ApiError:
     """Why a request ended before its last token, when the client is still there and it did not time out."""
     if reason == "abort":
-        return ApiError(503, "the server is shutting down now (a second stop signal); the request did not finish",
+        return ApiError(503, "the server is shutting down now; the request did not finish",
                         type="server_error", code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
     if reason == "error":  # a fault of the server (logged by the scheduler), not of the request
         return ApiError(500, "internal error: the model failed while answering this request", type="server_error")

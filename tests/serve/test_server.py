@@ -487,6 +487,15 @@ def test_classify_checkpoint(tmp_path):
         assert one["data"][0]["label"] == data[0]["label"]
         r = httpx.post(live.url + "/v1/completions", json={"model": "sentiment", "prompt": "a"}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_task"
+        for empty in ("", ["good", ""]):  # nothing to classify (an IndexError and a 500 before)
+            assert_error(httpx.post(live.url + "/v1/classify", json={"input": empty}, timeout=30), 400, "input",
+                         message="is empty")
+        # Weights broken in memory: the probabilities are NaN; the answer carries null, never NaN.
+        with torch.no_grad():
+            live.state.gpt.ln_f.weight.fill_(float("nan"))
+        r = httpx.post(live.url + "/v1/classify", json={"input": ["good day", "bad day"]}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [d["probabilities"] for d in strict_json(r.text)["data"]] == [{"neg": None, "pos": None}] * 2
     finally:
         live.close()
 
@@ -782,3 +791,37 @@ def test_fuzzed_bodies_never_get_a_5xx_or_an_off_shape_error(client):
             assert error["param"] is None or error["param"] in fields, (text, error)  # a field, given or missing
 
     check()
+
+
+def test_a_model_failure_is_a_500_in_shape_and_the_server_serves_on(lm_checkpoint):
+    """The one 5xx left is the server's own fault (here a decode step raising, as out-of-memory would): a 500
+    in OpenAI's shape, or for a stream an error event then [DONE]; the next request is served."""
+    config = ServeConfig(checkpoint=str(lm_checkpoint), device="cpu")
+    live = LiveServer(config, load_served_checkpoint(config))
+    scheduler = live.state.scheduler
+    decode, fail = scheduler._decode, [False]
+
+    def decode_or_fail():
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("out of memory (simulated)")
+        decode()
+
+    scheduler._decode = decode_or_fail
+    body = {"model": "tiny-lm", "prompt": "ab", "max_tokens": 5, "temperature": 0}
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            fail[0] = True
+            error = assert_error(c.post("/v1/completions", json=body), 500, None)
+            assert error["type"] == "server_error" and "the model failed" in error["message"]
+            fail[0] = True
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                lines = [l for l in r.iter_lines() if l]
+            assert lines[-1] == "data: [DONE]"
+            assert strict_json(lines[-2][6:])["error"]["type"] == "server_error"
+            ok = c.post("/v1/completions", json=body)
+            assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == \
+                engine_completion(live, "ab", max_new_tokens=5, temperature=0).text
+            assert c.get("/health").json()["status"] == "ok"
+    finally:
+        live.close()

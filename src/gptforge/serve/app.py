@@ -530,6 +530,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         if len(texts) > MAX_CLASSIFY_TEXTS:
             raise _bad(f"at most {MAX_CLASSIFY_TEXTS} texts per request, got {len(texts)}", param="input")
+        prompt_tokens = 0
+        for i, text in enumerate(texts):
+            n_tokens = len(state.tokenizer.encode(text))
+            if not n_tokens:  # nothing for the classifier to read
+                raise _bad(f"input {i} is empty; every text needs at least one token", param="input")
+            prompt_tokens += n_tokens
         from ..evaluate.predict import classify_texts
 
         try:
@@ -537,18 +543,19 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         except SchedulerStopped:
             raise _shutting_down() from None
         # asyncio.wait, not wait_for: a job the stopping scheduler cancels must not look like this task's own
-        # cancellation (wrap_future would raise CancelledError here).
-        done, _ = await asyncio.wait({asyncio.wrap_future(future)}, timeout=state.config.request_timeout)
+        # cancellation (awaiting the wrapped future would raise CancelledError here).
+        waiter = asyncio.wrap_future(future)
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even after a timeout
+        done, _ = await asyncio.wait({waiter}, timeout=state.config.request_timeout)
         if not done:
             future.cancel()
             raise ApiError(504, "the request timed out", type="timeout", code="timeout")
-        if future.cancelled():
+        if waiter.cancelled():
             raise _shutting_down()
         try:
-            results = future.result()
+            results = waiter.result()
         except GptforgeError as exc:
             raise _bad(str(exc), param="input") from None
-        prompt_tokens = sum(len(state.tokenizer.encode(t)) for t in texts)
         return {"object": "list", "model": state.model_name,
                 "data": [{"index": i, "object": "classification", "label": r["label"],
                           "probabilities": r["probabilities"]} for i, r in enumerate(results)],
@@ -834,6 +841,9 @@ class _Job:
             else:
                 error = _stopped_error(exc.reason).response_body()
             yield f"data: {json_text(error)}\n\n"
+        except Exception:  # a bug: logged; the stream still ends as the protocol says, with an error event
+            log.exception("unexpected error streaming %s", self.id)
+            yield f"data: {json_text(openai_error('internal error', type='server_error'))}\n\n"
         else:
             if self.req.include_usage:
                 yield self._chunk([], usage=self._usage(choices))

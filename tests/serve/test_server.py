@@ -650,8 +650,8 @@ def test_a_body_that_is_not_json_is_415(client, content_type):
 
 def test_json_with_a_charset_or_without_a_content_type_is_read(client):
     body = json.dumps({"model": "tiny-lm", "prompt": "ab", "max_tokens": 2}).encode()
-    for headers in ({"Content-Type": "application/json; charset=utf-8"}, {"Content-Type": "Application/JSON;charset=UTF8"},
-                    {}):
+    for headers in ({"Content-Type": "application/json; charset=utf-8"},
+                    {"Content-Type": "Application/JSON;charset=UTF8"}, {}):
         request = client.build_request("POST", "/v1/completions", content=body, headers=headers)
         assert ("content-type" in request.headers) == bool(headers)  # httpx adds none for bytes
         r = client.send(request)
@@ -697,8 +697,8 @@ def test_omitted_max_tokens_fits_the_context(client):
     # An explicit max_tokens beyond the context is still the client's error, and says so.
     assert_error(client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "a" * 120, "max_tokens": 9}),
                  400, "max_tokens", code="context_length_exceeded")
-    chat = client.post("/v1/chat/completions", json={"model": "tiny-lm", "messages": [{"role": "user", "content": "b" * 90}],
-                                                     "temperature": 0})
+    chat = client.post("/v1/chat/completions", json={"model": "tiny-lm", "temperature": 0,
+                                                     "messages": [{"role": "user", "content": "b" * 90}]})
     assert chat.status_code == 200, chat.text
     assert client.get("/v1/models").json()["data"][0]["context_length"] == 128
 
@@ -748,7 +748,8 @@ def test_openapi_json_is_served_behind_the_key(server, client, bpe_server):
         assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].startswith("#/components/schemas/")
         assert {"400", "401", "413", "415", "503"} <= set(post["responses"]) and "422" not in post["responses"]
     body = schema["components"]["schemas"]["CompletionRequest"]
-    assert {"model", "prompt", "seed", "max_tokens"} <= set(body["properties"]) and body["additionalProperties"] is False
+    assert {"model", "prompt", "seed", "max_tokens"} <= set(body["properties"])
+    assert body["additionalProperties"] is False
     assert schema["components"]["schemas"]["ErrorDetail"]["required"] == ["message", "type"]
     # every reference resolves
     refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema))
@@ -765,11 +766,11 @@ def test_fuzzed_bodies_never_get_a_5xx_or_an_off_shape_error(client):
     scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-3, max_value=40)
                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
                | st.sampled_from(["tiny-lm", "user", "system", "text", "\ud800"]))
-    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                          | st.dictionaries(st.sampled_from(["role", "content", "type", "text", "x"]), inner, max_size=3),
+    keys = st.sampled_from(["role", "content", "type", "text", "x"])
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
                           max_leaves=8)
-    fields = ["model", "prompt", "messages", "input", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
-              "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs",
+    fields = ["model", "prompt", "messages", "input", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+              "n", "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs",
               "top_logprobs", "echo", "user", "bogus"]
     bodies = st.dictionaries(st.sampled_from(fields), values, max_size=6)
 

@@ -474,7 +474,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         if state.draining:
-            return StrictJSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            return StrictJSONResponse({"status": "draining"}, status_code=503,
+                                      headers={"Retry-After": str(RETRY_AFTER_S)})
         if not state.scheduler.alive:
             return StrictJSONResponse({"status": "scheduler stopped"}, status_code=503)
         return {"status": "ok", "model": state.model_name, "task": state.task}
@@ -801,9 +802,10 @@ class _Job:
             raise _stopped_error(exc.reason) from None
         finally:
             await events.aclose()
-        return StrictJSONResponse({"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
-                             "created": self.created, "model": self.state.model_name,
-                             "choices": [c.final() for c in choices], "usage": self._usage(choices)})
+        return StrictJSONResponse({"id": self.id,
+                                   "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                                   "created": self.created, "model": self.state.model_name,
+                                   "choices": [c.final() for c in choices], "usage": self._usage(choices)})
 
     def _usage(self, choices) -> dict[str, int]:
         prompt = sum(len(ids) for ids in self.prompts_ids)

@@ -750,7 +750,7 @@ def test_openapi_json_is_served_behind_the_key(server, client, bpe_server):
     body = schema["components"]["schemas"]["CompletionRequest"]
     assert {"model", "prompt", "seed", "max_tokens"} <= set(body["properties"])
     assert body["additionalProperties"] is False
-    assert schema["components"]["schemas"]["ErrorDetail"]["required"] == ["message", "type"]
+    assert schema["components"]["schemas"]["ErrorDetail"]["required"] == ["message", "type", "param", "code"]
     # every reference resolves
     refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema))
     assert refs and set(refs) <= set(schema["components"]["schemas"])

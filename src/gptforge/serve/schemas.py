@@ -50,8 +50,9 @@ def check_generate_option(name: str, value: Any) -> Any:
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: Optional[str]
+    """The request field at fault, or null."""
+    code: Optional[str]
 
 
 class ErrorResponse(BaseModel):

@@ -455,8 +455,9 @@ class ServeConfig(InferenceConfig):
     port: int = 8000
     """TCP port to listen on."""
     api_key: Optional[str] = None
-    """When set, every route but /health needs the header `Authorization: Bearer <api_key>` (`gptforge
-    serve` reads the GPTFORGE_API_KEY environment variable when the flag is not given)."""
+    """When set, every route but /health and the chat page needs the header `Authorization: Bearer <api_key>`
+    (printable ASCII, no spaces; `gptforge serve` reads the GPTFORGE_API_KEY environment variable when the
+    flag is not given)."""
     model_name: Optional[str] = None
     """The model id clients name in requests and /v1/models lists; None uses the checkpoint folder's name."""
     max_batch_size: int = 16
@@ -488,8 +489,15 @@ class ServeConfig(InferenceConfig):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
-        if self.api_key is not None and not self.api_key:
-            raise ConfigError("api_key must not be empty (leave it unset to serve without a key)")
+        if self.api_key is not None:
+            if not self.api_key:
+                raise ConfigError("api_key must not be empty (leave it unset to serve without a key)")
+            # The key travels in the header `Authorization: Bearer <key>`: HTTP header values are bytes, and
+            # clients send non-ASCII characters in other encodings or not at all, so such a key never matches.
+            bad = next(((i, c) for i, c in enumerate(self.api_key) if not "!" <= c <= "~"), None)
+            if bad is not None:
+                raise ConfigError(f"api_key must be printable ASCII without spaces (it is sent in an HTTP header); "
+                                  f"character {bad[0] + 1} is {bad[1]!r} (U+{ord(bad[1]):04X})")
         return self
 
 

@@ -163,11 +163,15 @@ def browser(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------------
+CHARS = list("abcdefghijklmnopqrstuvwxyz .,?!\n<>|")
+CONTEXT = 128  # the demo model's context
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    tok = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,?!\n<>|"))
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
+    tok = CharTokenizer(CHARS)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=CONTEXT, n_layer=1, n_head=2, n_embd=16))
     path = tmp_path_factory.mktemp("page") / "ckpt"
     save_checkpoint(path, model, tok, {"model": vars(model.config)})
     return path
@@ -218,7 +222,75 @@ def test_page_is_self_contained():
         assert label in html
 
 
+def open_page(browser, url: str, *, fresh: bool = False) -> None:
+    """The page at ``url``, its models listed with the key (``fresh``: as on a first visit, nothing stored)."""
+    browser.call("Page.navigate", session=True, url=url + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
+    if fresh:
+        browser.evaluate("localStorage.clear()")
+        browser.call("Page.navigate", session=True, url=url + "/")
+        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
+    browser.type("#api_key", API_KEY)
+    browser.evaluate("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+    browser.wait_for("document.getElementById('model').options.length > 0")
+
+
+def send_and_wait(browser, text: str) -> None:
+    """Send ``text`` as a person would and wait until its reply (or its error) is done."""
+    before = browser.evaluate("document.querySelectorAll('.message.user, .message.error').length")
+    browser.type("#prompt", text)
+    browser.click("#send")
+    browser.wait_for(f"document.querySelectorAll('.message.user, .message.error').length > {before}")
+    browser.wait_for("document.getElementById('send').disabled === false", timeout=60)
+
+
+def test_page_sizes_max_tokens_to_the_models_context(server, browser):
+    """The page reads context_length from /v1/models: on the demo model's 128 tokens its default max tokens is 64
+    (half the context, at most 256; it was a fixed 256, so the first message got a 400). A reply that would
+    overflow the context is asked again without max_tokens (the server then fits it); a conversation that fills
+    the context says so."""
+    from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
+
+    open_page(browser, server, fresh=True)
+    assert browser.evaluate("document.getElementById('max_tokens').value") == str(CONTEXT // 2)
+    assert browser.evaluate("document.getElementById('max_tokens').max") == str(CONTEXT - 1)
+
+    send_and_wait(browser, "hello there")
+    assert browser.evaluate("document.querySelector('.message.error')") is None
+    assert browser.evaluate("document.querySelector('.message.assistant').dataset.state") == "done"
+    reply = browser.evaluate("document.querySelector('.message.assistant .content').textContent")
+    assert len(reply) <= CONTEXT // 2
+
+    # A message of 100 prompt tokens: 100 + 64 > 128, but 28 tokens are left. No error: the reply fits them.
+    browser.click("#new-chat")
+    tok = CharTokenizer(CHARS)
+    overhead = len(encode_chat_prompt(tok, [{"role": "user", "content": ""}], DEFAULT_CHAT_TEMPLATE))
+    send_and_wait(browser, "a" * (100 - overhead))
+    assert browser.evaluate("document.querySelector('.message.error')") is None, \
+        browser.evaluate("document.querySelector('.message.error').textContent")
+    assert browser.evaluate("document.querySelector('.message.assistant').dataset.state") == "done"
+    note = browser.evaluate("document.querySelector('.message.assistant .note').textContent")
+    assert "shortened to fit the model's context" in note
+    assert len(browser.evaluate("document.querySelector('.message.assistant .content').textContent")) <= 28
+
+    # A message that fills the context by itself: the server's error, shown; the text goes back in the box.
+    browser.click("#new-chat")
+    send_and_wait(browser, "b" * CONTEXT)
+    error = browser.evaluate("document.querySelector('.message.error').textContent")
+    assert "HTTP 400" in error and "context is 128 tokens" in error
+    assert browser.evaluate("document.getElementById('prompt').value") == "b" * CONTEXT
+
+    # Set by the person, the value is kept (and stored), whatever the context.
+    browser.evaluate("""(() => { const e = document.getElementById('max_tokens'); e.value = '10';
+                                 e.dispatchEvent(new Event('change')); })()""")
+    open_page(browser, server)
+    assert browser.evaluate("document.getElementById('max_tokens').value") == "10"
+
+
 def test_served_page_streams_a_reply(server, browser):
+    browser.call("Page.navigate", session=True, url=server + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
+    browser.evaluate("localStorage.clear()")  # a first visit: no key or settings kept from another test
     browser.call("Page.navigate", session=True, url=server + "/")
     browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
     # The server wants a key: the page says the models could not be listed until one is given.

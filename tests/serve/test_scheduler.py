@@ -238,3 +238,42 @@ def test_batch_invariance_is_off_by_default_on_a_gpu():
     model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)).cuda()
     assert Scheduler(model, tokenizer).batch_invariant is False
     assert Scheduler(model, tokenizer, batch_invariant=True).batch_invariant is True
+
+
+def test_a_failing_decode_step_fails_its_rows_and_the_scheduler_serves_on(model_and_tokenizer, monkeypatch):
+    """An exception in a decode step (out of memory, say) used to end the scheduler thread: every later request
+    got 503 until a restart. Now the rows of that step end with "error" and the next requests are served."""
+    model, tokenizer = model_and_tokenizer
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4).start()
+    config = GenerateConfig(max_new_tokens=6, temperature=0)
+    decode = scheduler._decode
+    calls = []
+
+    def failing_once():
+        calls.append(len(scheduler._running))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        decode()
+
+    monkeypatch.setattr(scheduler, "_decode", failing_once)
+    events: list[list] = [[], []]
+    finished = threading.Semaphore(0)
+
+    def sink_for(j):
+        def sink(event):
+            events[j].append(event)
+            if event.finish_reason is not None:
+                finished.release()
+        return sink
+
+    try:
+        scheduler.submit([Sequence(tokenizer.encode("abc"), config, sink_for(0)),
+                          Sequence(tokenizer.encode("hello"), config, sink_for(1))])
+        assert finished.acquire(timeout=60) and finished.acquire(timeout=60)
+        assert [e[-1].finish_reason for e in events] == ["error", "error"]
+        assert scheduler.alive and scheduler.stats.running == 0 and scheduler._running == []
+        # The next request decodes to the end, with the engine's tokens.
+        after = collect(scheduler, lambda sink: [Sequence(tokenizer.encode("abc"), config, sink(0))])
+    finally:
+        scheduler.stop(timeout=10)
+    assert after == run(model, tokenizer, [("abc", config, None)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import random
 import socket
 import threading
@@ -23,7 +24,7 @@ from gptforge.generate import generate, generate_ids
 from gptforge.heads import TaskModel
 from gptforge.model import GPT
 from gptforge.serve import create_app
-from gptforge.serve.app import load_served_checkpoint
+from gptforge.serve.app import load_served_checkpoint, server_config
 from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE, CharTokenizer, encode_chat_prompt
 from tests.model_utils import save_tiny_checkpoint
 
@@ -35,7 +36,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 class LiveServer:
-    """uvicorn serving ``create_app(config, checkpoint)`` on a free 127.0.0.1 port in a thread."""
+    """uvicorn serving ``create_app(config, checkpoint)`` on a free 127.0.0.1 port in a thread, configured as
+    ``gptforge serve`` configures it (:func:`server_config`)."""
 
     def __init__(self, config: ServeConfig, checkpoint):
         import uvicorn
@@ -44,9 +46,11 @@ class LiveServer:
         self.state = self.app.state.server
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        uv_config = server_config(self.app, config, log_level="warning")
+        uv_config.timeout_graceful_shutdown = 2
+        self.server = uvicorn.Server(uv_config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -483,6 +487,15 @@ def test_classify_checkpoint(tmp_path):
         assert one["data"][0]["label"] == data[0]["label"]
         r = httpx.post(live.url + "/v1/completions", json={"model": "sentiment", "prompt": "a"}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_task"
+        for empty in ("", ["good", ""]):  # nothing to classify (an IndexError and a 500 before)
+            assert_error(httpx.post(live.url + "/v1/classify", json={"input": empty}, timeout=30), 400, "input",
+                         message="is empty")
+        # Weights broken in memory: the probabilities are NaN; the answer carries null, never NaN.
+        with torch.no_grad():
+            live.state.gpt.ln_f.weight.fill_(float("nan"))
+        r = httpx.post(live.url + "/v1/classify", json={"input": ["good day", "bad day"]}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [d["probabilities"] for d in strict_json(r.text)["data"]] == [{"neg": None, "pos": None}] * 2
     finally:
         live.close()
 
@@ -497,3 +510,319 @@ def test_served_model_is_prepacked_and_decodes_ragged(server):
     assert scheduler._ragged is True  # one batched forward with row_starts per decode step
     assert any(isinstance(m, PackedLinear) for m in server.state.model.modules())
     assert linears_batch_invariant(server.state.model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Malformed input: always a 4xx in OpenAI's shape, naming the field at fault; answers are strict JSON.
+def strict_json(text: str):
+    """``text`` parsed as strict JSON: NaN and Infinity are refused, as every JSON parser but Python's does."""
+    def refuse(constant):
+        raise AssertionError(f"{constant} in an answer: not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def assert_error(r, status: int, param, code=None, message: str = "") -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = strict_json(r.text)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    assert message in error["message"]
+    return error
+
+
+def post_raw(client, path: str, body: str):
+    """``body`` sent as written (JSON escapes such as "\\ud800" included), as application/json."""
+    return client.post(path, content=body.encode("utf-8"), headers={"Content-Type": "application/json"})
+
+
+LONE_SURROGATES = [  # (route, body with a lone surrogate as a JSON escape, the field named)
+    ("/v1/completions", '{"model": "MODEL", "prompt": "ab\\ud800c", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"model": "MODEL", "prompt": "ab\\udfffc", "max_tokens": 2, "echo": true}', "prompt"),
+    ("/v1/completions", '{"model": "MODEL", "prompt": ["ok", "\\ud800"], "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"model": "MODEL", "prompt": "ab", "stop": ["\\ud800"], "max_tokens": 2}', "stop"),
+    ("/v1/completions", '{"model": "MODEL", "prompt": "ab", "user": "\\udc00", "max_tokens": 2}', "user"),
+    ("/v1/completions", '{"model": "MODEL\\ud800", "prompt": "ab"}', "model"),
+    ("/v1/completions", '{"model": "MODEL", "prompt": "ab", "\\ud800": 1}', None),
+    ("/v1/chat/completions", '{"model": "MODEL", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+    ("/v1/chat/completions", '{"model": "MODEL", "messages": [{"role": "user", "content": [{"type": "text", '
+                             '"text": "x\\udbff"}]}]}', "messages"),
+    ("/v1/chat/completions", '{"model": "MODEL", "messages": [{"role": "user", "content": "hi", "\\ud800": 1}]}',
+     "messages"),
+    ("/v1/classify", '{"input": ["fine", "\\ud800"]}', "input"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", LONE_SURROGATES)
+def test_lone_surrogates_are_400_on_a_char_model(client, path, body, param):
+    r = post_raw(client, path, body.replace("MODEL", "tiny-lm"))
+    assert_error(r, 400, param, code="invalid_unicode", message="lone surrogate")
+
+
+def test_a_surrogate_pair_is_one_character_not_an_error(client):
+    r = post_raw(client, "/v1/completions", '{"model": "tiny-lm", "prompt": "a\\ud83d\\ude00", "max_tokens": 2, '
+                                            '"echo": true, "temperature": 0}')
+    assert r.status_code == 200, r.text
+    assert strict_json(r.text)["choices"][0]["text"].startswith("a\U0001F600")
+
+
+@pytest.fixture(scope="module")
+def bpe_server(tmp_path_factory):
+    from gptforge.tokenizer import BPETokenizer
+
+    torch.manual_seed(0)
+    tok = BPETokenizer.train(iter(["the quick brown fox jumps over the lazy dog. " * 50]), vocab_size=300)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    path = save_checkpoint(tmp_path_factory.mktemp("serve-bpe") / "tiny-bpe", model, tok, {"model": vars(model.config)})
+    config = ServeConfig(checkpoint=str(path), device="cpu")
+    live = LiveServer(config, load_served_checkpoint(config))
+    yield live
+    live.close()
+
+
+def test_lone_surrogates_are_400_on_a_bpe_model(bpe_server):
+    """The byte-level BPE tokenizer refuses such a string (`TextInputSequence must be str`: a 500 before)."""
+    with httpx.Client(base_url=bpe_server.url, timeout=30) as c:
+        for path, body, param in LONE_SURROGATES:
+            if path == "/v1/classify":
+                continue
+            assert_error(post_raw(c, path, body.replace("MODEL", "tiny-bpe")), 400, param, code="invalid_unicode")
+        ok = c.post("/v1/completions", json={"model": "tiny-bpe", "prompt": "the fox \U0001F600", "max_tokens": 3,
+                                             "echo": True})
+        assert ok.status_code == 200 and strict_json(ok.text)["choices"][0]["text"].startswith("the fox \U0001F600")
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_invalid_utf8_is_400(client):
+    for body in (b'{"model": "tiny-lm", "prompt": "\xff"}', b'{"model": "tiny-lm", "prompt": "\xed\xa0\x80"}',
+                 b"\xc3"):
+        r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert_error(r, 400, None, message="not valid UTF-8")
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, 2 ** 63, -2 ** 63 - 1, 10 ** 30])
+def test_seed_outside_int64_is_400(client, seed):
+    """A seed torch cannot take failed in the scheduler's prefill (503, "the server stopped") before."""
+    for path, body in (("/v1/completions", {"prompt": "ab"}), ("/v1/chat/completions",
+                                                               {"messages": [{"role": "user", "content": "hi"}]})):
+        r = client.post(path, json={"model": "tiny-lm", **body, "max_tokens": 2, "seed": seed})
+        assert_error(r, 400, "seed", message="seed: ")
+
+
+def test_seeds_at_the_int64_limits_work_for_every_choice(client):
+    for seed in (2 ** 63 - 1, -2 ** 63):
+        r = client.post("/v1/completions", json={"model": "tiny-lm", "prompt": ["ab", "cd"], "max_tokens": 2,
+                                                 "seed": seed, "n": 3})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 6
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 2 ** 64), ("max_tokens", 2 ** 64), ("max_tokens", -2 ** 64), ("logprobs", 2 ** 64), ("logprobs", -2 ** 70),
+    ("temperature", 10 ** 400), ("top_p", -10 ** 30), ("presence_penalty", 2 ** 64), ("prompt", [2 ** 64]),
+    ("prompt", [[1, -2 ** 64]]),
+])
+def test_huge_integers_are_400_naming_the_field(client, field, value):
+    body = {"model": "tiny-lm", "prompt": "ab", "max_tokens": 2, field: value}
+    assert_error(post_raw(client, "/v1/completions", json.dumps(body)), 400, field)
+
+
+@pytest.mark.parametrize("field, value", [("max_completion_tokens", 2 ** 64), ("top_logprobs", 2 ** 64),
+                                          ("n", -2 ** 64), ("seed", 2 ** 64)])
+def test_huge_integers_in_chat_are_400_naming_the_field(client, field, value):
+    body = {"model": "tiny-lm", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, field: value}
+    assert_error(post_raw(client, "/v1/chat/completions", json.dumps(body)), 400, field)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          "application/json; charset=latin-1", "text/json", "application/jsonx"])
+def test_a_body_that_is_not_json_is_415(client, content_type):
+    body = json.dumps({"model": "tiny-lm", "prompt": "ab", "max_tokens": 2})
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/classify"):
+        r = client.post(path, content=body, headers={"Content-Type": content_type})
+        error = assert_error(r, 415, None, code="unsupported_media_type")
+        if content_type.startswith("application/x-www-form-urlencoded"):  # what curl -d sends
+            assert "-H 'Content-Type: application/json'" in error["message"]
+
+
+def test_json_with_a_charset_or_without_a_content_type_is_read(client):
+    body = json.dumps({"model": "tiny-lm", "prompt": "ab", "max_tokens": 2}).encode()
+    for headers in ({"Content-Type": "application/json; charset=utf-8"},
+                    {"Content-Type": "Application/JSON;charset=UTF8"}, {}):
+        request = client.build_request("POST", "/v1/completions", content=body, headers=headers)
+        assert ("content-type" in request.headers) == bool(headers)  # httpx adds none for bytes
+        r = client.send(request)
+        assert r.status_code == 200, (headers, r.text)
+
+
+def raw_http(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: abc\r\n\r\n{}",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+])
+def test_malformed_http_gets_a_json_400(server, request_bytes):
+    """uvicorn answers these itself (the app never sees them); its protocol is told to answer in JSON."""
+    head, _, body = raw_http(server.port, request_bytes).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower()
+    error = strict_json(body.decode())["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_http_request"
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_omitted_max_tokens_fits_the_context(client):
+    """OpenAI's default of 16 new tokens is lowered to what the context leaves (128 tokens here), so leaving it out
+    never fails for length alone; a prompt that fills the context is still an error, naming the prompt."""
+    r = client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "a" * 120, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert 1 <= r.json()["usage"]["completion_tokens"] <= 8
+    r = client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "a" * 10, "temperature": 0})
+    assert r.json()["usage"]["completion_tokens"] <= 16
+    assert_error(client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "a" * 128}), 400, "prompt",
+                 code="context_length_exceeded")
+    # An explicit max_tokens beyond the context is still the client's error, and says so.
+    assert_error(client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "a" * 120, "max_tokens": 9}),
+                 400, "max_tokens", code="context_length_exceeded")
+    chat = client.post("/v1/chat/completions", json={"model": "tiny-lm", "temperature": 0,
+                                                     "messages": [{"role": "user", "content": "b" * 90}]})
+    assert chat.status_code == 200, chat.text
+    assert client.get("/v1/models").json()["data"][0]["context_length"] == 128
+
+
+@pytest.fixture(scope="module")
+def nan_server(lm_checkpoint):
+    """A model whose final layer norm is NaN (loaders refuse such weights on disk; this one is broken in memory):
+    every logit and log-probability is NaN."""
+    config = ServeConfig(checkpoint=str(lm_checkpoint), device="cpu")
+    ckpt = load_served_checkpoint(config)
+    with torch.no_grad():
+        ckpt.model.ln_f.weight.fill_(float("nan"))
+    live = LiveServer(config, ckpt)
+    yield live
+    live.close()
+
+
+def test_non_finite_logprobs_are_null_never_nan(nan_server):
+    with httpx.Client(base_url=nan_server.url, timeout=30) as c:
+        for temperature in (0, 1):
+            r = c.post("/v1/completions", json={"model": "tiny-lm", "prompt": "ab", "max_tokens": 3, "logprobs": 2,
+                                                "temperature": temperature})
+            assert r.status_code == 200, r.text
+            lp = strict_json(r.text)["choices"][0]["logprobs"]
+            assert lp["token_logprobs"] == [None] * 3
+            assert all(v is None for top in lp["top_logprobs"] for v in top.values())
+            r = c.post("/v1/chat/completions", json={"model": "tiny-lm", "messages": [{"role": "user", "content": "x"}],
+                                                     "max_tokens": 2, "logprobs": True, "top_logprobs": 2,
+                                                     "temperature": temperature})
+            assert r.status_code == 200, r.text
+            content = strict_json(r.text)["choices"][0]["logprobs"]["content"]
+            assert [e["logprob"] for e in content] == [None, None]
+        with c.stream("POST", "/v1/completions", json={"model": "tiny-lm", "prompt": "ab", "max_tokens": 3,
+                                                       "logprobs": 1, "stream": True}) as r:
+            lines = [l for l in r.iter_lines() if l]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [strict_json(l[6:]) for l in lines[:-1]]
+        assert [c["choices"][0]["logprobs"]["token_logprobs"] for c in chunks] == [[None]] * 3
+
+
+def test_openapi_json_is_served_behind_the_key(server, client, bpe_server):
+    assert_error(httpx.get(server.url + "/openapi.json"), 401, None, code="invalid_api_key")
+    schema = client.get("/openapi.json").json()
+    assert schema["openapi"].startswith("3.")
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/classify"):
+        post = schema["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].startswith("#/components/schemas/")
+        assert {"400", "401", "413", "415", "503"} <= set(post["responses"]) and "422" not in post["responses"]
+    body = schema["components"]["schemas"]["CompletionRequest"]
+    assert {"model", "prompt", "seed", "max_tokens"} <= set(body["properties"])
+    assert body["additionalProperties"] is False
+    assert schema["components"]["schemas"]["ErrorDetail"]["required"] == ["message", "type", "param", "code"]
+    # every reference resolves
+    refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema))
+    assert refs and set(refs) <= set(schema["components"]["schemas"])
+    # a server without a key serves it openly
+    assert httpx.get(bpe_server.url + "/openapi.json").status_code == 200
+
+
+def test_fuzzed_bodies_never_get_a_5xx_or_an_off_shape_error(client):
+    """Arbitrary JSON under the request fields' names (wrong types, nesting, huge numbers, odd strings): 200 or a
+    4xx in OpenAI's shape, never a 5xx. (benchmarks/faults.py sends 10,000 and more.)"""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-3, max_value=40)
+               | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+               | st.sampled_from(["tiny-lm", "user", "system", "text", "\ud800"]))
+    keys = st.sampled_from(["role", "content", "type", "text", "x"])
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
+                          max_leaves=8)
+    fields = ["model", "prompt", "messages", "input", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+              "n", "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs",
+              "top_logprobs", "echo", "user", "bogus"]
+    bodies = st.dictionaries(st.sampled_from(fields), values, max_size=6)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/classify"]), body=bodies)
+    def check(path, body):
+        text = json.dumps(body)  # json.dumps escapes a lone surrogate as \ud800, as a client would send it
+        r = client.post(path, content=text.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (path, text, r.text)
+        if r.status_code == 200:
+            if r.headers["content-type"].startswith("text/event-stream"):
+                lines = [l for l in r.text.splitlines() if l]
+                assert lines[-1] == "data: [DONE]" and all(strict_json(l[6:]) for l in lines[:-1])
+            else:
+                strict_json(r.text)
+        else:
+            error = strict_json(r.text)["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["param"] is None or error["param"] in fields, (text, error)  # a field, given or missing
+
+    check()
+
+
+def test_a_model_failure_is_a_500_in_shape_and_the_server_serves_on(lm_checkpoint):
+    """The one 5xx left is the server's own fault (here a decode step raising, as out-of-memory would): a 500
+    in OpenAI's shape, or for a stream an error event then [DONE]; the next request is served."""
+    config = ServeConfig(checkpoint=str(lm_checkpoint), device="cpu")
+    live = LiveServer(config, load_served_checkpoint(config))
+    scheduler = live.state.scheduler
+    decode, fail = scheduler._decode, [False]
+
+    def decode_or_fail():
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("out of memory (simulated)")
+        decode()
+
+    scheduler._decode = decode_or_fail
+    body = {"model": "tiny-lm", "prompt": "ab", "max_tokens": 5, "temperature": 0}
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            fail[0] = True
+            error = assert_error(c.post("/v1/completions", json=body), 500, None)
+            assert error["type"] == "server_error" and "the model failed" in error["message"]
+            fail[0] = True
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                lines = [l for l in r.iter_lines() if l]
+            assert lines[-1] == "data: [DONE]"
+            assert strict_json(lines[-2][6:])["error"]["type"] == "server_error"
+            ok = c.post("/v1/completions", json=body)
+            assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == \
+                engine_completion(live, "ab", max_new_tokens=5, temperature=0).text
+            assert c.get("/health").json()["status"] == "ok"
+    finally:
+        live.close()

@@ -7,22 +7,28 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 as server-sent events ending in ``data: [DONE]``), ``POST /v1/classify`` (classification checkpoints),
 ``GET /health``, ``GET /metrics`` (Prometheus text) and the chat page at ``/``.
 
-Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request,
-401 for a missing or wrong API key, 404/405 for an unknown route or method, 413 for an oversized body,
-503 (with Retry-After) when the queue is full or the server is draining, 504 when a request runs past
-``request_timeout``. The model runs on one thread (:class:`~gptforge.serve.scheduler.Scheduler`); the
-event loop only parses, queues and relays tokens.
+Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
+(also malformed HTTP, which uvicorn answers itself: :func:`server_config` gives it a protocol that answers
+in this shape), 401 for a missing or wrong API key, 404/405 for an unknown route or method, 413 for an
+oversized body, 415 for a body that is not JSON, 503 (with Retry-After) when the queue is full or the
+server is draining, 504 when a request runs past ``request_timeout``. Every answer is strict JSON: a
+non-finite float (a log-probability of a broken model) is sent as null, never as ``NaN``. The model runs
+on one thread (:class:`~gptforge.serve.scheduler.Scheduler`); the event loop only parses, queues and
+relays tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import re
 import secrets
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -31,23 +37,53 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from ..config import GenerateConfig, ServeConfig
 from ..errors import GptforgeError
+from ..fsutil import json_safe
 from .metrics import Metrics
 from .scheduler import QueueFull, Scheduler, SchedulerStopped, Sequence, TokenEvent
-from .schemas import (ChatCompletionRequest, ClassifyRequest, CompletionRequest, first_error, openai_error)
+from .schemas import (DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, ClassifyRequest, CompletionRequest,
+                      ErrorResponse, first_error, openai_error)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "load_served_checkpoint", "run_server", "ServerState"]
+__all__ = ["create_app", "load_served_checkpoint", "run_server", "server_config", "ServerState"]
 
 STATIC_DIR = Path(__file__).parent / "static"
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/health", "/metrics", "/")
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/health", "/metrics",
+          "/openapi.json", "/")
 OPEN_ROUTES = ("/health", "/")  # the chat page holds no data; it asks for the key itself
 RETRY_AFTER_S = 1
 MAX_CLASSIFY_TEXTS = 256
 POLL_S = 0.2  # how often a waiting handler checks its client and its deadline
+ABORT_GRACE_S = 0.5  # after a second signal: time for open streams to send their error event before exit
+JSON_CHARSETS = ("utf-8", "utf8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict JSON out: no NaN or Infinity (not JSON), no lone surrogates (not UTF-8).
+def json_text(content: Any) -> str:
+    """``content`` as strict JSON text: a non-finite float becomes null (a broken model's log-probability
+    or class probability; the answer's shape is kept), a lone surrogate U+FFFD."""
+    try:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # a NaN or an infinity somewhere: the rare case pays for the walk
+        text = json.dumps(json_safe(content), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+class StrictJSONResponse(JSONResponse):
+    """A JSONResponse that renders with :func:`json_text`; every JSON answer of the app is one."""
+
+    def render(self, content: Any) -> bytes:
+        return json_text(content).encode("utf-8")
 
 
 class ApiError(Exception):
@@ -57,9 +93,11 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    def response_body(self) -> dict:
+        return openai_error(self.message, type=self.type, param=self.param, code=self.code)
+
     def response(self) -> JSONResponse:
-        return JSONResponse(openai_error(self.message, type=self.type, param=self.param, code=self.code),
-                            status_code=self.status, headers=self.headers)
+        return StrictJSONResponse(self.response_body(), status_code=self.status, headers=self.headers)
 
 
 def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
@@ -86,6 +124,11 @@ class ServerState:
                                    max_queue=config.max_queue, batch_invariant=config.batch_invariant)
         self.metrics = Metrics(self._gauges)
         self.draining = False
+        self.aborting = False  # a second signal: open requests end now with an error
+        self.loop: Optional[asyncio.AbstractEventLoop] = None  # the event loop serving (set by the lifespan)
+        # Generation requests being answered (event loop only); weak, so that a stream whose body was never
+        # iterated (the client left first) does not stay here.
+        self.jobs: "weakref.WeakSet[_Job]" = weakref.WeakSet()
         self._in_flight = 0
         self._lock = threading.Lock()
 
@@ -113,6 +156,22 @@ class ServerState:
     def leave(self) -> None:
         with self._lock:
             self._in_flight -= 1
+
+    def abort(self) -> None:
+        """End every open request now (safe from any thread, a signal handler included): each stream sends an
+        error event and ``data: [DONE]``, each waiting request a 503; the scheduler stops after its step."""
+        self.draining = self.aborting = True
+        self.scheduler.stop(timeout=0)
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._abort_jobs)
+            except RuntimeError:  # the loop closed meanwhile: nothing is open any more
+                pass
+
+    def _abort_jobs(self) -> None:  # event loop
+        for job in list(self.jobs):
+            job.abort()
 
     def _gauges(self) -> dict[str, tuple[str, str, float]]:
         s = self.scheduler.stats
@@ -175,8 +234,7 @@ class _Gate:
                 return ApiError(401, "missing or wrong API key (send the header 'Authorization: Bearer <key>')",
                                 type="authentication_error", code="invalid_api_key")
         if state.draining and path != "/health":
-            return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
+            return _shutting_down()
         length = headers.get("content-length")
         if length is not None:
             try:
@@ -186,6 +244,11 @@ class _Gate:
             if too_big:
                 return _too_large(state.config.max_request_bytes)
         return None
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _too_large(limit: int) -> ApiError:
@@ -214,16 +277,25 @@ def create_app(config: ServeConfig, checkpoint=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         if not state.scheduler.alive:
             state.scheduler.start()
         log.info("serving %s (%s) as %r", checkpoint.path, state.task, state.model_name)
         yield
         state.scheduler.stop(timeout=10)
 
-    app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    from .. import __version__
+
+    # /openapi.json is served (behind the key when one is set); the docs pages are not: they load
+    # their scripts from a CDN, and the chat page is the browser's way in.
+    app = FastAPI(title="gptforge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", default_response_class=StrictJSONResponse,
+                  description="An OpenAI-compatible API serving one gptforge checkpoint. Every error is "
+                              '{"error": {"message", "type", "param", "code"}}.')
     app.state.server = state
     _add_error_handlers(app)
     _add_routes(app, state)
+    _add_openapi(app)
     app.add_middleware(_Gate, state=state)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
@@ -241,30 +313,148 @@ def _add_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = {404: f"no route {request.url.path}", 405: f"method {request.method} is not allowed on "
                    f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(openai_error(message, type=kind), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return StrictJSONResponse(openai_error(message, type=kind), status_code=exc.status_code,
+                                  headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, exc: _ClientGone):  # nobody is listening; recorded in the metrics
+        return StrictJSONResponse({}, status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # a bug: logged, answered in the same shape
         log.exception("unexpected error answering %s", request.url.path)
-        return JSONResponse(openai_error("internal error", type="server_error"), status_code=500)
+        return StrictJSONResponse(openai_error("internal error", type="server_error"), status_code=500)
+
+
+_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+           "/v1/classify": ClassifyRequest}
+_ERRORS = {400: "a malformed request (the field at fault is `param`)", 401: "a missing or wrong API key",
+           413: "a body over --max-request-bytes", 415: "a body that is not application/json",
+           503: "the queue is full or the server is shutting down (see Retry-After)",
+           504: "the request ran past --request-timeout"}
+
+
+def _add_openapi(app: FastAPI) -> None:
+    """The routes read their bodies themselves (strict types, 400s in OpenAI's shape, not FastAPI's 422s);
+    the schema still describes each body and the error shape, for clients and for schema-driven fuzzers."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (*_BODIES.values(), ErrorResponse):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for path, item in schema.get("paths", {}).items():
+            for method, operation in item.items():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)  # FastAPI's own validation error; this server answers 400
+                codes = [401] if app.state.server.config.api_key is not None and path not in OPEN_ROUTES else []
+                if method == "post":
+                    codes = [400, *codes, 413, 415, 503] + ([504] if path in _BODIES else [])
+                    operation["requestBody"] = {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{_BODIES[path].__name__}"}}}}
+                for code in codes:
+                    responses[str(code)] = {"description": _ERRORS[code], **error}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 # --------------------------------------------------------------------------------------------------
-async def _read_json(request: Request, limit: int, model_cls):
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise _too_large(limit)
+class _ClientGone(Exception):
+    """The client hung up before its request body arrived."""
+
+
+def _check_content_type(request: Request) -> None:
+    """JSON bodies only (415 otherwise), in UTF-8. A request without a Content-Type is read as JSON: OpenAI's
+    clients always send one, and a bare ``curl --data-binary @body.json`` sends none."""
+    value = request.headers.get("content-type")
+    if value is None:
+        return
+    media, _, params = value.partition(";")
+    media = media.strip().lower()
+    shown = value if len(value) <= 80 else value[:80] + "..."
+    if media != "application/json":
+        hint = " (curl -d sends a form; add -H 'Content-Type: application/json')" if media.startswith(
+            "application/x-www-form-urlencoded") else ""
+        raise ApiError(415, f"the body must be JSON, sent with 'Content-Type: application/json'; got {shown!r}{hint}",
+                       code="unsupported_media_type")
+    for param in params.split(";"):
+        name, _, charset = param.partition("=")
+        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in JSON_CHARSETS:
+            raise ApiError(415, f"JSON bodies must be UTF-8; got {shown!r}", code="unsupported_media_type")
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(data: dict) -> tuple[bool, Optional[str]]:
+    """Whether a string (or a key) in ``data`` holds a lone surrogate (``"\\ud800"``: valid JSON, not valid
+    Unicode, no tokenizer can take it), and the top-level field it sits in (None: a key of the body)."""
+    stack: list[tuple[Any, Optional[str]]] = []
+    for key, value in data.items():
+        if _not_unicode(key):
+            return True, None
+        stack.append((value, key))
+    while stack:
+        value, field = stack.pop()
+        if isinstance(value, str):
+            if _not_unicode(value):
+                return True, field
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _not_unicode(k):
+                    return True, field
+                stack.append((v, field))
+        elif isinstance(value, list):
+            stack.extend((v, field) for v in value)
+    return False, None
+
+
+def _not_unicode(text: str) -> bool:
+    if text.isascii():
+        return False
     try:
-        data = json.loads(bytes(body).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+async def _read_json(request: Request, limit: int, model_cls):
+    _check_content_type(request)
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise _too_large(limit)
+    except ClientDisconnect:
+        raise _ClientGone() from None
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad(f"the body is not valid UTF-8: byte 0x{body[exc.start]:02x} at position {exc.start}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
         raise _bad(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise _bad("the body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise _bad(f"the body must be a JSON object, got {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(body):  # only a \uD800-\uDFFF escape makes a surrogate
+        found, param = _lone_surrogate(data)
+        if found:
+            where = f"{param} holds" if param is not None else "a field name is"
+            raise _bad(f"{where} a lone surrogate (an unpaired \\uD800-\\uDFFF escape), which is not valid Unicode",
+                       param=param, code="invalid_unicode")
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
@@ -284,9 +474,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         if state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            return StrictJSONResponse({"status": "draining"}, status_code=503,
+                                      headers={"Retry-After": str(RETRY_AFTER_S)})
         if not state.scheduler.alive:
-            return JSONResponse({"status": "scheduler stopped"}, status_code=503)
+            return StrictJSONResponse({"status": "scheduler stopped"}, status_code=503)
         return {"status": "ok", "model": state.model_name, "task": state.task}
 
     @app.get("/metrics")
@@ -301,7 +492,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return FileResponse(page, media_type="text/html")
 
     @app.get("/v1/models")
-    async def models():
+    async def models():  # context_length: the page (and any client) sizes max_tokens by it
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
                                             "owned_by": "gptforge", "task": state.task,
                                             "context_length": state.block_size}]}
@@ -315,7 +506,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if req.echo and req.logprobs is not None:
             raise _bad("echo together with logprobs is not supported", param="echo")
         job = _Job(state, request, kind="completion", req=req, prompts_ids=prompts_ids,
-                   max_tokens=req.max_tokens, logprobs=req.logprobs,
+                   max_tokens=req.max_tokens, default_tokens=DEFAULT_COMPLETION_TOKENS, logprobs=req.logprobs,
                    echo_texts=prompt_texts if req.echo else None)
         return await job.respond()
 
@@ -340,21 +531,32 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         if len(texts) > MAX_CLASSIFY_TEXTS:
             raise _bad(f"at most {MAX_CLASSIFY_TEXTS} texts per request, got {len(texts)}", param="input")
+        prompt_tokens = 0
+        for i, text in enumerate(texts):
+            n_tokens = len(state.tokenizer.encode(text))
+            if not n_tokens:  # nothing for the classifier to read
+                raise _bad(f"input {i} is empty; every text needs at least one token", param="input")
+            prompt_tokens += n_tokens
         from ..evaluate.predict import classify_texts
 
         try:
             future = state.scheduler.run_job(lambda: classify_texts(state.model, state.tokenizer, texts, state.labels))
         except SchedulerStopped:
-            raise ApiError(503, "the server is shutting down", type="server_error",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        try:
-            results = await asyncio.wait_for(asyncio.wrap_future(future), state.config.request_timeout)
-        except asyncio.TimeoutError:
+            raise _shutting_down() from None
+        # asyncio.wait, not wait_for: a job the stopping scheduler cancels must not look like this task's own
+        # cancellation (awaiting the wrapped future would raise CancelledError here).
+        waiter = asyncio.wrap_future(future)
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even after a timeout
+        done, _ = await asyncio.wait({waiter}, timeout=state.config.request_timeout)
+        if not done:
             future.cancel()
-            raise ApiError(504, "the request timed out", type="timeout", code="timeout") from None
+            raise ApiError(504, "the request timed out", type="timeout", code="timeout")
+        if waiter.cancelled():
+            raise _shutting_down()
+        try:
+            results = waiter.result()
         except GptforgeError as exc:
             raise _bad(str(exc), param="input") from None
-        prompt_tokens = sum(len(state.tokenizer.encode(t)) for t in texts)
         return {"object": "list", "model": state.model_name,
                 "data": [{"index": i, "object": "classification", "label": r["label"],
                           "probabilities": r["probabilities"]} for i, r in enumerate(results)],
@@ -409,7 +611,10 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
 class _Cancelled(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
-        self.reason = reason  # "timeout" | "disconnected" | "server"
+        self.reason = reason  # "timeout" | "disconnected" | "server" (stopped) | "error" (the model failed) | "abort"
+
+
+_ABORT = TokenEvent(-1, "", finish_reason="abort")  # queued by ServerState.abort (a second signal)
 
 
 class _EventPump:
@@ -460,7 +665,10 @@ class _Job:
     """One completion or chat request: its sequences, their events, and the response built from them."""
 
     def __init__(self, state: ServerState, request: Request, *, kind: str, req, prompts_ids: list[list[int]],
-                 max_tokens: Optional[int], logprobs: Optional[int], echo_texts: Optional[list[str]] = None):
+                 max_tokens: Optional[int], logprobs: Optional[int], echo_texts: Optional[list[str]] = None,
+                 default_tokens: Optional[int] = None):
+        """``max_tokens`` None: ``default_tokens`` (None: the rest of the context), lowered to what the context
+        leaves after each prompt, so that leaving it out never fails for length alone."""
         self.state, self.request, self.kind, self.req = state, request, kind, req
         self.prompts_ids = prompts_ids
         self.logprobs = logprobs
@@ -477,7 +685,9 @@ class _Job:
         block = state.block_size
         self.max_tokens = []
         for ids in prompts_ids:
-            limit = max_tokens if max_tokens is not None else block - len(ids)
+            room = block - len(ids)
+            limit = max_tokens if max_tokens is not None else room if default_tokens is None else min(default_tokens,
+                                                                                                      room)
             if len(ids) + max(limit, 1) > block:
                 param = "messages" if kind == "chat" else "prompt"
                 if max_tokens is not None and len(ids) < block:
@@ -538,7 +748,11 @@ class _Job:
         try:
             while left:
                 event = await self._next_event()
-                if event.finish_reason in ("cancelled", "error"):
+                if event.finish_reason == "abort":
+                    raise _Cancelled("abort")
+                if event.finish_reason == "error":
+                    raise _Cancelled("error")
+                if event.finish_reason == "cancelled":
                     raise _Cancelled("timeout" if time.monotonic() >= self.deadline else "server")
                 if event.finish_reason is not None:
                     left -= 1
@@ -547,22 +761,30 @@ class _Job:
             if left:
                 self._cancel_all()
 
+    def abort(self) -> None:  # event loop
+        self.events.put_nowait(_ABORT)
+
     def _submit(self) -> None:
+        if self.state.aborting:
+            raise _shutting_down()
         try:
             self.state.scheduler.submit(self.sequences)
         except QueueFull as exc:
             raise ApiError(503, f"the server is busy: {exc}; retry later", type="server_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except SchedulerStopped:
-            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise _shutting_down() from None
 
     async def respond(self):
         self._submit()
+        self.state.jobs.add(self)
         if self.req.stream:
             return StreamingResponse(self._stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._complete()
+        try:
+            return await self._complete()
+        finally:
+            self.state.jobs.discard(self)
 
     # -- non-streaming --------------------------------------------------------------------------------
     async def _complete(self) -> JSONResponse:
@@ -576,14 +798,14 @@ class _Job:
                 raise ApiError(504, f"the request did not finish within {self.state.config.request_timeout} s",
                                type="timeout", code="timeout") from None
             if exc.reason == "disconnected":
-                return JSONResponse({}, status_code=499)  # nobody is listening; recorded in the metrics only
-            raise ApiError(503, "the server stopped before the request finished", type="server_error",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                return StrictJSONResponse({}, status_code=499)  # nobody is listening; recorded in the metrics only
+            raise _stopped_error(exc.reason) from None
         finally:
             await events.aclose()
-        return JSONResponse({"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
-                             "created": self.created, "model": self.state.model_name,
-                             "choices": [c.final() for c in choices], "usage": self._usage(choices)})
+        return StrictJSONResponse({"id": self.id,
+                                   "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                                   "created": self.created, "model": self.state.model_name,
+                                   "choices": [c.final() for c in choices], "usage": self._usage(choices)})
 
     def _usage(self, choices) -> dict[str, int]:
         prompt = sum(len(ids) for ids in self.prompts_ids)
@@ -596,7 +818,7 @@ class _Job:
                 "created": self.created, "model": self.state.model_name, "choices": choices}
         if usage is not None:
             body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return f"data: {json_text(body)}\n\n"
 
     async def _stream(self) -> AsyncIterator[str]:
         choices = [_Choice(self, seq.index) for seq in self.sequences]
@@ -615,15 +837,33 @@ class _Job:
         except _Cancelled as exc:
             if exc.reason == "disconnected":
                 return
-            message = ("the request did not finish within the server's timeout" if exc.reason == "timeout"
-                       else "the server stopped before the request finished")
-            yield f"data: {json.dumps(openai_error(message, type='timeout' if exc.reason == 'timeout' else 'server_error'))}\n\n"
+            if exc.reason == "timeout":
+                error = openai_error("the request did not finish within the server's timeout", type="timeout",
+                                     code="timeout")
+            else:
+                error = _stopped_error(exc.reason).response_body()
+            yield f"data: {json_text(error)}\n\n"
+        except Exception:  # a bug: logged; the stream still ends as the protocol says, with an error event
+            log.exception("unexpected error streaming %s", self.id)
+            yield f"data: {json_text(openai_error('internal error', type='server_error'))}\n\n"
         else:
             if self.req.include_usage:
                 yield self._chunk([], usage=self._usage(choices))
         finally:
             await events.aclose()
+            self.state.jobs.discard(self)
         yield "data: [DONE]\n\n"
+
+
+def _stopped_error(reason: str) -> ApiError:
+    """Why a request ended before its last token, when the client is still there and it did not time out."""
+    if reason == "abort":
+        return ApiError(503, "the server is shutting down now; the request did not finish",
+                        type="server_error", code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if reason == "error":  # a fault of the server (logged by the scheduler), not of the request
+        return ApiError(500, "internal error: the model failed while answering this request", type="server_error")
+    return ApiError(503, "the server stopped before the request finished", type="server_error",
+                    code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class _Choice:
@@ -699,7 +939,9 @@ def run_server(config: ServeConfig, app: Optional[FastAPI] = None, *, sockets=No
     """Serve ``config`` on uvicorn until SIGINT/SIGTERM.
 
     The first signal starts draining: new requests get 503, in-flight ones finish (for up to
-    ``shutdown_grace`` seconds), then the server exits. A second signal stops at once.
+    ``shutdown_grace`` seconds), then the server exits. A second signal stops at once: every open stream
+    ends with an error event and ``data: [DONE]``, every waiting request gets a 503, and the process exits
+    (within ABORT_GRACE_S of the signal, a third signal at once).
     """
     import uvicorn
 
@@ -707,19 +949,91 @@ def run_server(config: ServeConfig, app: Optional[FastAPI] = None, *, sockets=No
     state: ServerState = app.state.server
 
     class DrainingServer(uvicorn.Server):
+        # Runs in the main thread between two bytecodes of the event loop: only flags are set here, and
+        # ServerState.abort hands the loop its work through call_soon_threadsafe.
         def handle_exit(self, sig, frame) -> None:
-            if state.draining:
-                return super().handle_exit(sig, frame)
-            state.draining = True
-            log.info("shutting down: finishing %d request(s) in flight, refusing new ones", state.in_flight)
-            threading.Thread(target=self._drain, name="gptforge-drain", daemon=True).start()
+            if not state.draining:
+                state.draining = True
+                log.info("shutting down: finishing %d request(s) in flight, refusing new ones", state.in_flight)
+                threading.Thread(target=self._drain, name="gptforge-drain", daemon=True).start()
+            elif not state.aborting:
+                log.warning("stopping now: ending %d open request(s) with an error", len(state.jobs))
+                state.abort()
+                self.should_exit = True
+                timer = threading.Timer(ABORT_GRACE_S, self._force_exit)
+                timer.daemon = True
+                timer.start()
+            else:
+                self._force_exit()
+
+        def _force_exit(self) -> None:
+            self.force_exit = self.should_exit = True
 
         def _drain(self) -> None:
             deadline = time.monotonic() + config.shutdown_grace
             while state.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if state.in_flight > 0:
+                log.warning("%d request(s) still in flight after %g s (--shutdown-grace): ending them",
+                            state.in_flight, config.shutdown_grace)
+                state.abort()
             self.should_exit = True
 
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
-                               timeout_graceful_shutdown=5, access_log=False)
-    DrainingServer(uv_config).run(sockets=sockets)
+    _warn_if_open(config)
+    DrainingServer(server_config(app, config, log_level=log_level)).run(sockets=sockets)
+
+
+def server_config(app: FastAPI, config: ServeConfig, *, log_level: str = "info"):
+    """uvicorn's configuration for ``app``: the HTTP protocol answers malformed HTTP in OpenAI's error shape."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                          timeout_graceful_shutdown=5, access_log=False, http=json_error_http_protocol())
+
+
+def _warn_if_open(config: ServeConfig) -> None:
+    if config.api_key is None and not _is_loopback(config.host):
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
+                    "(set --api-key or GPTFORGE_API_KEY)", config.host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+_PROTOCOLS: dict[type, type] = {}
+
+
+def json_error_http_protocol() -> type:
+    """uvicorn's HTTP/1.1 protocol (h11 or httptools, whichever uvicorn picks) whose own 400 for a request it
+    cannot parse (a junk Content-Length, a malformed request line or header) is JSON in OpenAI's shape
+    instead of plain text. The request never reaches the app; uvicorn closes the connection after it."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    base = AutoHTTPProtocol
+    if base not in _PROTOCOLS:
+        class JSONErrorHTTPProtocol(base):  # type: ignore[misc, valid-type]
+            def send_400_response(self, msg: str) -> None:
+                cycle = getattr(self, "cycle", None)
+                if cycle is not None and cycle.response_started and not cycle.response_complete:
+                    self.transport.close()  # mid-response (pipelining): nothing can be written cleanly
+                    return
+                body = json_text(openai_error(
+                    "invalid HTTP request: a malformed request line or header (such as a Content-Length that is "
+                    "not a number)", code="invalid_http_request")).encode("utf-8")
+                head = [b"HTTP/1.1 400 Bad Request\r\n"]
+                for name, value in self.server_state.default_headers:
+                    head.append(name + b": " + value + b"\r\n")
+                head += [b"content-type: application/json\r\n",
+                         b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                         b"connection: close\r\n\r\n"]
+                self.transport.write(b"".join(head) + body)
+                self.transport.close()
+
+        _PROTOCOLS[base] = JSONErrorHTTPProtocol
+    return _PROTOCOLS[base]

@@ -278,7 +278,20 @@ class Scheduler:
         self._drop_cancelled(now)
         self._admit(now)
         if self._running:
-            self._decode()
+            try:
+                self._decode()
+            except Exception:  # e.g. out of memory: fail the rows of this step, keep serving the next requests
+                log.exception("decode step failed")
+                self._fail_running()
+
+    def _fail_running(self) -> None:
+        """End every running sequence with "error" and empty the batch (their cache rows may be half-written)."""
+        rows, self._running = self._running, []
+        self.stats.running = 0
+        self._length = 0
+        for seq in rows:
+            seq.slot = -1
+            self._emit(seq, TokenEvent(seq.index, "", finish_reason=_reported(FinishReason.ERROR)))
 
     def _drop_cancelled(self, now: float) -> None:
         for seq in list(self._running):
@@ -307,12 +320,12 @@ class Scheduler:
                 continue
             try:
                 last = self._prefill(seq)
+                self._choose([seq], last)
             except Exception:  # e.g. out of memory: fail this sequence, keep serving the rest
                 log.exception("prefill failed")
                 self._emit(seq, TokenEvent(seq.index, "", finish_reason=_reported(FinishReason.ERROR)))
                 self._discard_cache_row(seq)
                 continue
-            self._choose([seq], last)
             if seq.finished:
                 self._discard_cache_row(seq)
 

@@ -20,6 +20,9 @@ from ..errors import ConfigError
 MAX_TEMPERATURE = 2.0
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 63 - 1  # OpenAI's: a signed 64-bit integer (choice i samples with seed + i)
+DEFAULT_COMPLETION_TOKENS = 16
+"""OpenAI's default ``max_tokens`` for /v1/completions; the server lowers it to what the context leaves."""
 
 GENERATE_OPTIONS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                     "temperature": "temperature", "top_p": "top_p", "n": "num_return_sequences",
@@ -42,6 +45,20 @@ def check_generate_option(name: str, value: Any) -> Any:
             message = name + message[len(option):]
         raise ValueError(message) from None
     return value
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    """The request field at fault, or null."""
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers: OpenAI's shape (for /openapi.json; :func:`openai_error` builds it)."""
+
+    error: ErrorDetail
 
 
 def openai_error(message: str, *, type: str = "invalid_request_error", param: Optional[str] = None,
@@ -67,7 +84,7 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: Optional[str] = None
@@ -106,7 +123,8 @@ class _SamplingRequest(_Strict):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = 16
+    max_tokens: Optional[int] = None
+    """None: OpenAI's default (16), lowered to what the context leaves after the prompt."""
     logprobs: Optional[int] = None
     echo: bool = False
 

@@ -287,6 +287,7 @@ def test_a_prompt_file_that_is_not_utf8_names_the_file_line_and_byte(capsys, bpe
                                            "context of 128 tokens; shorten the prompt or lower max_new_tokens"),
     ("KING: " * 100, [], "the prompt (400 tokens) leaves no room to generate in the model's context of 128 tokens; "
                          "shorten the prompt"),
+    ("KING:", ["--seed", str(2**64)], f"seed must be a 64-bit signed integer (-2**63 .. 2**63-1), got {2**64}"),
     ("KING:", ["--min-new-tokens", "126"], "min_new_tokens (126) is more than the 125 new tokens the model's "
                                            "context of 128 tokens leaves after the prompt (3 tokens)"),
 ])

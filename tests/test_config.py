@@ -87,6 +87,8 @@ def test_unknown_preset_file_and_bad_yaml(tmp_path):
     (dict(top_k=0), "top_k must be at least 1"),
     (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
     (dict(num_return_sequences=0), "num_return_sequences must be at least 1"),
+    (dict(seed=2**64), "seed must be a 64-bit signed integer"),
+    (dict(seed=-2**63 - 1), "seed must be a 64-bit signed integer"),
 ])
 def test_generate_config_ranges(kwargs, message):
     with pytest.raises(ConfigError) as err:

@@ -324,6 +324,10 @@ class GenerateConfig:
                 f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
                 f"got {self.min_new_tokens}"
             )
+        if self.seed is not None and not -2**63 <= self.seed <= 2**63 - 1:
+            # A signed 64-bit integer, as OpenAI's API takes; row r uses seed + r, which torch's generators
+            # accept up to 2**64 - 1.
+            raise ConfigError(f"seed must be a 64-bit signed integer (-2**63 .. 2**63-1), got {self.seed}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:

@@ -55,7 +55,7 @@ def first_nonfinite(state: dict[str, torch.Tensor]) -> Optional[str]:
 
     A tensor's sum is finite exactly when every element is, unless finite elements overflow it; only then
     (a non-finite sum) are the elements checked one by one. The sum reads the tensor once without
-    allocating a mask: about 16 ms for GPT-2 124M's weights on 2 CPU threads, against 290 ms for
+    allocating a mask: for GPT-2 124M's weights about 60 ms on one CPU thread, against 1.0 s for
     ``torch.isfinite(t).all()``.
     """
     for name, tensor in state.items():

@@ -29,7 +29,7 @@ from .errors import CheckpointError, ConfigError, DataError
 from .fsutil import check_output_dir, publish_folder
 from .model import GPT
 from .tokenizer import EOS_TOKEN, BPETokenizer, load_tokenizer
-from .weights import Checkpoint, build_model, check_finite, load_state_dict, unwrap_model
+from .weights import Checkpoint, build_model, check_finite, first_nonfinite, load_state_dict, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +411,9 @@ def export_hf(ckpt: Checkpoint, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     check_output_dir(out, replaceable=is_hf_folder(out), what="a Hugging Face model folder")
     state = _hf_state_from(model)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"refusing to export to {out}: tensor {bad} holds NaN or infinite values")
     tokenizer = ckpt.tokenizer
     is_bpe = isinstance(tokenizer, BPETokenizer)
     eos_id = tokenizer.eos_id if is_bpe else None

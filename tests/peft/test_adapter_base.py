@@ -96,3 +96,33 @@ def test_older_adapter_folders_with_an_absolute_path_only_still_load(tmp_path):
     (best / "config.json").write_text(json.dumps(config, indent=2))
     (best / ckpt.COMPLETE_MARKER).write_text("ok\n")  # as older gptforge wrote it
     torch.testing.assert_close(logits(best), expected)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "adapter", "prefix"])
+def test_non_finite_adapter_weights_are_never_saved_nor_loaded(tmp_path, strategy):
+    from safetensors.torch import load_file, save_file
+
+    from gptforge.peft import apply_peft, load_peft, save_peft
+    from tests.peft.peft_utils import tiny_gpt
+
+    model = tiny_gpt()
+    apply_peft(model, strategy)
+    good = save_peft(model, tmp_path / "good")
+    name, tensor = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        tensor.view(-1)[0] = float("nan")
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(f"refusing to save adapter {tmp_path / 'good'}: tensor")):
+        save_peft(model, tmp_path / "good")
+    with pytest.raises(CheckpointError, match=re.escape(f"refusing to save adapter {tmp_path / 'new'}: tensor")):
+        save_peft(model, tmp_path / "new")
+    assert snapshot(tmp_path) == before
+    # an adapter file holding NaN (written by an older gptforge) is refused on load, naming file and tensor
+    state = load_file(str(good / "adapter_model.safetensors"))
+    first = sorted(state)[0]
+    state[first].view(-1)[0] = float("inf")
+    save_file(state, str(good / "adapter_model.safetensors"), metadata={"format": "pt", "kind": strategy})
+    with pytest.raises(CheckpointError, match=re.escape(f"weights {good / 'adapter_model.safetensors'} hold NaN or "
+                                                        f"infinite values (tensor {first})")):
+        load_peft(tiny_gpt(), good)
+

@@ -80,6 +80,9 @@ def test_half_written_checkpoint_is_refused(capsys, tiny_checkpoint):
 def test_corrupt_checkpoint_weights(capsys, tiny_checkpoint):
     (tiny_checkpoint / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3")
+    assert_one_line_error(code, err, "is damaged: model.safetensors does not match the checksum")
+    (tiny_checkpoint / "COMPLETE").write_text("ok\n")  # as older gptforge wrote it: no checksums to verify
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3")
     assert_one_line_error(code, err, "cannot read weights")
 
 
@@ -87,6 +90,7 @@ def test_checkpoint_config_that_does_not_fit_the_weights(capsys, tiny_checkpoint
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     cfg["model"]["n_embd"] = 32
     (tiny_checkpoint / "config.json").write_text(json.dumps(cfg))
+    (tiny_checkpoint / "COMPLETE").write_text("ok\n")  # as older gptforge wrote it: no checksums to verify
     code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3")
     assert_one_line_error(code, err, "do not fit the model config")
 

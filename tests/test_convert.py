@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from gptforge.generate import generate_tokens
 from gptforge.model import GPT
 from gptforge.tokenizer import CharTokenizer
 from tests.hf_utils import TEXT, make_hf_gpt2_folder
+from tests.model_utils import save_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -371,3 +373,15 @@ def test_layer_count_that_does_not_fit_the_weights(hf_folders, tmp_path, n_layer
     folder = copy_folder(hf_folders, tmp_path)
     edit_config(folder, n_layer=n_layer)
     assert expected in one_line_error(load_hf_folder, folder)
+
+
+def test_an_export_of_non_finite_weights_in_memory_is_refused(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "c", "abcdef \n", block_size=32, n_layer=1, n_embd=16)
+    loaded = load_checkpoint(folder)
+    with torch.no_grad():
+        loaded.model.blocks[0].mlp.proj.weight[0, 0] = float("inf")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(CheckpointError, match=re.escape(f"refusing to export to {tmp_path / 'hf'}: tensor "
+                                                        f"transformer.h.0.mlp.c_proj.weight holds NaN")):
+        export_hf(loaded, tmp_path / "hf")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -29,7 +29,7 @@ from .errors import CheckpointError, ConfigError, DataError
 from .fsutil import check_output_dir, publish_folder
 from .model import GPT
 from .tokenizer import EOS_TOKEN, BPETokenizer, load_tokenizer
-from .weights import Checkpoint, build_model, load_state_dict, unwrap_model
+from .weights import Checkpoint, build_model, check_finite, first_nonfinite, load_state_dict, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _model_config_from_hf(hf: dict[str, Any], path: Path) -> ModelConfig:
         raise CheckpointError(f"{path} describes a model gptforge cannot build: {exc}") from None
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def hf_weight_files(directory: Path) -> list[Path]:
     """The weight files of an HF folder, safetensors preferred; [] if there are none."""
     for single, index in ((HF_SAFETENSORS, HF_SAFETENSORS_INDEX), (HF_BIN, HF_BIN_INDEX)):
         if (directory / single).is_file():
@@ -170,11 +170,24 @@ def _weight_files(directory: Path) -> list[Path]:
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"cannot read shard index {directory / index}: {exc}") from None
+            outside = [s for s in shards if not _inside_folder(s)]
+            if outside:
+                raise CheckpointError(f"{directory / index} names shard {outside[0]!r}, which is not a file inside "
+                                      f"{directory}; refusing to read weights from outside the model folder")
             missing = [s for s in shards if not (directory / s).is_file()]
             if missing:
                 raise CheckpointError(f"{directory / index} names shard {missing[0]}, which is not in {directory}")
             return [directory / s for s in shards]
     return []
+
+
+def _inside_folder(name: Any) -> bool:
+    """Whether a shard name from an index is a relative path that stays inside its folder. Judged on the
+    name alone: Hugging Face cache folders hold symlinks into a blob store, so resolving would refuse them."""
+    if not isinstance(name, str) or not name or "\\" in name or ":" in name:
+        return False
+    parts = Path(name).parts
+    return not Path(name).is_absolute() and bool(parts) and ".." not in parts and not name.startswith("~")
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -187,6 +200,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read weights {path}: {_first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    check_finite(state, path)
     return state
 
 
@@ -240,7 +254,7 @@ def load_hf_folder(directory: str | Path, *, device: str | torch.device = "cpu",
     directory = Path(directory)
     hf_config = _read_hf_config(directory)
     config = _model_config_from_hf(hf_config, directory / HF_CONFIG_FILE)
-    files = _weight_files(directory)
+    files = hf_weight_files(directory)
     if not files:
         raise CheckpointError(
             f"{directory} has no weights ({HF_SAFETENSORS}, {HF_SAFETENSORS_INDEX} or {HF_BIN})"
@@ -397,6 +411,9 @@ def export_hf(ckpt: Checkpoint, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     check_output_dir(out, replaceable=is_hf_folder(out), what="a Hugging Face model folder")
     state = _hf_state_from(model)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"refusing to export to {out}: tensor {bad} holds NaN or infinite values")
     tokenizer = ckpt.tokenizer
     is_bpe = isinstance(tokenizer, BPETokenizer)
     eos_id = tokenizer.eos_id if is_bpe else None

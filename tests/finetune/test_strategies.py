@@ -4,11 +4,12 @@ are small, record their base and load back onto it."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from gptforge.checkpoint import MODEL_FILE, load_state_dict, load_task_checkpoint
+from gptforge.checkpoint import MODEL_FILE, file_checksum, load_state_dict, load_task_checkpoint
 from gptforge.errors import ConfigError
 from gptforge.finetune import finetune
 
@@ -56,7 +57,9 @@ def test_adapter_folder_is_small_records_its_base_and_reloads(make_config, base_
     result = finetune(config, progress=False)
     best = result.best_checkpoint
     saved = json.loads((best / "config.json").read_text())
-    assert saved["adapter"] == {"strategy": strategy, "base_checkpoint": str(base_checkpoint.resolve())}
+    assert saved["adapter"] == {"strategy": strategy, "base_checkpoint": str(base_checkpoint.resolve()),
+                                "base_relative": os.path.relpath(base_checkpoint.resolve(), best.resolve()),
+                                "base_fingerprint": "sha256:" + file_checksum(base_checkpoint / MODEL_FILE)}
     assert (best / "adapter_model.safetensors").is_file() and (best / "adapter_config.json").is_file()
     assert set(load_state_dict(best / MODEL_FILE)) == {"head.weight", "head.bias"}
     base_bytes = (base_checkpoint / MODEL_FILE).stat().st_size

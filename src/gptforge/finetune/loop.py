@@ -265,11 +265,9 @@ class _Run:
             "finetune": config.to_dict(),
         }
         if config.strategy in PEFT_STRATEGIES:
-            local = Path(config.checkpoint).exists()
+            # the base by path (absolute; save_checkpoint adds it relative to each adapter folder) and fingerprint
             self.config_dict[ckpt.ADAPTER_SECTION] = {
-                "strategy": config.strategy,
-                "base_checkpoint": str(source.path.resolve()) if local else config.checkpoint,
-            }
+                "strategy": config.strategy, **ckpt.adapter_base_record(source, config.checkpoint)}
 
         torch.manual_seed(config.seed)  # the head's initialisation
         model = ckpt.build_task_model(base, self.task, dropout=config.dropout)

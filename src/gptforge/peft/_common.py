@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from ..weights import unwrap_model
+from ..weights import check_finite, first_nonfinite, unwrap_model
 from ..errors import CheckpointError, ConfigError
 from ..fsutil import publish_folder
 from ..model import GPT
@@ -103,12 +103,16 @@ def save_folder(model: nn.Module, path: str | Path, kind: str, state: dict[str, 
         record[key] = value
 
     path = Path(path)
+    tensors = {k: v.contiguous().cpu() for k, v in state.items()}
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"refusing to save adapter {path}: tensor {bad} holds NaN or infinite values "
+                              f"(the run diverged)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tensors = {k: v.contiguous().cpu() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": kind})
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         publish_folder(tmp, path)
@@ -143,6 +147,7 @@ def read_folder(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, 
         state = load_file(str(Path(path) / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read adapter weights in {path}: {exc}") from None
+    check_finite(state, Path(path) / WEIGHTS_FILE)
     return config, state
 
 

@@ -343,7 +343,8 @@ def test_evaluate_names_the_data_file_holding_a_lone_surrogate(capsys, bpe_class
     data.write_text('{"text": "good", "label": "pos"}\n{"text": "KIN\\udcff", "label": "neg"}\n', encoding="utf-8")
     code, out, err = run(capsys, "evaluate", "--checkpoint", str(bpe_classifier), "--data", str(data))
     assert (code, out) == (EXIT_USER_ERROR, "")
-    assert err == f"error: data file {data}: the text {NOT_UTF8}\n"
+    # the model is loaded (and says so) before the data is read; then one error line
+    assert err == f"loaded {bpe_classifier}\nerror: data file {data}: the text {NOT_UTF8}\n"
     data.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n', encoding="utf-8")
     code, out, err = run(capsys, "evaluate", "--checkpoint", str(bpe_classifier), "--data", str(data))
     assert code == 0 and out.startswith("val_loss ")

@@ -203,7 +203,7 @@ def _generate_speculative(args: argparse.Namespace, gen, prompt: str, ckpt) -> i
     from .generate.speculative import speculative_generate
 
     draft = _load_for_inference(dataclasses.replace(config_from_flags(InferenceConfig, args),
-                                                    checkpoint=args.draft_checkpoint), "draft model")
+                                                    checkpoint=args.draft_checkpoint))
     if draft.tokenizer.fingerprint != ckpt.tokenizer.fingerprint:
         raise ConfigError(f"the draft model's tokenizer ({draft.tokenizer.fingerprint}) differs from the "
                           f"target's ({ckpt.tokenizer.fingerprint}); speculative decoding needs the same tokenizer")
@@ -269,7 +269,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size)
     except InvalidTextError as exc:  # a JSON "\udcff" escape, say: name the file it is in
         raise InvalidTextError(f"data file {args.data}: {exc}", exc.position) from None
-    _say_loaded(result["checkpoint"])
     task = result["task"]
     print("  ".join(f"{name} {_fmt(result['metrics'].get(name))}" for name in HEADLINE[task]))
     if task != "lm":
@@ -285,7 +284,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     texts = _read_texts(args)
     ckpt = load_for_task(args.checkpoint, "classify", args.device)
-    _say_loaded(ckpt.path)
     for result in classify_texts(ckpt.model, ckpt.tokenizer, texts, ckpt.config["task"]["labels"]):
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -300,7 +298,6 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
     texts = _read_texts(args)
     ckpt = load_for_task(args.checkpoint, "tokens", args.device)
-    _say_loaded(ckpt.path)
     for result in tag_texts(ckpt.model, ckpt.tokenizer, texts, ckpt.config["task"]["labels"]):
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
@@ -352,12 +349,6 @@ def _print_before_after(task: str, before, after) -> None:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _say_loaded(path, what: str = "") -> None:
-    """The one line (on stderr, at INFO) that says which checkpoint folder a command loaded (``what``: which
-    of its models, where it loads more than one)."""
-    log.info("loaded %s%s", what + " " if what else "", path)
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
@@ -424,12 +415,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _load_for_inference(config: InferenceConfig, what: str = ""):
+def _load_for_inference(config: InferenceConfig):
     from .checkpoint import load_for_inference
 
-    ckpt = load_for_inference(config)
-    _say_loaded(ckpt.path, what)
-    return ckpt
+    return load_for_inference(config)  # the loader logs (INFO, on stderr) which folder it loaded
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The server under faults: fuzzed requests, dropped streams, SIGTERM with streams in flight.
 
     python benchmarks/faults_serve.py [--requests 10000] [--concurrency 64] [--drops 100] [--drop-wave 20]
-                                      [--streams 40] [--stream-tokens 300] [--only fuzz drops sigterm]
+                                      [--streams 40] [--stream-tokens 100] [--only fuzz drops sigterm]
                                       [--seed 0] [--json OUT]
 
 Each part starts `gptforge serve` (a subprocess on a free loopback port) on tiny random checkpoints it
@@ -713,6 +713,7 @@ def drops(args, folders: dict[str, Path], tmp: Path) -> dict:
 
 
 async def sigterm_run(server: Server, n: int, max_tokens: int, second_after: Optional[float]) -> dict:
+    t0 = time.monotonic()
     conns = [await open_stream(server.port, max_tokens, i, KEY) for i in range(n)]
     streams = [Stream() for _ in conns]
     seen = [asyncio.Event() for _ in conns]
@@ -737,12 +738,14 @@ async def sigterm_run(server: Server, n: int, max_tokens: int, second_after: Opt
     for (_, writer), t in zip(conns, tasks):
         t.cancel()
         writer.close()
+    ends = sorted(s.ended - first for s in streams if s.ended is not None)
     complete = sum(s.done and s.tokens == max_tokens and not s.error_event for s in streams)
     error_done = sum(bool(s.error_event) and s.done for s in streams)
     cut = sum(not s.done for s in streams)
     return {"streams": n, "streaming_at_signal": started, "completed": complete, "error_event_and_done": error_done,
             "cut_without_done": cut, "exit_code": server.proc.returncode,
-            "exit_after_first_s": exited - first, "exit_after_second_s": None if second is None else exited - second,
+            "exit_after_first_s": exited - first, "last_stream_end_s": ends[-1] if ends else None,
+            "streams_before_signal_s": first - t0, "exit_after_second_s": None if second is None else exited - second,
             "examples": sorted({s.cut or s.error_event for s in streams if s.cut or s.error_event})[:4]}
 
 
@@ -760,11 +763,13 @@ def sigterm(args, folders: dict[str, Path], tmp: Path) -> dict:
             print(f"SIGTERM with {r['streams']} streams in flight ({r['streaming_at_signal']} of them streaming, the "
                   f"rest queued; {args.stream_tokens} tokens each): {r['completed']}/{r['streams']} completed "
                   f"([DONE] with every token), {r['cut_without_done']} cut; the server exited "
-                  f"{r['exit_after_first_s']:.2f} s after the signal (code {r['exit_code']}) (target: all completed)",
+                  f"{r['exit_after_first_s']:.2f} s after the signal (code {r['exit_code']}), the last stream ended "
+                  f"{r['last_stream_end_s']:.2f} s after it (target: all completed)",
                   flush=True)
         else:
             print(f"second SIGTERM {second_after} s after the first, {r['streams']} streams: the server exited "
                   f"{r['exit_after_second_s']:.2f} s after the second signal (code {r['exit_code']}) (target: within 1 s); "
+                  f"the last stream ended {r['last_stream_end_s'] - second_after:.2f} s after the second signal; "
                   f"streams: {r['completed']} completed, {r['error_event_and_done']} ended with an error event and "
                   f"[DONE], {r['cut_without_done']} cut without [DONE] (target 0)", flush=True)
         if r["examples"]:
@@ -782,7 +787,7 @@ def main() -> None:
     parser.add_argument("--drops", type=int, default=100, help="streams to drop (the issue asks for 100)")
     parser.add_argument("--drop-wave", type=int, default=20, help="streams dropped at once (the server's batch size)")
     parser.add_argument("--streams", type=int, default=40, help="streams in flight at SIGTERM (the issue asks for 40)")
-    parser.add_argument("--stream-tokens", type=int, default=300, help="tokens each of those streams asks for")
+    parser.add_argument("--stream-tokens", type=int, default=100, help="tokens each of those streams asks for")
     parser.add_argument("--only", nargs="+", choices=["fuzz", "drops", "sigterm"], default=["fuzz", "drops", "sigterm"])
     parser.add_argument("--seed", type=int, default=0, help="hypothesis's seed for the fuzzed requests")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this file")

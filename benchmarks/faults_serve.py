@@ -1,7 +1,8 @@
 """The server under faults: fuzzed requests, dropped streams, SIGTERM with streams in flight.
 
     python benchmarks/faults_serve.py [--requests 10000] [--concurrency 64] [--drops 100] [--drop-wave 20]
-                                      [--streams 40] [--stream-tokens 100] [--only fuzz drops sigterm]
+                                      [--streams 40] [--stream-tokens 100] [--second-tokens 1000]
+                                      [--only fuzz drops sigterm]
                                       [--seed 0] [--json OUT]
 
 Each part starts `gptforge serve` (a subprocess on a free loopback port) on tiny random checkpoints it
@@ -24,8 +25,8 @@ would: junk headers, invalid UTF-8, a wrong Content-Length, an abrupt close).
    ``gptforge_running_batch_size`` and ``gptforge_queue_length`` read 0: the **time until every row is free**.
 3. **SIGTERM**: ``--streams`` streaming requests of ``--stream-tokens`` tokens (default server settings: 16
    rows, the rest queued); once all have their response headers, SIGTERM: **streams completed** (``[DONE]``
-   with every token) and the **server's exit time**. Then the same with a second SIGTERM 0.5 s after the
-   first: the time from the second signal to the exit (target after issue 19: within 1 s) and how the open
+   with every token) and the **server's exit time**. Then the same with ``--second-tokens`` tokens a stream
+   and a second SIGTERM 0.5 s after the first: the time from the second signal to the exit (target after issue 19: within 1 s) and how the open
    streams ended (target: an error event, then ``[DONE]``).
 """
 
@@ -752,11 +753,12 @@ async def sigterm_run(server: Server, n: int, max_tokens: int, second_after: Opt
 
 def sigterm(args, folders: dict[str, Path], tmp: Path) -> dict:
     out = {}
-    for label, second_after in (("one", None), ("two", 0.5)):
+    # The second run's streams are long, so that they are still running at the second signal.
+    for label, second_after, tokens in (("one", None, args.stream_tokens), ("two", 0.5, args.second_tokens)):
         server = Server(folders["long"], tmp / f"sigterm-{label}.log")
         try:
             server.wait_ready()
-            r = asyncio.run(sigterm_run(server, args.streams, args.stream_tokens, second_after))
+            r = asyncio.run(sigterm_run(server, args.streams, tokens, second_after))
         finally:
             server.stop()
         out[label] = r
@@ -768,7 +770,7 @@ def sigterm(args, folders: dict[str, Path], tmp: Path) -> dict:
                   f"{r['last_stream_end_s']:.2f} s after it (target: all completed)",
                   flush=True)
         else:
-            print(f"second SIGTERM {second_after} s after the first, {r['streams']} streams: the server exited "
+            print(f"second SIGTERM {second_after} s after the first, {r['streams']} streams of {tokens} tokens: the server exited "
                   f"{r['exit_after_second_s']:.2f} s after the second signal (code {r['exit_code']}) (target: within 1 s); "
                   f"the last stream ended {r['last_stream_end_s'] - second_after:.2f} s after the second signal; "
                   f"streams: {r['completed']} completed, {r['error_event_and_done']} ended with an error event and "
@@ -789,12 +791,17 @@ def main() -> None:
     parser.add_argument("--drop-wave", type=int, default=20, help="streams dropped at once (the server's batch size)")
     parser.add_argument("--streams", type=int, default=40, help="streams in flight at SIGTERM (the issue asks for 40)")
     parser.add_argument("--stream-tokens", type=int, default=100, help="tokens each of those streams asks for")
+    parser.add_argument("--second-tokens", type=int, default=1000,
+                        help="tokens each stream asks for in the run with a second SIGTERM (at most 1023)")
     parser.add_argument("--only", nargs="+", choices=["fuzz", "drops", "sigterm"], default=["fuzz", "drops", "sigterm"])
     parser.add_argument("--seed", type=int, default=0, help="hypothesis's seed for the fuzzed requests")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this file")
     args = parser.parse_args()
-    if min(args.requests, args.concurrency, args.drops, args.drop_wave, args.streams, args.stream_tokens) < 1:
+    if min(args.requests, args.concurrency, args.drops, args.drop_wave, args.streams, args.stream_tokens,
+           args.second_tokens) < 1:
         parser.error("counts must be at least 1")
+    if max(args.stream_tokens, args.second_tokens) > 1023:
+        parser.error("the streams' model has a 1024-token context: --stream-tokens and --second-tokens at most 1023")
     start = time.perf_counter()
     figures = {}
     with tempfile.TemporaryDirectory(prefix="gptforge-faults-serve-") as tmp_name:

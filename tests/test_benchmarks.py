@@ -78,7 +78,7 @@ def test_faults_benchmark_kills_checkpoint_writers_and_loads():
 def test_faults_serve_benchmark_fuzzes_drops_and_signals_a_real_server():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/faults_serve.py"), "--requests", "40",
                            "--concurrency", "8", "--drops", "2", "--drop-wave", "2", "--streams", "3",
-                           "--stream-tokens", "8"], capture_output=True, text=True, timeout=300)
+                           "--stream-tokens", "8", "--second-tokens", "50"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for figure in ("5xx responses:", "off-shape errors:", "every row free", "SIGTERM with 3 streams in flight",
                    "second SIGTERM"):

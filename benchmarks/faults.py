@@ -106,7 +106,7 @@ def writer(run: Path, model, tok, optimizer, shared: Shared, keep: int) -> None:
                              optimizer_state=optimizer.state_dict(), trainer_state={"step": step})
         shared.write(2, step, published, cycles)
         ckpt.update_latest(run, name)
-        published = step
+        published = max(published, step)
         shared.write(3, step, published, cycles)
         ckpt.prune_checkpoints(run, keep)
         cycles += 1

@@ -793,7 +793,8 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=100, help="tokens each of those streams asks for")
     parser.add_argument("--second-tokens", type=int, default=1000,
                         help="tokens each stream asks for in the run with a second SIGTERM (at most 1023)")
-    parser.add_argument("--only", nargs="+", choices=["fuzz", "drops", "sigterm"], default=["fuzz", "drops", "sigterm"])
+    parser.add_argument("--only", nargs="+", choices=["fuzz", "drops", "sigterm"], default=["fuzz", "drops", "sigterm"],
+                        help="the parts to run (default: all three)")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis's seed for the fuzzed requests")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this file")
     args = parser.parse_args()

@@ -65,3 +65,21 @@ def test_thread_pool_benchmark_times_the_three_threads():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "second, released" in done.stdout
     assert len([line for line in done.stdout.splitlines() if line.strip().startswith("1 ")]) == 1
+
+
+def test_faults_benchmark_kills_checkpoint_writers_and_loads():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/faults.py"), "--kills", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kills (SIGKILL): 6" in done.stdout
+    assert "bad loads after kill -9 during checkpoint writes:" in done.stdout and "(target 0)" in done.stdout
+
+
+def test_faults_serve_benchmark_fuzzes_drops_and_signals_a_real_server():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/faults_serve.py"), "--requests", "40",
+                           "--concurrency", "8", "--drops", "2", "--drop-wave", "2", "--streams", "3",
+                           "--stream-tokens", "8", "--second-tokens", "50"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for figure in ("5xx responses:", "off-shape errors:", "every row free", "SIGTERM with 3 streams in flight",
+                   "second SIGTERM"):
+        assert figure in done.stdout

@@ -16,6 +16,7 @@ from gptforge.errors import CheckpointError, ConfigError, TrainingDiverged
 from gptforge.finetune import finetune
 from gptforge.train.metrics import read_metrics
 from gptforge.weights import first_nonfinite
+from tests.model_utils import reseal
 from tests.train.test_faults import snapshot, strict_records
 
 pytestmark = pytest.mark.integration
@@ -67,12 +68,15 @@ def test_resume_keeps_the_schedule_it_started_with(make_config, finished):
     (ckpt.OPTIMIZER_FILE, lambda p: p.write_bytes(p.read_bytes()[:100]), "cannot read"),
 ])
 def test_damaged_training_state_changes_nothing(make_config, finished, file, damage, fragment):
-    damage(ckpt.latest_checkpoint(finished) / file)
-    before = snapshot(finished)
-    with pytest.raises(CheckpointError, match=fragment):
-        finetune(make_config("classify", max_steps=6, eval_interval=2, checkpoint_interval=2, patience=3),
-                 resume=True, progress=False)
-    assert snapshot(finished) == before
+    latest = ckpt.latest_checkpoint(finished)
+    damage(latest / file)
+    config = make_config("classify", max_steps=6, eval_interval=2, checkpoint_interval=2, patience=3)
+    for message in (f"{file} does not match the checksum", fragment):  # the checksum first; resealed, the contents
+        before = snapshot(finished)
+        with pytest.raises(CheckpointError, match=message):
+            finetune(config, resume=True, progress=False)
+        assert snapshot(finished) == before
+        reseal(latest)
 
 
 def test_a_signal_saves_at_the_next_step_and_resume_is_exact(make_config, tmp_path):

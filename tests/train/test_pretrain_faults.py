@@ -25,6 +25,7 @@ from gptforge.train import pretrain
 from gptforge.train.metrics import read_metrics
 from gptforge.weights import first_nonfinite
 from tests.cli_utils import assert_one_line_error, run
+from tests.model_utils import reseal
 from tests.train.test_faults import snapshot, strict_records
 
 pytestmark = pytest.mark.integration
@@ -166,6 +167,13 @@ def test_damaged_training_state_is_one_line_and_changes_nothing(healthy_run, cap
     damage(ck / name)
     before = snapshot(out)
     code, _, err = run(capsys, "train", "--config", config, "--resume", "-q", "--train.max_steps=6")
+    # the checksum recorded at save catches it first, naming the file ...
+    assert_one_line_error(code, err, f"checkpoint {ck} is damaged: {name} does not match the checksum")
+    assert snapshot(out) == before
+    # ... and behind it, a file that matches its (resealed) checksum is still checked for what it holds
+    reseal(ck)
+    before = snapshot(out)
+    code, _, err = run(capsys, "train", "--config", config, "--resume", "-q", "--train.max_steps=6")
     assert_one_line_error(code, err, fragment.format(ck=ck))
     assert snapshot(out) == before
 
@@ -176,6 +184,7 @@ def test_an_optimizer_state_from_a_wider_model_is_refused_before_anything_is_wri
     wide = make_config({"n_embd": 64}, max_steps=2, out_dir=str(tmp_path / "wide"))
     pretrain(wide, progress=False)
     shutil.copy(tmp_path / "wide/checkpoints/step-0000002/optimizer.pt", out / "checkpoints/step-0000004/optimizer.pt")
+    reseal(out / "checkpoints/step-0000004")  # past the checksum, to the shape check
     before = snapshot(out)
     code, _, err = run(capsys, "train", "--config", config, "--resume", "-q", "--train.max_steps=6")
     assert_one_line_error(code, err, "optimizer.pt does not fit the model: its 'exp_avg' has shape (")

@@ -332,6 +332,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     log.info("listening on http://%s:%d (Ctrl-C or SIGTERM to stop)", config.host, config.port)
     run_server(config, app, log_level="warning" if args.quiet else "info")
+    if app.state.server.aborting:
+        # A second signal means "stop now": every open request has had its error event; skip the interpreter's
+        # teardown of torch (about a second here), which is all that is left to do.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,6 +193,21 @@ def test_an_optimizer_state_from_a_wider_model_is_refused_before_anything_is_wri
     code, _, err = run(capsys, "train", "--config", config, "--resume", "-q", "--train.max_steps=6")
     assert_one_line_error(code, err, "optimizer.pt does not fit the model: its 'exp_avg' has shape (")
     assert "for a parameter of shape (" in err
+    assert snapshot(out) == before
+
+
+def test_weights_of_another_shape_are_refused_before_anything_is_written(make_config, healthy_run, capsys, tmp_path):
+    """model.safetensors from a wider model (sealed into the checkpoint, so past the checksum): one line naming
+    the tensor, the run folder byte-identical."""
+    out, config = healthy_run
+    pretrain(make_config({"n_embd": 64}, max_steps=2, out_dir=str(tmp_path / "wide")), progress=False)
+    ck = out / "checkpoints/step-0000004"
+    shutil.copy(tmp_path / "wide/checkpoints/step-0000002" / ckpt.MODEL_FILE, ck / ckpt.MODEL_FILE)
+    reseal(ck)
+    before = snapshot(out)
+    code, _, err = run(capsys, "train", "--config", config, "--resume", "-q", "--train.max_steps=6")
+    assert_one_line_error(code, err, f"weights {ck / ckpt.MODEL_FILE} do not fit the model config: tensor ")  # (was torch's first line, naming neither)
+    assert re.search(r"has shape \(\d+,( \d+)?\), the config gives \(\d+,( \d+)?\)$", err.strip()), err
     assert snapshot(out) == before
 
 

@@ -241,3 +241,20 @@ def test_a_damaged_marker_is_an_error_not_an_unverified_load(tmp_path):
     (folder / ckpt.COMPLETE_MARKER).write_text('{"format": 1, "algorithm": "sha256", "fil')
     with pytest.raises(CheckpointError, match=re.escape(f"the COMPLETE marker of checkpoint {folder} is damaged")):
         ckpt.load_checkpoint(folder)
+
+
+def test_serve_and_chat_refuse_in_one_line(tmp_path, capsys, monkeypatch):
+    """`serve` (before it listens) and `chat` (before it reads a line) refuse non-finite weights as generate does."""
+    import io
+    import sys
+
+    bad = poison(tiny(tmp_path / "bad"))
+    before = snapshot(tmp_path)
+    code, out, err = run(capsys, "serve", "--checkpoint", str(bad), "--device", "cpu", "--port", "0")
+    assert_one_line_error(code, err, nan_message(bad))
+    assert out == ""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    code, out, err = run(capsys, "chat", "--checkpoint", str(bad), "--device", "cpu")
+    assert_one_line_error(code, err, nan_message(bad))
+    assert out == ""
+    assert snapshot(tmp_path) == before

@@ -92,7 +92,9 @@ def test_checkpoint_config_that_does_not_fit_the_weights(capsys, tiny_checkpoint
     (tiny_checkpoint / "config.json").write_text(json.dumps(cfg))
     (tiny_checkpoint / "COMPLETE").write_text("ok\n")  # as older gptforge wrote it: no checksums to verify
     code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3")
-    assert_one_line_error(code, err, "do not fit the model config")
+    assert_one_line_error(code, err, f"weights {tiny_checkpoint / 'model.safetensors'} do not fit the model config: "
+                                     "tensor ")
+    assert "the config gives (" in err
 
 
 def test_console_script_exit_code_and_help():

@@ -202,3 +202,67 @@ def test_sigterm_during_finetune_saves_and_says_where(files, tmp_path):
     n = json.loads((latest / "trainer_state.json").read_text())["step"]
     assert stdout.strip() == f"stopped by SIGTERM at step {n}; saved {latest}; resume with --resume"
     assert "Traceback" not in stderr
+
+
+def test_ctrl_c_during_finetune_saves_at_the_next_step_and_says_where(files, tmp_path, capsys, monkeypatch):
+    """In-process, SIGINT as step 2 begins (Ctrl-C printed `interrupted` and saved nothing before)."""
+    import os
+    import signal
+
+    from gptforge.checkpoint import latest_checkpoint
+    from gptforge.train.trainer import Trainer
+
+    original = Trainer._train_step
+
+    def train_step(self, lr, signals):
+        if self.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, lr, signals)
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "finetune", "--task", "classify", "--checkpoint", files["base"], "--train",
+                            files["train"], "--val", files["val"], "--out", str(out), "-q", "--max_steps=6",
+                            "--eval_interval=100", "--checkpoint_interval=100", "--device=cpu")
+    assert code == 128 + signal.SIGINT, err
+    saved = out / "checkpoints" / "step-0000002"
+    assert stdout == f"stopped by SIGINT at step 2; saved {saved}; resume with --resume\n"
+    assert latest_checkpoint(out) == saved and "interrupted" not in err and "Traceback" not in err
+    assert not (out / "report.json").exists()  # no final evaluation or report for a stopped run
+
+
+def test_a_fine_tuning_run_folder_means_best_for_classify_evaluate_and_serve(classifier, files, capsys, tmp_path):
+    """The run folder's latest checkpoint is made to disagree with best/ (its head negated, resealed); classify,
+    evaluate and serve given the run folder all use best/ and say so (the issue: serve said negative 0.68 where
+    best/ said positive 0.55)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gptforge.checkpoint import MODEL_FILE, latest_checkpoint
+    from gptforge.config import ServeConfig
+    from gptforge.serve.app import load_served_checkpoint
+    from tests.model_utils import reseal
+
+    run_dir = tmp_path / "cls"
+    shutil.copytree(classifier, run_dir)
+    latest = latest_checkpoint(run_dir)
+    state = load_file(str(latest / MODEL_FILE))
+    head = [k for k in state if k.startswith("head.")]
+    assert head, sorted(state)
+    for k in head:
+        state[k] = -state[k]
+    save_file(state, str(latest / MODEL_FILE), metadata={"format": "pt"})
+    reseal(latest)
+
+    said = f"loaded {run_dir / 'best'} (best validation checkpoint of fine-tuning run {run_dir})"
+    for command in (["classify", "--text", "good plot", "--text", "the bad movie", "--json"],
+                    ["evaluate", "--data", files["val"], "--device", "cpu"]):
+        code, from_run, err = run(capsys, command[0], "--checkpoint", str(run_dir), *command[1:])
+        assert code == 0, err
+        assert said in err.splitlines()
+        code, from_best, _ = run(capsys, command[0], "--checkpoint", str(run_dir / "best"), *command[1:])
+        code_latest, from_latest, _ = run(capsys, command[0], "--checkpoint", str(latest), *command[1:])
+        assert code == code_latest == 0
+        assert from_run == from_best != from_latest
+    assert load_served_checkpoint(ServeConfig(checkpoint=str(run_dir), device="cpu")).path == run_dir / "best"

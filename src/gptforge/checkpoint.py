@@ -402,7 +402,7 @@ def _load_lm_folder(ckpt: Path, *, device: str | torch.device = "cpu",
     else:
         model_config = model_config_from(config)
         state, _ = split_task_state(load_state_dict(ckpt / MODEL_FILE, device="cpu"))
-        model = build_model(model_config, state, device=device, dtype=dtype)
+        model = build_model(model_config, state, device=device, dtype=dtype, source=ckpt / MODEL_FILE)
     if task != "lm":
         log.warning("checkpoint %s was fine-tuned for task %r; loading its base language model without "
                     "the task head", ckpt, task)
@@ -501,7 +501,7 @@ def _compose_task_folder(folder: Path, config: dict[str, Any], *, device: str | 
         model = attach_adapter_checkpoint(folder, config)
     else:
         base_state, head = split_task_state(load_state_dict(folder / MODEL_FILE, device="cpu"))
-        model = build_model(model_config_from(config), base_state)
+        model = build_model(model_config_from(config), base_state, source=folder / MODEL_FILE)
         if task["type"] != "lm":
             model = _with_head(model, task, head, folder)
     tokenizer = _checkpoint_tokenizer(folder, _gpt_of(model).config.vocab_size)

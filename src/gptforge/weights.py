@@ -95,21 +95,28 @@ def load_state_dict(path: str | Path, device: str | torch.device = "cpu", *,
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu",
-                dtype: Optional[torch.dtype] = None, strict: bool = True) -> GPT:
-    """Build the model on the meta device and adopt the loaded tensors (no double allocation)."""
+                dtype: Optional[torch.dtype] = None, strict: bool = True, source=None) -> GPT:
+    """Build the model on the meta device and adopt the loaded tensors (no double allocation). ``source``
+    (the weights file) is named in the CheckpointError for weights that do not fit ``config``."""
     with torch.device("meta"):
         model = GPT(config)
     state = dict(state)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
+    weights = f"weights {source}" if source is not None else "weights"
+    expected = model.state_dict()
+    for name, tensor in state.items():  # torch's own message puts the tensor and shapes past its first line
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{weights} do not fit the model config: tensor {name} has shape "
+                                  f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)}")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit the model config: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"{weights} do not fit the model config: {str(exc).splitlines()[0]}") from None
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"weights do not match the model config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+            f"{weights} do not match the model config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight

@@ -66,6 +66,10 @@ def test_resume_keeps_the_schedule_it_started_with(make_config, finished):
     (ckpt.TRAINER_STATE_FILE, lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "early_stopping": 3})),
      "trainer_state.json is damaged or not a fine-tuning run's"),
     (ckpt.OPTIMIZER_FILE, lambda p: p.write_bytes(p.read_bytes()[:100]), "cannot read"),
+    # the other damaged kinds, as a fine-tuning run meets them
+    (ckpt.TRAINER_STATE_FILE, lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items()
+                                                                 if k != "rng"})), "has no 'rng' entry"),
+    (ckpt.OPTIMIZER_FILE, lambda p: torch.save({"hello": 1}, p), "optimizer.pt is not an optimizer state"),
 ])
 def test_damaged_training_state_changes_nothing(make_config, finished, file, damage, fragment):
     latest = ckpt.latest_checkpoint(finished)

@@ -165,7 +165,9 @@ def test_a_second_signal_ends_open_streams_with_an_error_and_exits(long_checkpoi
         if proc.poll() is None:
             proc.kill()
     assert all(alive_at_second), "a request finished before the second signal; the test proves nothing"
-    assert exit_s < 10, log_path.read_text()  # "at once": about half a second here; generous for a busy machine
+    # "within a second": about 1 s here on 2 busy cores. Under 4 s, so that the old behaviour (uvicorn's 5 s
+    # graceful-shutdown timeout, 5.2 s measured) fails the test, with room for a loaded machine.
+    assert exit_s < 4, (exit_s, log_path.read_text())
     for lines in streams:
         assert lines[-1] == "data: [DONE]"
         error = json.loads(lines[-2][6:])["error"]

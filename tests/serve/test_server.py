@@ -589,7 +589,8 @@ def test_lone_surrogates_are_400_on_a_bpe_model(bpe_server):
         for path, body, param in LONE_SURROGATES:
             if path == "/v1/classify":
                 continue
-            assert_error(post_raw(c, path, body.replace("MODEL", "tiny-bpe")), 400, param, code="invalid_unicode")
+            assert_error(post_raw(c, path, body.replace("MODEL", "tiny-bpe")), 400, param, code="invalid_unicode",
+                         message="lone surrogate")
         ok = c.post("/v1/completions", json={"model": "tiny-bpe", "prompt": "the fox \U0001F600", "max_tokens": 3,
                                              "echo": True})
         assert ok.status_code == 200 and strict_json(ok.text)["choices"][0]["text"].startswith("the fox \U0001F600")
@@ -681,6 +682,7 @@ def test_malformed_http_gets_a_json_400(server, request_bytes):
     assert b"content-type: application/json" in head.lower()
     error = strict_json(body.decode())["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_http_request"
+    assert error["message"].startswith("invalid HTTP request: a malformed request line or header")
     assert httpx.get(server.url + "/health").status_code == 200
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -102,9 +103,12 @@ def test_a_non_finite_validation_loss_stops_the_run_without_saving(healthy_run, 
 
 # --------------------------------------------------------------------------------------------------
 # The schedule's length is fixed at the run's start
-def test_going_further_keeps_the_schedule_and_matches_one_run_with_that_schedule(make_config, tmp_path):
+def test_going_further_keeps_the_schedule_and_matches_one_run_with_that_schedule(make_config, tmp_path, caplog):
     pretrain(make_config(max_steps=4, out_dir=str(tmp_path / "split")), progress=False)
     resumed = pretrain(make_config(max_steps=8, out_dir=str(tmp_path / "split")), resume=True, progress=False)
+    # the choice is said, not silent (the README's "continue, and go further" flow)
+    assert ("the learning-rate schedule keeps the length it started with (4 steps): steps 5..8 run at train.min_lr; "
+            "to stretch it instead, pass --train.lr_decay_steps=8 with --train.allow_resume_changes=true") in caplog.text
     whole = pretrain(make_config(max_steps=8, lr_decay_steps=4, out_dir=str(tmp_path / "whole")), progress=False)
 
     assert [lrs(tmp_path / "split")[s] for s in range(5, 9)] == [3e-4] * 4  # min_lr after the 4-step schedule
@@ -192,6 +196,21 @@ def test_an_optimizer_state_from_a_wider_model_is_refused_before_anything_is_wri
     assert snapshot(out) == before
 
 
+def test_weights_of_another_shape_are_refused_before_anything_is_written(make_config, healthy_run, capsys, tmp_path):
+    """model.safetensors from a wider model (sealed into the checkpoint, so past the checksum): one line naming
+    the tensor, the run folder byte-identical."""
+    out, config = healthy_run
+    pretrain(make_config({"n_embd": 64}, max_steps=2, out_dir=str(tmp_path / "wide")), progress=False)
+    ck = out / "checkpoints/step-0000004"
+    shutil.copy(tmp_path / "wide/checkpoints/step-0000002" / ckpt.MODEL_FILE, ck / ckpt.MODEL_FILE)
+    reseal(ck)
+    before = snapshot(out)
+    code, _, err = run(capsys, "train", "--config", config, "--resume", "-q", "--train.max_steps=6")
+    assert_one_line_error(code, err, f"weights {ck / ckpt.MODEL_FILE} do not fit the model config: tensor ")  # (was torch's first line, naming neither)
+    assert re.search(r"has shape \(\d+,( \d+)?\), the config gives \(\d+,( \d+)?\)$", err.strip()), err
+    assert snapshot(out) == before
+
+
 def _corrupt_ids(data_dir: Path, target: Path) -> Path:
     shutil.copytree(data_dir, target)
     ids = np.memmap(target / "train.bin", dtype=json.loads((target / "meta.json").read_text())["dtype"], mode="r+")
@@ -248,3 +267,56 @@ def test_sigterm_during_train_saves_says_where_and_resume_is_exact(make_config, 
     whole = pretrain(make_config(out_dir=str(tmp_path / "whole"), **{**common, "max_steps": n + 2}), progress=False)
     assert train_losses(out) == train_losses(tmp_path / "whole") and len(train_losses(out)) == n + 2
     assert same_weights(resumed.checkpoint, whole.checkpoint)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C (SIGINT) during `gptforge train`, in-process: the same checkpoint at the next step as SIGTERM, exit 130;
+# a second one stops at once ("interrupted", 130) and writes nothing
+def signal_before_step(monkeypatch, step: int, *signums: int) -> None:
+    """Send this process ``signums`` (in order) as training step ``step`` begins."""
+    from gptforge.train.trainer import Trainer
+
+    original = Trainer._train_step
+
+    def train_step(self, lr, signals):
+        if self.step + 1 == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return original(self, lr, signals)
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+
+
+def test_ctrl_c_during_train_saves_at_the_next_step_says_where_and_resume_is_exact(make_config, tmp_path, capsys,
+                                                                                 monkeypatch):
+    common = dict(max_steps=6, checkpoint_interval=100, eval_interval=100)
+    whole = pretrain(make_config(out_dir=str(tmp_path / "whole"), **common), progress=False)
+    config = yaml_config(make_config(out_dir=str(tmp_path / "split"), **common), tmp_path / "split.yaml")
+    previous = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        signal_before_step(patch, 3, signal.SIGINT)
+        code, out, err = run(capsys, "train", "--config", config, "-q")
+    assert code == 128 + signal.SIGINT, err  # 130, as a shell reports Ctrl-C
+    saved = tmp_path / "split/checkpoints/step-0000003"
+    assert out == f"stopped by SIGINT at step 3; saved {saved}; resume with --resume\n"
+    assert "interrupted" not in err and "Traceback" not in err
+    assert ckpt.latest_checkpoint(tmp_path / "split") == saved
+    assert signal.getsignal(signal.SIGINT) is previous
+
+    code, out, err = run(capsys, "train", "--config", config, "-q", "--resume")
+    assert code == 0, err
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole")
+    assert same_weights(ckpt.latest_checkpoint(tmp_path / "split"), whole.checkpoint)
+
+
+def test_a_second_ctrl_c_during_train_stops_at_once_and_writes_no_checkpoint(healthy_run, capsys, monkeypatch):
+    out, config = healthy_run
+    before = snapshot(out / "checkpoints")
+    previous = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        signal_before_step(patch, 6, signal.SIGINT, signal.SIGINT)
+        code, stdout, err = run(capsys, "train", "--config", config, "--resume", "-q", "--train.max_steps=8")
+    assert (code, stdout) == (130, "")
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert snapshot(out / "checkpoints") == before  # step 5 trained, nothing saved: latest is still step 4
+    assert signal.getsignal(signal.SIGINT) is previous

@@ -121,7 +121,7 @@ class _Pretraining:
             model = GPT(self.model_config).to(device)
         else:
             state = ckpt.load_state_dict(resume_from / ckpt.MODEL_FILE, device="cpu")
-            model = ckpt.build_model(self.model_config, state, device=device)
+            model = ckpt.build_model(self.model_config, state, device=device, source=resume_from / ckpt.MODEL_FILE)
         model.train()
         self.model = model
         self.sampler = BatchSampler(self.data.split("train"), block_size=block, batch_size=tc.batch_size,

@@ -1,0 +1,72 @@
+"""The support-bot example's data files: they parse, and the held-out questions are fair ones.
+
+Fair: every held-out question names a document that exists (in the documents indexed before fine-tuning,
+or in those added after it), its answer is written in that document (a grounded model can copy it), and no
+held-out question appears verbatim among the FAQ questions the models are fine-tuned on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from gptforge.data.finetune import load_lm_examples
+from gptforge.evaluate.grounded import load_grounded_examples, normalize_answer
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "support-bot"
+DOCS, ADDED = EXAMPLE / "docs", EXAMPLE / "docs-added"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _docs(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.md"))}
+
+
+def test_the_documents_are_markdown_with_a_title_and_sections():
+    docs, added = _docs(DOCS), _docs(ADDED)
+    assert len(docs) >= 24 and len(added) >= 3
+    assert not set(docs) & set(added), "an added document must be new, not a changed one"
+    for name, text in {**docs, **added}.items():
+        lines = text.splitlines()
+        assert lines[0].startswith("# "), name
+        assert any(line.startswith("## ") for line in lines), name
+
+
+@pytest.mark.parametrize("name, folder", [("qa.jsonl", DOCS), ("qa-added.jsonl", ADDED)])
+def test_every_held_out_question_names_a_document_that_holds_its_answer(name, folder):
+    docs = _docs(folder)
+    examples = load_grounded_examples(EXAMPLE / name)
+    assert len(examples) >= 10
+    for ex in examples:
+        assert ex.doc_id in docs, f"{ex.question!r} names {ex.doc_id}, which is not in {folder.name}/"
+        text = normalize_answer(docs[ex.doc_id])
+        assert any(re.search(rf"\b{re.escape(normalize_answer(a))}\b", text) for a in ex.answers), ex
+
+
+def test_no_held_out_question_is_an_faq_question():
+    faq = _jsonl(EXAMPLE / "faq.jsonl")
+    asked = {normalize_answer(r["question"]) for r in faq}
+    for name in ("qa.jsonl", "qa-added.jsonl"):
+        for ex in load_grounded_examples(EXAMPLE / name):
+            assert normalize_answer(ex.question) not in asked, f"{name}: {ex.question!r} is in faq.jsonl"
+
+
+def test_faq_answers_are_in_the_documents_and_the_training_files_are_the_faq():
+    faq = _jsonl(EXAMPLE / "faq.jsonl")
+    corpus = normalize_answer("\n".join(_docs(DOCS).values()))
+    for row in faq:
+        assert set(row) == {"question", "answer"}
+        assert normalize_answer(row["answer"]) in corpus, row
+    pairs = [(r["question"], r["answer"]) for r in faq]
+    memorise = load_lm_examples(EXAMPLE / "train-memorise.jsonl")
+    assert [(ex.messages[0]["content"], ex.messages[1]["content"]) for ex in memorise] == pairs
+    grounded = _jsonl(EXAMPLE / "train-grounded.jsonl")
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in grounded] == pairs
+    for row in grounded:   # the context given in training holds the answer to copy
+        assert row["messages"][1]["content"] in row["context"], row

@@ -17,13 +17,15 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, InferenceConfig, ServeConfig
+from .config import CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, GroundingConfig, InferenceConfig, ServeConfig
 from .errors import ConfigError, GptforgeError, InvalidTextError
 
 log = logging.getLogger("gptforge")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+FINETUNE_GROUNDING_OPTIONS = ("knowledge", "passages", "min_score", "query_turns")
+"""The grounding flags of `gptforge finetune` (a refusal is an inference matter)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,10 +127,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     gen = config_from_flags(GenerateConfig, args)
     system = check_text(_unescape(args.system), "--system") if args.system else None
+    grounding = _load_grounding(config_from_flags(GroundingConfig, args))  # a bad index fails before the model loads
     ckpt = _load_for_inference(config_from_flags(InferenceConfig, args))
+    if grounding is not None:
+        grounding.retriever.check_tokenizer(ckpt.tokenizer)
     from .chat import ChatSession, chat_template_of
 
-    session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=system, template=chat_template_of(ckpt.config))
+    session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=system, template=chat_template_of(ckpt.config),
+                          grounding=grounding)
     # A typed line with bytes that are not UTF-8 becomes text with lone surrogates, which the tokenizer refuses
     # with one error line (the chat goes on), rather than a decoding error that ends the command.
     if hasattr(sys.stdin, "reconfigure"):
@@ -175,11 +181,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 out.flush()
         except KeyboardInterrupt:  # stops this reply only; the turn is forgotten
             out.write(" [stopped]")
+            session.sources = []
         out.write("\n")
+        if grounding is not None:
+            out.write(_format_sources(session.sources))
         out.flush()
     if interactive:
         out.write("\n")
     return 0
+
+
+def _load_grounding(config: GroundingConfig):
+    """The knowledge base of ``--knowledge`` (None without it); its tokenizer check waits for the model."""
+    if config.knowledge is None:
+        return None
+    from .knowledge.grounding import Grounding
+
+    return Grounding.load(config)
+
+
+def _format_sources(hits) -> str:
+    """The sources line(s) printed after a grounded reply: id, title and score of each passage in the prompt."""
+    if not hits:
+        return "sources: none\n"
+    lines = [f"  [{i}] {hit.passage.id} | {hit.passage.title} | score {hit.score:.2f}" for i, hit in enumerate(hits, 1)]
+    return "sources:\n" + "\n".join(lines) + "\n"
 
 
 def _check_speculative_args(gen, prompts: list[str], args: argparse.Namespace) -> None:
@@ -243,9 +269,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
               "out_dir": args.out, "strategy": args.strategy, "train_on_prompt": args.train_on_prompt or None,
               "merge": args.merge or None}
     config = load_finetune_config(args.config, args.overrides, values)
+    grounding = config_from_flags(GroundingConfig, args)
+    retrieve = None
+    if grounding.knowledge is not None:
+        if config.task != "lm":
+            raise ConfigError(f"--knowledge grounds --task lm examples; it does not apply to --task {config.task}")
+        from .knowledge.grounding import context_retriever
+
+        retrieve = context_retriever(_load_grounding(grounding).retriever, grounding)
     from .finetune import finetune
 
-    result = finetune(config, resume=args.resume, progress=not args.quiet, handle_signals=True)
+    result = finetune(config, resume=args.resume, progress=not args.quiet, handle_signals=True, retrieve=retrieve)
     if result.stopped_by is not None:
         return _report_signal_stop(result.stopped_by, result.steps, result.last_checkpoint)
     _print_before_after(result.task, result.before, result.after)
@@ -327,9 +361,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key is None:
         args.api_key = os.environ.get("GPTFORGE_API_KEY") or None
     config = config_from_flags(ServeConfig, args)
+    grounding = _load_grounding(config_from_flags(GroundingConfig, args))  # checked against the model in create_app
     from .serve import create_app, run_server
 
-    app = create_app(config)
+    app = create_app(config, grounding=grounding)
     log.info("listening on http://%s:%d (Ctrl-C or SIGTERM to stop)", config.host, config.port)
     run_server(config, app, log_level="warning" if args.quiet else "info")
     if app.state.server.aborting:
@@ -606,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, InferenceConfig)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt, kept for the whole conversation")
     add_config_flags(p, GenerateConfig, only=CHAT_OPTIONS, defaults=CHAT_DEFAULTS)
+    add_config_flags(p, GroundingConfig)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert between Hugging Face GPT-2 folders and gptforge checkpoints")
@@ -635,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="lora: also write a full checkpoint with the update merged in")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every fine-tuning key with its default and meaning")
+    add_config_flags(p, GroundingConfig, only=FINETUNE_GROUNDING_OPTIONS)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a (fine-tuned) checkpoint on a data file")
@@ -670,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/v1/completions, /v1/chat/completions, /v1/classify, /health, /metrics "
                                    "and a chat page at /. SIGTERM finishes in-flight requests, then exits.")
     add_config_flags(p, ServeConfig)
+    add_config_flags(p, GroundingConfig)
     p.set_defaults(func=cmd_serve)
     return parser
 

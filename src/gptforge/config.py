@@ -505,6 +505,48 @@ class ServeConfig(InferenceConfig):
         return self
 
 
+DEFAULT_REFUSAL = "I don't know: the knowledge base has nothing on that."
+
+
+@dataclass
+class GroundingConfig:
+    """Answers grounded in a knowledge base (`gptforge chat`, `serve` and `finetune --task lm` with
+    `--knowledge`): which passages are retrieved for a turn and what happens when none is good enough."""
+
+    knowledge: Optional[str] = field(default=None, metadata=flag(metavar="DIR"))
+    """Knowledge base folder (`gptforge index --out DIR`); its passages are retrieved for each user turn and put
+    into the prompt's context slot. None: no retrieval."""
+    passages: int = field(default=3, metadata=flag("-k", metavar="K"))
+    """Most passages retrieved for a turn (fewer go into the prompt when they do not all fit the context)."""
+    min_score: float = 0.0
+    """Passages scoring below this (BM25, higher is better) are left out of the prompt; so are passages
+    scoring 0, which share no word with the query."""
+    knowledge_only: bool = False
+    """When no passage reaches min_score, reply with `refusal` instead of letting the model guess."""
+    refusal: str = field(default=DEFAULT_REFUSAL, metadata=flag(metavar="TEXT", escapes=True))
+    """The reply to a question the knowledge base has nothing on (with knowledge_only)."""
+    query_turns: int = 2
+    """How many of the last user messages make the retrieval query (the last one, and the one before it for
+    follow-up questions such as "and how long does that take?")."""
+
+    def validate(self) -> "GroundingConfig":
+        _positive(self, "passages", "query_turns")
+        if not math.isfinite(self.min_score):
+            raise ConfigError(f"grounding.min_score must be a finite number, got {self.min_score}")
+        if self.knowledge_only and not self.refusal.strip():
+            raise ConfigError("grounding.refusal must not be empty with knowledge_only")
+        if self.knowledge is None:
+            # A flag that would silently do nothing is an error.
+            changed = [f.name for f in dataclasses.fields(self)
+                       if f.name != "knowledge" and getattr(self, f.name) != f.default]
+            if changed:
+                names = ", ".join("--" + name.replace("_", "-") for name in changed)
+                raise ConfigError(f"{names} only apply with --knowledge (a knowledge base folder)")
+        elif not self.knowledge.strip():
+            raise ConfigError("grounding.knowledge must be a knowledge base folder, got an empty path")
+        return self
+
+
 @dataclass
 class RunConfig:
     """A pretraining run: the model, the data and the loop."""

@@ -130,7 +130,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     grounding = _load_grounding(config_from_flags(GroundingConfig, args))  # a bad index fails before the model loads
     ckpt = _load_for_inference(config_from_flags(InferenceConfig, args))
     if grounding is not None:
-        grounding.retriever.check_tokenizer(ckpt.tokenizer)
+        grounding.check_tokenizer(ckpt.tokenizer)
     from .chat import ChatSession, chat_template_of
 
     session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=system, template=chat_template_of(ckpt.config),

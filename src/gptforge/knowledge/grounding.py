@@ -164,10 +164,17 @@ class Grounding:
             raise ConfigError("no knowledge base to load: set knowledge (a folder written by `gptforge index`)")
         from .index import KnowledgeBase  # the index (bm25s) only when a knowledge base is used
 
-        kb = KnowledgeBase.load(config.knowledge)
+        grounding = cls(KnowledgeBase.load(config.knowledge), config)
         if tokenizer is not None:
-            kb.check_tokenizer(tokenizer)
-        return cls(kb, config)
+            grounding.check_tokenizer(tokenizer)
+        return grounding
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """The knowledge base's check that its passages were cut for ``tokenizer`` (a KnowledgeError, one line,
+        when not); a retriever without such a check passes."""
+        check = getattr(self.retriever, "check_tokenizer", None)
+        if check is not None:
+            check(tokenizer)
 
     def prepare(self, tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], *,
                 template: str = DEFAULT_CHAT_TEMPLATE, context_length: int,

@@ -281,9 +281,7 @@ def create_app(config: ServeConfig, checkpoint=None, *, grounding=None) -> FastA
         if state.task != "lm":
             raise ConfigError(f"--knowledge grounds chat replies, and the served model is a {state.task!r} model "
                               "that does not generate text")
-        check = getattr(grounding.retriever, "check_tokenizer", None)
-        if check is not None:
-            check(state.tokenizer)
+        grounding.check_tokenizer(state.tokenizer)
 
     from contextlib import asynccontextmanager
 

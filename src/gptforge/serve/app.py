@@ -525,7 +525,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         req = await _read_json(request, state.config.max_request_bytes, ChatCompletionRequest)
         _check_model(state, req.model)
         _require_lm(state)
-        prepared = _chat_prompt(state, req)
+        # Retrieval is CPU work: off the event loop, so that streams in flight keep flowing.
+        prepared = await asyncio.to_thread(_chat_prompt, state, req) if state.grounding else _chat_prompt(state, req)
         if prepared.refusal is not None:
             return _refusal(state, req, prepared)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None

@@ -231,8 +231,8 @@ def test_cli_knowledge_only_prints_the_refusal(checkpoint, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--knowledge-only"], "--knowledge-only only apply with --knowledge"),
-    (["--min-score", "2"], "--min-score only apply with --knowledge"),
+    (["--knowledge-only"], "--knowledge-only only applies with --knowledge"),
+    (["--min-score", "2"], "--min-score only applies with --knowledge"),
     (["--knowledge", "kb", "-k", "0"], "passages must be at least 1"),
 ])
 def test_cli_grounding_flags_are_checked_before_loading(checkpoint, capsys, argv, fragment):

@@ -518,14 +518,14 @@ class GroundingConfig:
     into the prompt's context slot. None: no retrieval."""
     passages: int = field(default=3, metadata=flag("-k", metavar="K"))
     """Most passages retrieved for a turn (fewer go into the prompt when they do not all fit the context)."""
-    min_score: float = 0.0
+    min_score: float = field(default=0.0, metadata=flag(metavar="S"))
     """Passages scoring below this (BM25, higher is better) are left out of the prompt; so are passages
     scoring 0, which share no word with the query."""
     knowledge_only: bool = False
     """When no passage reaches min_score, reply with `refusal` instead of letting the model guess."""
     refusal: str = field(default=DEFAULT_REFUSAL, metadata=flag(metavar="TEXT", escapes=True))
     """The reply to a question the knowledge base has nothing on (with knowledge_only)."""
-    query_turns: int = 2
+    query_turns: int = field(default=2, metadata=flag(metavar="N"))
     """How many of the last user messages make the retrieval query (the last one, and the one before it for
     follow-up questions such as "and how long does that take?")."""
 
@@ -541,7 +541,8 @@ class GroundingConfig:
                        if f.name != "knowledge" and getattr(self, f.name) != f.default]
             if changed:
                 names = ", ".join("--" + name.replace("_", "-") for name in changed)
-                raise ConfigError(f"{names} only apply with --knowledge (a knowledge base folder)")
+                verb = "applies" if len(changed) == 1 else "apply"
+                raise ConfigError(f"{names} only {verb} with --knowledge (a knowledge base folder)")
         elif not self.knowledge.strip():
             raise ConfigError("grounding.knowledge must be a knowledge base folder, got an empty path")
         return self

@@ -127,7 +127,7 @@ def test_finetune_with_retrieval_trains_on_grounded_examples(tmp_path, base, cap
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--task", "classify", "--knowledge", "kb"], "--knowledge grounds --task lm examples"),
-    (["--task", "lm", "--min-score", "1"], "--min-score only apply with --knowledge"),
+    (["--task", "lm", "--min-score", "1"], "--min-score only applies with --knowledge"),
 ])
 def test_finetune_grounding_flags_are_one_line_errors(tmp_path, capsys, extra, fragment):
     from tests.cli_utils import assert_one_line_error, run

@@ -92,6 +92,7 @@ def test_retrieval_fills_the_training_and_validation_examples(tmp_path):
                                   max_new_tokens=16)
         assert prompt.hits and example.input_ids[:len(prompt.ids)] == prompt.ids
     assert "my own passage" in TOK.decode(data.train[2].input_ids)
+    assert data.task["grounding"] == {"knowledge": "kb", "passages": 1, "min_score": 0.0, "query_turns": 2}
 
 
 def test_retrieval_checks_the_tokenizer_first_and_only_grounds_lm(tmp_path):
@@ -123,6 +124,8 @@ def test_finetune_with_retrieval_trains_on_grounded_examples(tmp_path, base, cap
                       retrieve=context_retriever(WordRetriever(), GroundingConfig(knowledge="kb", passages=1)))
     assert result.steps == 2 and result.stopped_by is None
     assert "retrieved passages for 12 of 12 examples" in caplog.text
+    saved = json.loads((Path(result.best_checkpoint) / "config.json").read_text())
+    assert saved["task"]["grounding"]["knowledge"] == "kb"  # the run says what grounded it
 
 
 @pytest.mark.parametrize("extra, fragment", [

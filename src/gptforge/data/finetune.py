@@ -695,6 +695,8 @@ def load_task_data(config: FinetuneConfig, tokenizer: Tokenizer, block_size: int
     if config.task == "lm":
         template = config.chat_template or DEFAULT_CHAT_TEMPLATE
         task = {"type": "lm", "labels": [], "chat_template": template}
+        if retrieve is not None:  # for the record (config.json): a resume needs the same --knowledge flags
+            task["grounding"] = dict(getattr(retrieve, "settings", None) or {})
         return TaskData(task, encode_lm_examples(tokenizer, train_raw, template=template,
                                                  train_on_prompt=config.train_on_prompt, max_length=max_length),
                         encode_lm_examples(tokenizer, val_raw, template=template, max_length=max_length))

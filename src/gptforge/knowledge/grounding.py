@@ -130,6 +130,13 @@ class ContextRetriever:
     def __init__(self, retriever: Retriever, config: GroundingConfig):
         self.retriever, self.config = retriever, config
 
+    @property
+    def settings(self) -> dict:
+        """What a grounded run records in its task section: the knowledge base and how it was queried."""
+        c = self.config
+        return {"knowledge": c.knowledge, "passages": c.passages, "min_score": c.min_score,
+                "query_turns": c.query_turns}
+
     def __call__(self, messages: Sequence[Mapping[str, str]]) -> list[str]:
         query = retrieval_query(messages, self.config.query_turns)
         if not query:

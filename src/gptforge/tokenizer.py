@@ -339,7 +339,8 @@ ROLES = ("system", "user", "assistant")
 DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}{end}\n"
 """How a chat is turned into text: this format string is applied to each message in turn.
 
-Fields: ``{role}`` (``system``, ``user`` or ``assistant``), ``{content}`` (the message text) and
+Fields: ``{role}`` (``system``, ``user`` or ``assistant``; ``context`` for retrieved passages, see
+:data:`CONTEXT_ROLE`), ``{content}`` (the message text) and
 ``{end}``, which is the end-of-text token after an assistant reply and nothing after any other message.
 ``{content}`` and ``{end}`` must each appear once, ``{end}`` after ``{content}``; write ``{{`` and ``}}``
 for literal braces. The default renders a system + user + assistant chat as::

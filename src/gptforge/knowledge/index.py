@@ -158,7 +158,8 @@ class KnowledgeBase:
         self.meta["passages"] = len(passages)
         self.meta["documents"] = len({p.doc_id for p in passages})
         self.meta["bm25s_version"] = bm25s.__version__
-        log.debug("indexed %d passages in %.2f s", len(passages), time.perf_counter() - start)
+        log.info("indexed %d passages of %d documents in %.2f s", len(passages), self.meta["documents"],
+                 time.perf_counter() - start)
 
     @property
     def _terms(self) -> _Terms:
@@ -412,14 +413,19 @@ def build_knowledge_base(docs: str | Path, out: str | Path, settings: Optional[d
                                      "--checkpoint); add to it without --checkpoint, or rebuild it with one")
             kb.check_tokenizer(tokenizer)
         documents = read_documents(docs)
+        log.info("read %d documents from %s", len(documents), docs)
         new = kb.split(documents)
+        log.info("split them into %d passages", len(new))
         counts = kb.add(new, sources=[source])
     else:
         check_output_dir(out, replaceable=is_knowledge_base(out), what="a knowledge base")
         tokenizer = tokenizer_of(checkpoint) if checkpoint is not None else None
         documents = read_documents(docs)
+        log.info("read %d documents from %s", len(documents), docs)
         new = split_documents(documents, max_passage_tokens=config.max_passage_tokens,
                               overlap_tokens=config.overlap_tokens, tokenizer=tokenizer)
+        log.info("split them into %d passages of at most %d tokens (%s)", len(new), config.max_passage_tokens,
+                 f"counted by the {tokenizer.kind} tokenizer" if tokenizer is not None else "estimated from the words")
         kb = KnowledgeBase.build(new, config, tokenizer=tokenizer, sources=[source])
         counts = {"added": len(new), "removed": 0, "replaced_documents": 0}
     kb.save(out)
@@ -434,3 +440,19 @@ def _check_same_settings(kb: KnowledgeBase, settings: dict[str, Any], out: Path)
         if given != getattr(have, name):
             raise KnowledgeError(f"knowledge base {out} was built with {name} {getattr(have, name)!r}, not {given!r}; "
                                  "--add keeps its settings (drop the option, or rebuild without --add)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The library call behind `gptforge evaluate --task retrieval`
+def evaluate_knowledge_base(knowledge: str | Path, data_file: str | Path) -> dict[str, Any]:
+    """Recall@1/5/10 and MRR of the knowledge base at ``knowledge`` on the questions of ``data_file``
+    (:mod:`gptforge.evaluate.retrieval`): ``{"task", "knowledge", "data", "metrics", "report"}``."""
+    from ..evaluate.retrieval import check_answers_exist, evaluate_retrieval, read_retrieval_data
+
+    kb = KnowledgeBase.load(knowledge)
+    questions = read_retrieval_data(data_file)
+    check_answers_exist(questions, kb.passages, data=str(data_file), knowledge=f"knowledge base {kb.path}")
+    start = time.perf_counter()
+    result = evaluate_retrieval(kb, questions)
+    log.info("searched %d questions in %.2f s", len(questions), time.perf_counter() - start)
+    return {"task": "retrieval", "knowledge": str(kb.path), "data": str(data_file), **result}

@@ -213,6 +213,8 @@ def write(path, text, encoding="utf-8"):
     (lambda d: write(d / "x.jsonl", '{"id": "a", "text": "x\\ud800"}\n'), "lone surrogate U+D800"),
     (lambda d: write(d / "x.jsonl", '{"id": "a", "text": "t"}\n{"id": "a", "text": "u"}\n'), "also on line 1"),
     (lambda d: write(d / "x.jsonl", "\n\n"), "holds no JSON lines"),
+    (lambda d: write(d / "x.jsonl", '{"question": "Hours?", "answer": "9"}\n{"question": "hours", "answer": "5"}\n'),
+     "'hours' (made from the question: give one of them an 'id') is also on line 1"),
 ])
 def test_bad_docs_are_one_clear_error(tmp_path, setup, fragment):
     source = setup(tmp_path)

@@ -168,7 +168,8 @@ def _read_jsonl(path: Path) -> list[Document]:
             raise KnowledgeError(f"{where} must be a JSON object, got {type(obj).__name__}")
         doc = _jsonl_document(obj, where)
         if doc.doc_id in seen:
-            raise KnowledgeError(f"{where}: document id {doc.doc_id!r} is also on line {seen[doc.doc_id]}; "
+            hint = " (made from the question: give one of them an 'id')" if "id" not in obj else ""
+            raise KnowledgeError(f"{where}: document id {doc.doc_id!r}{hint} is also on line {seen[doc.doc_id]}; "
                                  "ids must be unique")
         seen[doc.doc_id] = number
         docs.append(doc)

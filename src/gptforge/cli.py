@@ -330,15 +330,18 @@ def cmd_index(args: argparse.Namespace) -> int:
     counted = splitting["tokenizer"]["kind"]
     budget = (f"at most {splitting['max_passage_tokens']} tokens a passage, "
               + ("estimated from the words" if counted == "estimate" else f"counted by the {counted} tokenizer"))
+    holds = f"{_count(len(kb.passages), 'passage')} from {_count(kb.meta['documents'], 'document')}"
     if args.add:
-        replaced = f", replacing {result.replaced_documents} documents" if result.replaced_documents else ""
-        print(f"added {result.added_passages} passages from {result.documents} documents to {result.path}{replaced}; "
-              f"it holds {len(kb.passages)} passages from {kb.meta['documents']} documents ({budget}); "
-              f"{result.seconds:.2f} s")
+        replaced = f", replacing {_count(result.replaced_documents, 'document')}" if result.replaced_documents else ""
+        print(f"added {_count(result.added_passages, 'passage')} from {_count(result.documents, 'document')} to "
+              f"{result.path}{replaced}; it holds {holds} ({budget}); {result.seconds:.2f} s")
     else:
-        print(f"wrote {result.path}: {len(kb.passages)} passages from {result.documents} documents ({budget}); "
-              f"{result.seconds:.2f} s")
+        print(f"wrote {result.path}: {holds} ({budget}); {result.seconds:.2f} s")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def _search_index(args: argparse.Namespace, settings: dict) -> int:
@@ -349,7 +352,7 @@ def _search_index(args: argparse.Namespace, settings: dict) -> int:
         + ["--" + name.replace("_", "-") for name in settings]
     if given:
         raise ConfigError(f"--query searches an existing knowledge base; {', '.join(given)} "
-                          "belong to building one (drop them)")
+                          f"{'are' if len(given) > 1 else 'is'} for building one (drop {'them' if len(given) > 1 else 'it'})")
     if args.knowledge is None:
         raise ConfigError("--query needs the knowledge base folder: gptforge index --query TEXT KB")
     query = check_text(args.query, "--query")

@@ -58,7 +58,7 @@ def test_add_through_the_cli(kb, tmp_path, capsys):
     more.write_text(json.dumps({"question": "Do gift cards expire?", "answer": "Never."}) + "\n", encoding="utf-8")
     code, out, err = run(capsys, "index", "--docs", str(more), "--out", str(kb), "--add")
     assert code == 0, err
-    assert "added 1 passages from 1 documents" in out and "it holds 4 passages from 3 documents" in out
+    assert "added 1 passage from 1 document" in out and "it holds 4 passages from 3 documents" in out
     code, out, _ = run(capsys, "index", "--query", "gift card", str(kb), "--json")
     assert json.loads(out)["hits"][0]["id"] == "do-gift-cards-expire#1"
 
@@ -97,8 +97,8 @@ def test_the_checkpoint_tokenizer_counts_and_a_model_of_another_tokenizer_is_ref
     (["index", "--docs", "DOCS", "--out", "A", "B"], "two knowledge base folders"),
     (["index", "--docs", "DOCS", "--out", "OUT", "-k", "3"], "-k and --json are for --query"),
     (["index", "--query", "x"], "--query needs the knowledge base folder"),
-    (["index", "--query", "x", "KB", "--docs", "DOCS"], "--docs belong to building one"),
-    (["index", "--query", "x", "KB", "--stemmer", "none"], "--stemmer belong to building one"),
+    (["index", "--query", "x", "KB", "--docs", "DOCS"], "--docs is for building one"),
+    (["index", "--query", "x", "KB", "--stemmer", "none"], "--stemmer is for building one"),
     (["index", "--query", "x", "MISSING"], "does not exist; build it with gptforge index"),
     (["index", "--docs", "EMPTY", "--out", "OUT"], "holds no .md, .markdown or .txt files"),
     (["index", "--docs", "DOCS", "--out", "OUT", "--max-passage-tokens", "4"], "at least 8"),

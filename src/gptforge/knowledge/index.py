@@ -102,7 +102,7 @@ def _search_text(passage: Passage) -> str:
     return f"{passage.title}\n{passage.text}"
 
 
-@dataclass
+@dataclass(eq=False)
 class KnowledgeBase:
     """Passages and their BM25 index. Build with :meth:`build` (or :func:`build_knowledge_base`), open a
     saved one with :meth:`load`."""

@@ -351,8 +351,9 @@ def _search_index(args: argparse.Namespace, settings: dict) -> int:
              if value is not None] + (["--add"] if args.add else []) \
         + ["--" + name.replace("_", "-") for name in settings]
     if given:
-        raise ConfigError(f"--query searches an existing knowledge base; {', '.join(given)} "
-                          f"{'are' if len(given) > 1 else 'is'} for building one (drop {'them' if len(given) > 1 else 'it'})")
+        verb, them = ("are", "them") if len(given) > 1 else ("is", "it")
+        raise ConfigError(f"--query searches an existing knowledge base; {', '.join(given)} {verb} for building "
+                          f"one (drop {them})")
     if args.knowledge is None:
         raise ConfigError("--query needs the knowledge base folder: gptforge index --query TEXT KB")
     query = check_text(args.query, "--query")

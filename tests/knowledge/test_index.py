@@ -108,7 +108,8 @@ def test_round_trip_through_the_folder(kb, tmp_path):
     assert loaded.passages == kb.passages
     assert loaded.meta == kb.meta
     for query in ("refund card", "password", "shipping days"):
-        assert [(h.passage, h.score) for h in loaded.search(query, 4)] == [(h.passage, h.score) for h in kb.search(query, 4)]
+        expected = [(h.passage, h.score) for h in kb.search(query, 4)]
+        assert expected and [(h.passage, h.score) for h in loaded.search(query, 4)] == expected
     files = sorted(os.listdir(tmp_path / "kb"))
     assert MARKER in files and "passages.jsonl" in files and "meta.json" in files
     assert not any(f.endswith((".pkl", ".pickle")) for f in files)

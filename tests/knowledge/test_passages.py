@@ -106,19 +106,21 @@ def test_a_word_longer_than_the_budget_is_cut_between_whole_characters():
 
 
 def test_unicode_is_nfc_and_survives_splitting(tmp_path):
-    (tmp_path / "café.md").write_text("# Café\n\nLe cafe\u0301 est prêt. 日本語のテキスト。😀 emoji 👩‍👩‍👧 family.\n",
-                                      encoding="utf-8")
+    body = "Le cafe\u0301 est prêt. 日本語のテキスト。😀 emoji 👩\u200d👩\u200d👧 family."
+    (tmp_path / "café.md").write_text(f"# Café\n\n{body}\n", encoding="utf-8")
     (doc,) = read_documents(tmp_path)
     assert doc.doc_id == "café.md" and doc.title == "Café"
     assert "café est prêt" in doc.text and unicodedata.is_normalized("NFC", doc.text)
     tok = BPETokenizer.train(iter([doc.text] * 3), vocab_size=280)
-    passages = split_documents([doc], max_passage_tokens=8, overlap_tokens=2, tokenizer=tok)
-    assert all(len(tok.encode(p.text)) <= 8 or " " not in p.text for p in passages)
-    joined = " ".join(p.text for p in passages)
-    for piece in ("日本", "😀", "👩‍👩‍👧"):
-        assert piece in joined or all(piece not in p.text for p in passages)  # whole wherever it lands
+    passages = split_documents([doc], max_passage_tokens=8, overlap_tokens=0, tokenizer=tok)
+    assert len(passages) > 3
+    # Nothing lost or changed: the passages' pieces put back together are the text (spaces aside).
+    assert "".join(p.text.replace(" ", "") for p in passages) == unicodedata.normalize("NFC", body).replace(" ", "")
     for p in passages:
-        p.text.encode("utf-8")  # never a half character
+        assert len(tok.encode(p.text)) <= 8 or len(p.text.split()) == 1  # only an unsplittable character is over
+        assert not unicodedata.combining(p.text[0]) and not p.text.startswith("\u200d")
+        assert not p.text.endswith("\u200d")
+    assert any("👩\u200d👩\u200d👧" in p.text for p in passages)  # the joined emoji is never cut
 
 
 def test_tokens_are_counted_with_the_tokenizer_when_given():

@@ -209,6 +209,8 @@ def put(path, text):
     (lambda kb: put(kb / "meta.json", "{"), "is damaged: cannot read meta.json"),
     (lambda kb: (kb / "meta.json").unlink() or kb, "is damaged: meta.json is missing"),
     (lambda kb: (kb / "data.csc.index.npy").unlink() or kb, "is damaged"),
+    (lambda kb: put(kb / "meta.json", (kb / "meta.json").read_text().replace('"plural"', '"snowball"')),
+     "unknown stemmer or stopwords"),
     (lambda kb: put(kb / "passages.jsonl", '{"id": "a"}\n'), "is damaged"),
     (lambda kb: put(kb / "passages.jsonl", '{"id": "a#1", "doc_id": "a", "title": "A", "text": "t"}\n'),
      "holds 1 passages, the index 5"),

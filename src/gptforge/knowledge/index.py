@@ -41,7 +41,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..config import IndexConfig
+from ..config import KNOWLEDGE_STEMMERS, KNOWLEDGE_STOPWORDS, IndexConfig
 from ..errors import ConfigError, KnowledgeError
 from ..fsutil import check_output_dir, publish_folder
 from .passages import ESTIMATE_KIND, Document, normalize_text, read_documents, split_documents
@@ -325,7 +325,10 @@ class KnowledgeBase:
                         (folder / PASSAGES_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
             retriever = bm25s.BM25.load(str(folder), load_corpus=False, allow_pickle=False)
             num_docs = int(retriever.scores["num_docs"])
-            _ = meta["splitting"]["tokenizer"]["kind"], meta["bm25"]["stemmer"], meta["bm25"]["stopwords"]
+            _ = meta["splitting"]["tokenizer"]["kind"], meta["splitting"]["max_passage_tokens"]
+            bm25 = meta["bm25"]
+            if bm25["stemmer"] not in KNOWLEDGE_STEMMERS or bm25["stopwords"] not in KNOWLEDGE_STOPWORDS:
+                raise ValueError(f"unknown stemmer or stopwords in {META_FILE}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KnowledgeError(f"knowledge base {folder} is damaged ({type(exc).__name__}: {exc}); "
                                  "build it again") from None

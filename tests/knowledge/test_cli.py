@@ -4,7 +4,11 @@ import json
 
 import pytest
 
-from tests.cli_utils import assert_one_line_error, run
+from gptforge.errors import KnowledgeError
+from gptforge.knowledge.index import KnowledgeBase
+from gptforge.tokenizer import CharTokenizer, load_tokenizer
+from tests.cli_utils import assert_one_line_error, run, save_tiny_bpe_checkpoint
+from tests.model_utils import save_tiny_checkpoint
 
 DOCS = {
     "returns.md": "# Returns\n\nReturn any item within 30 days.\n\n## Refunds\n\nRefunds reach your card in 5 days.",
@@ -64,26 +68,20 @@ def test_add_through_the_cli(kb, tmp_path, capsys):
 
 
 def test_the_checkpoint_tokenizer_counts_and_a_model_of_another_tokenizer_is_refused(docs, tmp_path, capsys):
-    from gptforge.knowledge.index import KnowledgeBase
-    from gptforge.tokenizer import CharTokenizer
-    from tests.cli_utils import save_tiny_bpe_checkpoint
-
     ckpt = save_tiny_bpe_checkpoint(tmp_path / "ckpt")
     code, out, err = run(capsys, "index", "--docs", str(docs), "--out", str(tmp_path / "kb"), "--checkpoint",
                          str(ckpt), "--max-passage-tokens", "12", "--overlap-tokens", "2")
     assert code == 0, err
     assert "counted by the bpe tokenizer" in out
     kb = KnowledgeBase.load(tmp_path / "kb")
-    from gptforge.tokenizer import load_tokenizer
     tok = load_tokenizer(ckpt)
     kb.check_tokenizer(tok)
     assert all(len(tok.encode(p.text)) <= 12 for p in kb.passages)
-    with pytest.raises(Exception, match="another tokenizer"):
+    with pytest.raises(KnowledgeError, match="another tokenizer"):
         kb.check_tokenizer(CharTokenizer(list("abc")))
     # --add with another model's tokenizer is one error, and leaves the folder as it was
-    other = tmp_path / "other"
-    from tests.model_utils import save_tiny_checkpoint
-    save_tiny_checkpoint(other, "abcdefghijklmnopqrstuvwxyz ", block_size=16, n_layer=1, n_embd=8)
+    other = save_tiny_checkpoint(tmp_path / "other", "abcdefghijklmnopqrstuvwxyz ", block_size=16, n_layer=1,
+                                 n_embd=8)
     before = (tmp_path / "kb" / "passages.jsonl").read_bytes()
     code, _, err = run(capsys, "index", "--docs", str(docs), "--out", str(tmp_path / "kb"), "--add",
                        "--checkpoint", str(other))

@@ -134,7 +134,8 @@ def test_tokens_are_counted_with_the_tokenizer_when_given():
 
 def test_estimate_counts_words_by_length_and_punctuation():
     assert estimate_tokens("a cat sat.") == 4
-    assert estimate_tokens("customer") == 2  # 8 letters: ceil(8 / 6)
+    assert estimate_tokens("customer") == 2  # 8 letters: ceil(8 / 4)
+    assert estimate_tokens("refund") == 2 and estimate_tokens("card") == 1
     assert estimate_tokens("   ") == 0
 
 

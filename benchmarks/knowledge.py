@@ -5,7 +5,7 @@
 
 The documents are synthetic but word-realistic: words are drawn (seeded) with the frequencies they have in
 the built-in Shakespeare corpus (a real Zipf distribution: many common words, a long tail of rare ones).
-Each document has ten ``##`` sections of one 30–60 word paragraph, so that with the default budget (96
+Each document has ten ``##`` sections of one 25–50 word paragraph, so that with the default budget (96
 tokens) nearly every section is one passage. Queries are "known-item" queries: four words drawn from one
 passage's text; the fraction whose source passage comes first is printed as a sanity check.
 
@@ -80,7 +80,7 @@ def make_documents(n_passages: int, seed: int):
         body = [f"# {title}"]
         for s in range(min(sections, n_passages - d * sections)):
             body.append(f"## {' '.join(sample(2)).title()}")
-            n = rng.randint(30, 60)
+            n = rng.randint(25, 50)
             cut = rng.randint(8, n - 8)
             body.append(sentence(cut) + " " + sentence(n - cut))
         docs.append(Document(doc_id=f"doc{d:06d}.md", title=title, text="\n\n".join(body)))

@@ -25,7 +25,7 @@ zero, best first, equal scores in passage order.
 Adding documents (:meth:`KnowledgeBase.add`) drops the passages of every document added again, appends
 the new ones and rebuilds the whole BM25 matrix: BM25's document frequencies change with every passage,
 so an addition costs as much as a build of the whole knowledge base (13–15 s for 100,000 passages on a
-2-core AMD EPYC, well under a second for a support FAQ's few hundred; see benchmarks/knowledge.py).
+2-core AMD EPYC, well under a second for a support FAQ's few hundred; see benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, GroundingConfig, InferenceConfig, ServeConfig
+from .config import (CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, GroundingConfig, IndexConfig, InferenceConfig,
+                     ServeConfig)
 from .errors import ConfigError, GptforgeError, InvalidTextError
 
 log = logging.getLogger("gptforge")
@@ -295,6 +296,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.knowledge is not None and args.task not in KNOWLEDGE_TASKS:
+        raise ConfigError(f"--knowledge is for --task {' or '.join(KNOWLEDGE_TASKS)}")
+    if args.task == "retrieval":
+        return _evaluate_retrieval(args)
+    if args.checkpoint is None:
+        raise ConfigError("--checkpoint is required (a checkpoint or adapter folder to evaluate)")
     from .evaluate.tasks import HEADLINE, evaluate_checkpoint
     from .finetune.report import format_task_report
 
@@ -307,9 +314,97 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print("  ".join(f"{name} {_fmt(result['metrics'].get(name))}" for name in HEADLINE[task]))
     if task != "lm":
         print(format_task_report(task, result["report"]))
+    _write_json_report(args.json, result)
+    return 0
+
+
+# The evaluate tasks that read a knowledge base (--knowledge).
+KNOWLEDGE_TASKS = ("retrieval",)
+
+
+def _evaluate_retrieval(args: argparse.Namespace) -> int:
+    if args.knowledge is None:
+        raise ConfigError("--task retrieval needs --knowledge KB (a folder built by gptforge index)")
+    if args.checkpoint is not None:
+        raise ConfigError("--task retrieval evaluates the knowledge base alone; drop --checkpoint")
+    from .evaluate.retrieval import HEADLINE, format_retrieval_report
+    from .knowledge.index import evaluate_knowledge_base
+
+    result = evaluate_knowledge_base(args.knowledge, args.data)
+    print("  ".join(f"{name} {_fmt(result['metrics'][name])}" for name in HEADLINE))
+    print(format_retrieval_report(result["report"]))
+    _write_json_report(args.json, result)
+    return 0
+
+
+def _write_json_report(path: Optional[str], result: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(IndexConfig)
+                if getattr(args, f.name) is not None}
+    if args.query is not None:
+        return _search_index(args, settings)
+    if args.docs is None:
+        raise ConfigError("give --docs PATH --out KB to build a knowledge base, or --query TEXT KB to search one")
+    if args.knowledge is not None and args.out is not None and Path(args.knowledge) != Path(args.out):
+        raise ConfigError(f"two knowledge base folders given ({args.knowledge} and --out {args.out}); give one")
+    out = args.out or args.knowledge
+    if out is None:
+        raise ConfigError("--docs needs --out KB: the knowledge base folder to write")
+    if args.k is not None or args.json:
+        raise ConfigError("-k and --json are for --query")
+    from .knowledge.index import build_knowledge_base
+
+    result = build_knowledge_base(args.docs, out, settings, checkpoint=args.checkpoint, add=args.add)
+    kb = result.knowledge_base
+    splitting = kb.meta["splitting"]
+    counted = splitting["tokenizer"]["kind"]
+    budget = (f"at most {splitting['max_passage_tokens']} tokens a passage, "
+              + ("estimated from the words" if counted == "estimate" else f"counted by the {counted} tokenizer"))
+    holds = f"{_count(len(kb.passages), 'passage')} from {_count(kb.meta['documents'], 'document')}"
+    if args.add:
+        replaced = f", replacing {_count(result.replaced_documents, 'document')}" if result.replaced_documents else ""
+        print(f"added {_count(result.added_passages, 'passage')} from {_count(result.documents, 'document')} to "
+              f"{result.path}{replaced}; it holds {holds} ({budget}); {result.seconds:.2f} s")
+    else:
+        print(f"wrote {result.path}: {holds} ({budget}); {result.seconds:.2f} s")
+    return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def _search_index(args: argparse.Namespace, settings: dict) -> int:
+    from .tokenizer import check_text
+
+    given = [flag for flag, value in (("--docs", args.docs), ("--out", args.out), ("--checkpoint", args.checkpoint))
+             if value is not None] + (["--add"] if args.add else []) \
+        + ["--" + name.replace("_", "-") for name in settings]
+    if given:
+        verb, them = ("are", "them") if len(given) > 1 else ("is", "it")
+        raise ConfigError(f"--query searches an existing knowledge base; {', '.join(given)} {verb} for building "
+                          f"one (drop {them})")
+    if args.knowledge is None:
+        raise ConfigError("--query needs the knowledge base folder: gptforge index --query TEXT KB")
+    query = check_text(args.query, "--query")
+    from .knowledge.index import KnowledgeBase
+
+    kb = KnowledgeBase.load(args.knowledge)
+    hits = kb.search(query, k=args.k or 5)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        print(json.dumps({"query": query, "knowledge": str(kb.path), "hits": [h.to_source() for h in hits]},
+                         ensure_ascii=False))
+        return 0
+    if not hits:
+        print(f"no passage of {kb.path} shares a word with the query")
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank}. {hit.passage.id}  score {hit.score:.4f}  {hit.passage.title}")
+        print("   " + hit.passage.text.replace("\n", "\n   "))
     return 0
 
 
@@ -674,10 +769,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, GroundingConfig, only=FINETUNE_GROUNDING_OPTIONS)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="evaluate a (fine-tuned) checkpoint on a data file")
-    p.add_argument("--checkpoint", required=True, help="checkpoint or adapter folder (or any model, for --task lm)")
-    p.add_argument("--data", required=True, metavar="FILE", help="examples in the task's fine-tuning format")
-    p.add_argument("--task", choices=["lm", "classify", "tokens"], default=None, help="default: the checkpoint's task")
+    p = sub.add_parser("evaluate", help="evaluate a (fine-tuned) checkpoint or a knowledge base on a data file")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint or adapter folder (or any model, for --task lm); required but for --task retrieval")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="examples in the task's fine-tuning format; for retrieval, JSON lines with question and "
+                        "passage_id (or doc_id)")
+    p.add_argument("--task", choices=["lm", "classify", "tokens", "retrieval"], default=None,
+                   help="default: the checkpoint's task; retrieval: recall@1/5/10 and MRR of --knowledge")
+    p.add_argument("--knowledge", default=None, metavar="KB", help="knowledge base folder (gptforge index)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full report to this JSON file")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -701,6 +801,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_positive_int, default=None, help="number of trials (default: tune.trials)")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for the trials, best config and summary")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("index", help="build, extend or search a knowledge base of your documents (BM25)",
+                       description="Build a knowledge base: gptforge index --docs PATH --out KB [--add] "
+                                   "[--checkpoint MODEL]. Search it: gptforge index --query TEXT KB [-k 5] [--json]. "
+                                   "PATH is a folder of .md/.txt files or a .jsonl file of documents "
+                                   "(id, title, text) or FAQ pairs (question, answer). See docs/knowledge.md.")
+    p.add_argument("knowledge", nargs="?", default=None, metavar="KB",
+                   help="the knowledge base folder to search with --query (or to build, like --out)")
+    p.add_argument("--docs", default=None, metavar="PATH", help="documents to index: a folder of .md/.txt files, "
+                   "one such file, or a .jsonl file")
+    p.add_argument("--out", default=None, metavar="KB", help="knowledge base folder to write (replaced whole)")
+    p.add_argument("--add", action="store_true",
+                   help="add --docs to the knowledge base at --out, replacing documents given again")
+    p.add_argument("--checkpoint", default=None, metavar="MODEL",
+                   help="count passage tokens with this model's tokenizer (default: estimate from the words)")
+    add_config_flags(p, IndexConfig)
+    # Unset options stay None, so that --add can tell them from the knowledge base's own settings.
+    p.set_defaults(**{f.name: None for f in dataclasses.fields(IndexConfig)})
+    p.add_argument("--query", default=None, metavar="TEXT", help="search the knowledge base KB for TEXT")
+    p.add_argument("-k", type=_positive_int, default=None, help="passages to print for --query (default: 5)")
+    p.add_argument("--json", action="store_true", help="--query: print the hits as one JSON object")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible HTTP server with continuous batching: /v1/models, "

@@ -1028,3 +1028,36 @@ def load_tune_config(path: str | Path) -> TuneConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"the tune section of {path} must be a mapping, got {type(raw).__name__}")
     return _build(TuneConfig, raw, "tune").validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# The knowledge base (`gptforge index`): how documents become passages and BM25 terms.
+
+KNOWLEDGE_STOPWORDS = ("en", "none")
+KNOWLEDGE_STEMMERS = ("plural", "none")
+
+
+@dataclass
+class IndexConfig:
+    """How `gptforge index` cuts documents into passages and indexes them; recorded in the knowledge base,
+    whose own settings `--add` keeps."""
+
+    max_passage_tokens: int = 96
+    """Most tokens in a passage's text (counted by --checkpoint's tokenizer, else estimated from the words):
+    small enough that a few passages and the conversation fit a small model's context."""
+    overlap_tokens: int = 16
+    """Tokens of a passage's last words repeated at the start of the next passage of the same section (at
+    most half of max_passage_tokens; 0 for none)."""
+    stopwords: str = field(default="en", metadata=flag(choices=KNOWLEDGE_STOPWORDS))
+    """en: leave common English words (bm25s's list) out of the index and the queries; none: keep every word."""
+    stemmer: str = field(default="plural", metadata=flag(choices=KNOWLEDGE_STEMMERS))
+    """plural: singular and plural forms match (refunds → refund, policies → policy); none: exact words only."""
+
+    def validate(self) -> "IndexConfig":
+        check_choices(self)
+        if self.max_passage_tokens < 8:
+            raise ConfigError(f"index.max_passage_tokens must be at least 8, got {self.max_passage_tokens}")
+        if not 0 <= self.overlap_tokens <= self.max_passage_tokens // 2:
+            raise ConfigError(f"index.overlap_tokens must be between 0 and half of max_passage_tokens "
+                              f"({self.max_passage_tokens // 2}), got {self.overlap_tokens}")
+        return self

@@ -185,10 +185,14 @@ def test_grounding_flags_without_a_knowledge_base_are_an_error():
 
 # --- a grounded chat session ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("grounded") / "ckpt", CHARS, block_size=256, n_layer=1,
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("grounded") / "ckpt", CHARS, block_size=256, n_layer=1,
                                 n_embd=16)
-    return load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_checkpoint(checkpoint)
 
 
 def test_chat_session_grounds_each_turn_and_keeps_the_sources(loaded):
@@ -268,3 +272,98 @@ def test_retrieval_fills_the_context_of_examples_without_one():
 
 def test_grounded_prompt_type_defaults():
     assert GroundedPrompt([1, 2], budget=2).fits and not GroundedPrompt([1, 2, 3], budget=2).fits
+
+
+# --- with a real knowledge base (gptforge index) -------------------------------------------------------------
+DOCS = {
+    "returns.md": "# Returns\n\nRefunds reach your card within five days.\n",
+    "shipping.md": "# Shipping\n\nOrders leave the warehouse within one day.\n",
+    "warranty.md": "# Warranty\n\nThe kettle has a two year warranty on parts.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def knowledge(tmp_path_factory, checkpoint):
+    """A knowledge base of three documents, built for the test model's tokenizer, and one built for another."""
+    from gptforge.knowledge.index import build_knowledge_base
+
+    root = tmp_path_factory.mktemp("kb")
+    docs = root / "docs"
+    docs.mkdir()
+    for name, text in DOCS.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    build_knowledge_base(docs, root / "kb", checkpoint=checkpoint)
+    other = save_tiny_checkpoint(root / "other-ckpt", list("abcdefghijklmnopqrstuvwxyz .?\n"), block_size=64,
+                                 n_layer=1, n_embd=16)
+    build_knowledge_base(docs, root / "other-kb", checkpoint=other)
+    return {"kb": root / "kb", "other": root / "other-kb", "root": root}
+
+
+def test_a_loaded_knowledge_base_grounds_a_turn(knowledge, loaded):
+    from gptforge.knowledge.index import KnowledgeBase
+
+    grounding = Grounding.load(GroundingConfig(knowledge=str(knowledge["kb"]), passages=2), loaded.tokenizer)
+    assert isinstance(grounding.retriever, KnowledgeBase)
+    prepared = grounding.prepare(loaded.tokenizer, chat("how long do refunds take?"), context_length=256,
+                                 max_new_tokens=32)
+    top = prepared.hits[0].passage
+    assert top.doc_id == "returns.md" and "Refunds reach your card" in loaded.tokenizer.decode(prepared.ids)
+    assert prepared.sources[0]["id"] == top.id and prepared.sources[0]["passage"] == top.text
+
+
+def test_a_missing_or_foreign_knowledge_base_is_one_clear_error(knowledge, loaded, tmp_path):
+    from gptforge.errors import KnowledgeError
+
+    with pytest.raises(KnowledgeError, match="does not exist"):
+        Grounding.load(GroundingConfig(knowledge=str(tmp_path / "nowhere")), loaded.tokenizer)
+    with pytest.raises(KnowledgeError, match="another tokenizer"):
+        Grounding.load(GroundingConfig(knowledge=str(knowledge["other"])), loaded.tokenizer)
+
+
+def test_cli_chat_with_a_knowledge_base_prints_its_passage_ids(knowledge, checkpoint, capsys, monkeypatch):
+    import io
+    import sys
+
+    from gptforge.cli import main
+    from gptforge.knowledge.index import KnowledgeBase
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("how long do refunds take?\n"))
+    code = main(["chat", "--checkpoint", str(checkpoint), "--device", "cpu", "--max-new-tokens", "4",
+                 "--knowledge", str(knowledge["kb"]), "-k", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    passage = KnowledgeBase.load(knowledge["kb"]).search("how long do refunds take?", k=1)[0].passage
+    assert f"sources:\n  [1] {passage.id} | {passage.title} | score " in out
+
+
+@pytest.mark.parametrize("command", ["chat", "serve", "finetune"])
+@pytest.mark.parametrize("which, fragment", [("other", "another tokenizer"), ("missing", "does not exist")])
+def test_cli_refuses_a_missing_or_foreign_knowledge_base_in_one_line(knowledge, checkpoint, capsys, tmp_path,
+                                                                   command, which, fragment):
+    from tests.cli_utils import assert_one_line_error, run
+
+    kb = knowledge["other"] if which == "other" else tmp_path / "missing-kb"
+    if command == "finetune":
+        train = tmp_path / "train.jsonl"
+        train.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' * 4)
+        argv = ["finetune", "--task", "lm", "--checkpoint", str(checkpoint), "--train", str(train),
+                "--out", str(tmp_path / "run"), "-q"]
+    else:
+        argv = [command, "--checkpoint", str(checkpoint), "--device", "cpu"]
+    code, out, err = run(capsys, *argv, "--knowledge", str(kb))
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_finetune_with_a_knowledge_base_grounds_its_examples(knowledge, checkpoint, capsys, tmp_path):
+    from tests.cli_utils import run
+
+    train = tmp_path / "train.jsonl"
+    lines = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in [("how long do refunds take?", "five days."), ("when do orders leave?", "in a day.")]] * 4
+    train.write_text("".join(__import__("json").dumps(r) + "\n" for r in lines), encoding="utf-8")
+    code, out, err = run(capsys, "finetune", "--task", "lm", "--checkpoint", str(checkpoint), "--train", str(train),
+                         "--out", str(tmp_path / "run"), "--knowledge", str(knowledge["kb"]), "-k", "1",
+                         "--max_steps=2", "--eval_interval=2", "--batch_size=4", "--device=cpu")
+    assert code == 0, err
+    assert "retrieved passages for 8 of 8 examples" in err  # the CLI shows the library's INFO lines

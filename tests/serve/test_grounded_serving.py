@@ -163,3 +163,25 @@ def test_an_ungrounded_server_adds_no_sources_field(tmp_path):
         assert "sources" not in body and body["choices"][0]["message"]["role"] == "assistant"
     finally:
         live.close()
+
+
+def test_a_real_knowledge_base_served_end_to_end(tmp_path):
+    """`gptforge index` output loaded as `gptforge serve --knowledge` loads it; its passage ids come back."""
+    from gptforge.knowledge.index import build_knowledge_base
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "returns.md").write_text("# Returns\n\nRefunds reach your card within five days.\n", encoding="utf-8")
+    (docs / "shipping.md").write_text("# Shipping\n\nOrders leave the warehouse within one day.\n", encoding="utf-8")
+    path = write_checkpoint(tmp_path / "kb-bot")
+    built = build_knowledge_base(docs, tmp_path / "kb", checkpoint=path).knowledge_base
+    config = ServeConfig(checkpoint=str(path), device="cpu")
+    checkpoint = load_served_checkpoint(config)
+    grounding = Grounding.load(GroundingConfig(knowledge=str(tmp_path / "kb"), passages=1), checkpoint.tokenizer)
+    live = GroundedServer(config, checkpoint, grounding)
+    try:
+        body = httpx.post(live.url + "/v1/chat/completions", json=chat_body(), timeout=60).json()
+    finally:
+        live.close()
+    top = built.search(QUESTION, k=1)[0]
+    assert body["sources"] == [top.to_source()] and top.passage.doc_id == "returns.md"

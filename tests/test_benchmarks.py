@@ -83,3 +83,13 @@ def test_faults_serve_benchmark_fuzzes_drops_and_signals_a_real_server():
     for figure in ("5xx responses:", "off-shape errors:", "every row free", "SIGTERM with 3 streams in flight",
                    "second SIGTERM"):
         assert figure in done.stdout
+
+
+def test_knowledge_benchmark_times_build_and_queries_against_bm25s():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/knowledge.py"), "--passages", "300",
+                           "--queries", "20"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "→ 300 passages" in done.stdout
+    for figure in ("build BM25 index (bm25s)", "save folder (atomic)", "load folder", "queries/s",
+                   "reference: bm25s retrieve", "reference: naive scoring", "the same top-5 scores for 20/20"):
+        assert figure in done.stdout, done.stdout

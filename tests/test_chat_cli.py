@@ -179,3 +179,83 @@ def test_cli_line_that_is_not_utf8_is_an_error_and_the_chat_goes_on(demo_sized):
     if session.dropped_turns:
         expected = f"{first}\n(the conversation no longer fits the model's context: dropping the oldest turns)\n{second}\n"
     assert done.stdout.decode() == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# `gptforge chat --knowledge`: the knowledge base is a test retriever here (tests/knowledge has the index's own)
+def _grounded_main(monkeypatch, retriever=None):
+    from gptforge import cli
+    from gptforge.knowledge.grounding import Grounding
+    from tests.knowledge.test_grounding import WordRetriever
+
+    monkeypatch.setattr(cli, "_load_grounding",
+                        lambda config: None if config.knowledge is None else Grounding(retriever or WordRetriever(),
+                                                                                        config))
+    return cli.main
+
+
+def test_cli_prints_the_sources_after_each_grounded_reply(checkpoint, loaded, capsys, monkeypatch):
+    import io
+
+    from gptforge.config import GroundingConfig
+    from gptforge.knowledge.grounding import Grounding
+    from tests.knowledge.test_grounding import WordRetriever
+
+    main = _grounded_main(monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("how long do refunds take?\nwhat colour is sky?\n"))
+    code = main(["chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "6", "--temperature", "0",
+                 "--device", "cpu", "--knowledge", "kb", "-k", "2", "--query-turns", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    # the same turns through the library give the replies; the sources follow each one
+    model = prepare_for_inference(copy.deepcopy(loaded.model))
+    session = ChatSession(model, loaded.tokenizer, GenerateConfig(max_new_tokens=6, temperature=0),
+                          grounding=Grounding(WordRetriever(), GroundingConfig(knowledge="kb", passages=2,
+                                                                               query_turns=1)))
+    first = "".join(session.send("how long do refunds take?"))
+    second = "".join(session.send("what colour is sky?"))
+    assert out == (f"{first}\nsources:\n  [1] returns#1 | Returns | score 1.00\n"
+                   f"{second}\nsources: none\n")
+
+
+def test_cli_knowledge_only_prints_the_refusal(checkpoint, capsys, monkeypatch):
+    import io
+
+    main = _grounded_main(monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what colour is sky?\n"))
+    code = main(["chat", "--checkpoint", str(checkpoint), "--device", "cpu", "--knowledge", "kb",
+                 "--knowledge-only", "--refusal", "ask our support desk."])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == "ask our support desk.\nsources: none\n"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--knowledge-only"], "--knowledge-only only applies with --knowledge"),
+    (["--min-score", "2"], "--min-score only applies with --knowledge"),
+    (["--knowledge", "kb", "-k", "0"], "passages must be at least 1"),
+])
+def test_cli_grounding_flags_are_checked_before_loading(checkpoint, capsys, argv, fragment):
+    from tests.cli_utils import assert_one_line_error, run
+
+    code, _, err = run(capsys, "chat", "--checkpoint", str(checkpoint), *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_cli_knowledge_base_of_another_tokenizer_is_one_error(checkpoint, capsys, monkeypatch):
+    import io
+
+    from gptforge.errors import GptforgeError
+    from tests.cli_utils import assert_one_line_error
+    from tests.knowledge.test_grounding import WordRetriever
+
+    class OtherTokenizerIndex(WordRetriever):
+        def check_tokenizer(self, tokenizer):
+            raise GptforgeError("the knowledge base kb was built for another tokenizer")
+
+    main = _grounded_main(monkeypatch, OtherTokenizerIndex())
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    code = main(["chat", "--checkpoint", str(checkpoint), "--device", "cpu", "--knowledge", "kb"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, err, "another tokenizer")
+    assert out == ""

@@ -14,6 +14,12 @@ else half the context (at most 256), and a reply may then use all the room the p
 :func:`~gptforge.config.resolve_max_new_tokens`). When the prompt no longer leaves that room, the oldest
 turns are dropped from the history (the system prompt is always kept) and :attr:`ChatSession.dropped_turns`
 counts them. This module never prints: the CLI (``gptforge chat``) decides what a person sees.
+
+With a :class:`~gptforge.knowledge.grounding.Grounding` (``gptforge chat --knowledge kb/``) each turn's prompt
+also holds the passages retrieved for the last user turns, in the template's context slot; passages are
+cut before old turns are dropped (:func:`~gptforge.knowledge.grounding.prepare_grounded`).
+:attr:`ChatSession.sources` holds the hits behind the last reply, and with ``knowledge_only`` a question
+the knowledge base has nothing on gets the configured refusal instead of a generated reply.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from typing import Any, Iterator, Mapping, Optional
 from .config import DEFAULT_MAX_NEW_TOKENS, GenerateConfig
 from .errors import ConfigError
 from .generate import stream_ids
+from .knowledge.grounding import GroundedPrompt, Grounding
+from .knowledge.types import Hit
 from .model import GPT
 from .tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, encode_chat_prompt
 
@@ -44,12 +52,18 @@ class ChatSession:
     """A multi-turn conversation over one model; see the module docstring."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, config: GenerateConfig, *,
-                 system: Optional[str] = None, template: str = DEFAULT_CHAT_TEMPLATE):
+                 system: Optional[str] = None, template: str = DEFAULT_CHAT_TEMPLATE,
+                 grounding: Optional[Grounding] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config.validate()
         self.system = system or None
         self.template = template
+        self.grounding = grounding
+        self.sources: list[Hit] = []
+        """The hits whose passages were in the last reply's prompt, best first (empty without grounding)."""
+        self.refused = False
+        """Whether the last reply was the knowledge_only refusal rather than the model's."""
         self.history: list[dict[str, str]] = []
         """Earlier turns, alternating user and assistant messages (the system prompt is not in it)."""
         self.dropped_turns = 0
@@ -71,12 +85,23 @@ class ChatSession:
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """The next turn's prompt, after dropping the oldest turns while it does not fit the context."""
+        return self.prepare(user_text).ids
+
+    def prepare(self, user_text: str) -> GroundedPrompt:
+        """The next turn's prompt (with its passages when grounded), or the refusal that replaces the reply;
+        drops the oldest turns while the prompt does not fit the context even without passages."""
         block = self.model.config.block_size
         budget = block - self.reply_tokens
         while True:
-            ids = encode_chat_prompt(self.tokenizer, self.messages(user_text), self.template)
-            if len(ids) <= budget:
-                return ids
+            messages = self.messages(user_text)
+            if self.grounding is not None:
+                prepared = self.grounding.prepare(self.tokenizer, messages, template=self.template,
+                                                  context_length=block, max_new_tokens=self.config.max_new_tokens)
+            else:
+                prepared = GroundedPrompt(encode_chat_prompt(self.tokenizer, messages, self.template), budget=budget)
+            if prepared.refusal is not None or prepared.fits:
+                return prepared
+            ids = prepared.ids
             if not self.history:
                 if self.config.max_new_tokens is None:
                     raise ConfigError(f"the message ({len(ids)} tokens with the system prompt and chat template) "
@@ -95,7 +120,13 @@ class ChatSession:
 
         A reply abandoned before its end (the iterator closed, or Ctrl-C) leaves the history unchanged.
         """
-        ids = self.prompt_ids(user_text)
+        prepared = self.prepare(user_text)
+        self.sources, self.refused = prepared.hits, prepared.refusal is not None
+        if prepared.refusal is not None:  # knowledge_only and nothing relevant: no guess from the model
+            yield prepared.refusal
+            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": prepared.refusal}]
+            return
+        ids = prepared.ids
         config = self.config.for_prompt(len(ids), self.model.config.block_size)
         if config.seed is not None:  # reproducible, yet not the same draw every turn
             config = dataclasses.replace(config, seed=config.seed + self.turns)

@@ -17,13 +17,16 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, InferenceConfig, ServeConfig
+from .config import (CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, GroundingConfig, IndexConfig, InferenceConfig,
+                     ServeConfig)
 from .errors import ConfigError, GptforgeError, InvalidTextError
 
 log = logging.getLogger("gptforge")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+FINETUNE_GROUNDING_OPTIONS = ("knowledge", "passages", "min_score", "query_turns")
+"""The grounding flags of `gptforge finetune` (a refusal is an inference matter)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,10 +128,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     gen = config_from_flags(GenerateConfig, args)
     system = check_text(_unescape(args.system), "--system") if args.system else None
+    grounding = _load_grounding(config_from_flags(GroundingConfig, args))  # a bad index fails before the model loads
     ckpt = _load_for_inference(config_from_flags(InferenceConfig, args))
+    if grounding is not None:
+        grounding.check_tokenizer(ckpt.tokenizer)
     from .chat import ChatSession, chat_template_of
 
-    session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=system, template=chat_template_of(ckpt.config))
+    session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=system, template=chat_template_of(ckpt.config),
+                          grounding=grounding)
     # A typed line with bytes that are not UTF-8 becomes text with lone surrogates, which the tokenizer refuses
     # with one error line (the chat goes on), rather than a decoding error that ends the command.
     if hasattr(sys.stdin, "reconfigure"):
@@ -175,11 +182,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 out.flush()
         except KeyboardInterrupt:  # stops this reply only; the turn is forgotten
             out.write(" [stopped]")
+            session.sources = []
         out.write("\n")
+        if grounding is not None:
+            out.write(_format_sources(session.sources))
         out.flush()
     if interactive:
         out.write("\n")
     return 0
+
+
+def _load_grounding(config: GroundingConfig):
+    """The knowledge base of ``--knowledge`` (None without it); its tokenizer check waits for the model."""
+    if config.knowledge is None:
+        return None
+    from .knowledge.grounding import Grounding
+
+    return Grounding.load(config)
+
+
+def _format_sources(hits) -> str:
+    """The sources line(s) printed after a grounded reply: id, title and score of each passage in the prompt."""
+    if not hits:
+        return "sources: none\n"
+    lines = [f"  [{i}] {hit.passage.id} | {hit.passage.title} | score {hit.score:.2f}" for i, hit in enumerate(hits, 1)]
+    return "sources:\n" + "\n".join(lines) + "\n"
 
 
 def _check_speculative_args(gen, prompts: list[str], args: argparse.Namespace) -> None:
@@ -243,9 +270,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
               "out_dir": args.out, "strategy": args.strategy, "train_on_prompt": args.train_on_prompt or None,
               "merge": args.merge or None}
     config = load_finetune_config(args.config, args.overrides, values)
+    grounding = config_from_flags(GroundingConfig, args)
+    retrieve = None
+    if grounding.knowledge is not None:
+        if config.task != "lm":
+            raise ConfigError(f"--knowledge grounds --task lm examples; it does not apply to --task {config.task}")
+        from .knowledge.grounding import context_retriever
+
+        retrieve = context_retriever(_load_grounding(grounding).retriever, grounding)
     from .finetune import finetune
 
-    result = finetune(config, resume=args.resume, progress=not args.quiet, handle_signals=True)
+    result = finetune(config, resume=args.resume, progress=not args.quiet, handle_signals=True, retrieve=retrieve)
     if result.stopped_by is not None:
         return _report_signal_stop(result.stopped_by, result.steps, result.last_checkpoint)
     _print_before_after(result.task, result.before, result.after)
@@ -261,6 +296,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.knowledge is not None and args.task not in KNOWLEDGE_TASKS:
+        raise ConfigError(f"--knowledge is for --task {' or '.join(KNOWLEDGE_TASKS)}")
+    if args.task == "retrieval":
+        return _evaluate_retrieval(args)
+    if args.checkpoint is None:
+        raise ConfigError("--checkpoint is required (a checkpoint or adapter folder to evaluate)")
     from .evaluate.tasks import HEADLINE, evaluate_checkpoint
     from .finetune.report import format_task_report
 
@@ -273,9 +314,97 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print("  ".join(f"{name} {_fmt(result['metrics'].get(name))}" for name in HEADLINE[task]))
     if task != "lm":
         print(format_task_report(task, result["report"]))
+    _write_json_report(args.json, result)
+    return 0
+
+
+# The evaluate tasks that read a knowledge base (--knowledge).
+KNOWLEDGE_TASKS = ("retrieval",)
+
+
+def _evaluate_retrieval(args: argparse.Namespace) -> int:
+    if args.knowledge is None:
+        raise ConfigError("--task retrieval needs --knowledge KB (a folder built by gptforge index)")
+    if args.checkpoint is not None:
+        raise ConfigError("--task retrieval evaluates the knowledge base alone; drop --checkpoint")
+    from .evaluate.retrieval import HEADLINE, format_retrieval_report
+    from .knowledge.index import evaluate_knowledge_base
+
+    result = evaluate_knowledge_base(args.knowledge, args.data)
+    print("  ".join(f"{name} {_fmt(result['metrics'][name])}" for name in HEADLINE))
+    print(format_retrieval_report(result["report"]))
+    _write_json_report(args.json, result)
+    return 0
+
+
+def _write_json_report(path: Optional[str], result: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(IndexConfig)
+                if getattr(args, f.name) is not None}
+    if args.query is not None:
+        return _search_index(args, settings)
+    if args.docs is None:
+        raise ConfigError("give --docs PATH --out KB to build a knowledge base, or --query TEXT KB to search one")
+    if args.knowledge is not None and args.out is not None and Path(args.knowledge) != Path(args.out):
+        raise ConfigError(f"two knowledge base folders given ({args.knowledge} and --out {args.out}); give one")
+    out = args.out or args.knowledge
+    if out is None:
+        raise ConfigError("--docs needs --out KB: the knowledge base folder to write")
+    if args.k is not None or args.json:
+        raise ConfigError("-k and --json are for --query")
+    from .knowledge.index import build_knowledge_base
+
+    result = build_knowledge_base(args.docs, out, settings, checkpoint=args.checkpoint, add=args.add)
+    kb = result.knowledge_base
+    splitting = kb.meta["splitting"]
+    counted = splitting["tokenizer"]["kind"]
+    budget = (f"at most {splitting['max_passage_tokens']} tokens a passage, "
+              + ("estimated from the words" if counted == "estimate" else f"counted by the {counted} tokenizer"))
+    holds = f"{_count(len(kb.passages), 'passage')} from {_count(kb.meta['documents'], 'document')}"
+    if args.add:
+        replaced = f", replacing {_count(result.replaced_documents, 'document')}" if result.replaced_documents else ""
+        print(f"added {_count(result.added_passages, 'passage')} from {_count(result.documents, 'document')} to "
+              f"{result.path}{replaced}; it holds {holds} ({budget}); {result.seconds:.2f} s")
+    else:
+        print(f"wrote {result.path}: {holds} ({budget}); {result.seconds:.2f} s")
+    return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def _search_index(args: argparse.Namespace, settings: dict) -> int:
+    from .tokenizer import check_text
+
+    given = [flag for flag, value in (("--docs", args.docs), ("--out", args.out), ("--checkpoint", args.checkpoint))
+             if value is not None] + (["--add"] if args.add else []) \
+        + ["--" + name.replace("_", "-") for name in settings]
+    if given:
+        verb, them = ("are", "them") if len(given) > 1 else ("is", "it")
+        raise ConfigError(f"--query searches an existing knowledge base; {', '.join(given)} {verb} for building "
+                          f"one (drop {them})")
+    if args.knowledge is None:
+        raise ConfigError("--query needs the knowledge base folder: gptforge index --query TEXT KB")
+    query = check_text(args.query, "--query")
+    from .knowledge.index import KnowledgeBase
+
+    kb = KnowledgeBase.load(args.knowledge)
+    hits = kb.search(query, k=args.k or 5)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        print(json.dumps({"query": query, "knowledge": str(kb.path), "hits": [h.to_source() for h in hits]},
+                         ensure_ascii=False))
+        return 0
+    if not hits:
+        print(f"no passage of {kb.path} shares a word with the query")
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank}. {hit.passage.id}  score {hit.score:.4f}  {hit.passage.title}")
+        print("   " + hit.passage.text.replace("\n", "\n   "))
     return 0
 
 
@@ -327,9 +456,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key is None:
         args.api_key = os.environ.get("GPTFORGE_API_KEY") or None
     config = config_from_flags(ServeConfig, args)
+    grounding = _load_grounding(config_from_flags(GroundingConfig, args))  # checked against the model in create_app
     from .serve import create_app, run_server
 
-    app = create_app(config)
+    app = create_app(config, grounding=grounding)
     log.info("listening on http://%s:%d (Ctrl-C or SIGTERM to stop)", config.host, config.port)
     run_server(config, app, log_level="warning" if args.quiet else "info")
     if app.state.server.aborting:
@@ -606,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, InferenceConfig)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt, kept for the whole conversation")
     add_config_flags(p, GenerateConfig, only=CHAT_OPTIONS, defaults=CHAT_DEFAULTS)
+    add_config_flags(p, GroundingConfig)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert between Hugging Face GPT-2 folders and gptforge checkpoints")
@@ -635,12 +766,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="lora: also write a full checkpoint with the update merged in")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every fine-tuning key with its default and meaning")
+    add_config_flags(p, GroundingConfig, only=FINETUNE_GROUNDING_OPTIONS)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="evaluate a (fine-tuned) checkpoint on a data file")
-    p.add_argument("--checkpoint", required=True, help="checkpoint or adapter folder (or any model, for --task lm)")
-    p.add_argument("--data", required=True, metavar="FILE", help="examples in the task's fine-tuning format")
-    p.add_argument("--task", choices=["lm", "classify", "tokens"], default=None, help="default: the checkpoint's task")
+    p = sub.add_parser("evaluate", help="evaluate a (fine-tuned) checkpoint or a knowledge base on a data file")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint or adapter folder (or any model, for --task lm); required but for --task retrieval")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="examples in the task's fine-tuning format; for retrieval, JSON lines with question and "
+                        "passage_id (or doc_id)")
+    p.add_argument("--task", choices=["lm", "classify", "tokens", "retrieval"], default=None,
+                   help="default: the checkpoint's task; retrieval: recall@1/5/10 and MRR of --knowledge")
+    p.add_argument("--knowledge", default=None, metavar="KB", help="knowledge base folder (gptforge index)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full report to this JSON file")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -665,11 +802,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="folder for the trials, best config and summary")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("index", help="build, extend or search a knowledge base of your documents (BM25)",
+                       description="Build a knowledge base: gptforge index --docs PATH --out KB [--add] "
+                                   "[--checkpoint MODEL]. Search it: gptforge index --query TEXT KB [-k 5] [--json]. "
+                                   "PATH is a folder of .md/.txt files or a .jsonl file of documents "
+                                   "(id, title, text) or FAQ pairs (question, answer). See docs/knowledge.md.")
+    p.add_argument("knowledge", nargs="?", default=None, metavar="KB",
+                   help="the knowledge base folder to search with --query (or to build, like --out)")
+    p.add_argument("--docs", default=None, metavar="PATH", help="documents to index: a folder of .md/.txt files, "
+                   "one such file, or a .jsonl file")
+    p.add_argument("--out", default=None, metavar="KB", help="knowledge base folder to write (replaced whole)")
+    p.add_argument("--add", action="store_true",
+                   help="add --docs to the knowledge base at --out, replacing documents given again")
+    p.add_argument("--checkpoint", default=None, metavar="MODEL",
+                   help="count passage tokens with this model's tokenizer (default: estimate from the words)")
+    add_config_flags(p, IndexConfig)
+    # Unset options stay None, so that --add can tell them from the knowledge base's own settings.
+    p.set_defaults(**{f.name: None for f in dataclasses.fields(IndexConfig)})
+    p.add_argument("--query", default=None, metavar="TEXT", help="search the knowledge base KB for TEXT")
+    p.add_argument("-k", type=_positive_int, default=None, help="passages to print for --query (default: 5)")
+    p.add_argument("--json", action="store_true", help="--query: print the hits as one JSON object")
+    p.set_defaults(func=cmd_index)
+
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible HTTP server with continuous batching: /v1/models, "
                                    "/v1/completions, /v1/chat/completions, /v1/classify, /health, /metrics "
                                    "and a chat page at /. SIGTERM finishes in-flight requests, then exits.")
     add_config_flags(p, ServeConfig)
+    add_config_flags(p, GroundingConfig)
     p.set_defaults(func=cmd_serve)
     return parser
 

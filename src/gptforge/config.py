@@ -505,6 +505,49 @@ class ServeConfig(InferenceConfig):
         return self
 
 
+DEFAULT_REFUSAL = "I don't know: the knowledge base has nothing on that."
+
+
+@dataclass
+class GroundingConfig:
+    """Answers grounded in a knowledge base (`gptforge chat`, `serve` and `finetune --task lm` with
+    `--knowledge`): which passages are retrieved for a turn and what happens when none is good enough."""
+
+    knowledge: Optional[str] = field(default=None, metadata=flag(metavar="DIR"))
+    """Knowledge base folder (`gptforge index --out DIR`); its passages are retrieved for each user turn and put
+    into the prompt's context slot. None: no retrieval."""
+    passages: int = field(default=3, metadata=flag("-k", metavar="K"))
+    """Most passages retrieved for a turn (fewer go into the prompt when they do not all fit the context)."""
+    min_score: float = field(default=0.0, metadata=flag(metavar="S"))
+    """Passages scoring below this (BM25, higher is better) are left out of the prompt; so are passages
+    scoring 0, which share no word with the query."""
+    knowledge_only: bool = False
+    """When no passage reaches min_score, reply with `refusal` instead of letting the model guess."""
+    refusal: str = field(default=DEFAULT_REFUSAL, metadata=flag(metavar="TEXT", escapes=True))
+    """The reply to a question the knowledge base has nothing on (with knowledge_only)."""
+    query_turns: int = field(default=2, metadata=flag(metavar="N"))
+    """How many of the last user messages make the retrieval query (the last one, and the one before it for
+    follow-up questions such as "and how long does that take?")."""
+
+    def validate(self) -> "GroundingConfig":
+        _positive(self, "passages", "query_turns")
+        if not math.isfinite(self.min_score):
+            raise ConfigError(f"grounding.min_score must be a finite number, got {self.min_score}")
+        if self.knowledge_only and not self.refusal.strip():
+            raise ConfigError("grounding.refusal must not be empty with knowledge_only")
+        if self.knowledge is None:
+            # A flag that would silently do nothing is an error.
+            changed = [f.name for f in dataclasses.fields(self)
+                       if f.name != "knowledge" and getattr(self, f.name) != f.default]
+            if changed:
+                names = ", ".join("--" + name.replace("_", "-") for name in changed)
+                verb = "applies" if len(changed) == 1 else "apply"
+                raise ConfigError(f"{names} only {verb} with --knowledge (a knowledge base folder)")
+        elif not self.knowledge.strip():
+            raise ConfigError("grounding.knowledge must be a knowledge base folder, got an empty path")
+        return self
+
+
 @dataclass
 class RunConfig:
     """A pretraining run: the model, the data and the loop."""
@@ -985,3 +1028,36 @@ def load_tune_config(path: str | Path) -> TuneConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"the tune section of {path} must be a mapping, got {type(raw).__name__}")
     return _build(TuneConfig, raw, "tune").validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# The knowledge base (`gptforge index`): how documents become passages and BM25 terms.
+
+KNOWLEDGE_STOPWORDS = ("en", "none")
+KNOWLEDGE_STEMMERS = ("plural", "none")
+
+
+@dataclass
+class IndexConfig:
+    """How `gptforge index` cuts documents into passages and indexes them; recorded in the knowledge base,
+    whose own settings `--add` keeps."""
+
+    max_passage_tokens: int = 96
+    """Most tokens in a passage's text (counted by --checkpoint's tokenizer, else estimated from the words):
+    small enough that a few passages and the conversation fit a small model's context."""
+    overlap_tokens: int = 16
+    """Tokens of a passage's last words repeated at the start of the next passage of the same section (at
+    most half of max_passage_tokens; 0 for none)."""
+    stopwords: str = field(default="en", metadata=flag(choices=KNOWLEDGE_STOPWORDS))
+    """en: leave common English words (bm25s's list) out of the index and the queries; none: keep every word."""
+    stemmer: str = field(default="plural", metadata=flag(choices=KNOWLEDGE_STEMMERS))
+    """plural: singular and plural forms match (refunds → refund, policies → policy); none: exact words only."""
+
+    def validate(self) -> "IndexConfig":
+        check_choices(self)
+        if self.max_passage_tokens < 8:
+            raise ConfigError(f"index.max_passage_tokens must be at least 8, got {self.max_passage_tokens}")
+        if not 0 <= self.overlap_tokens <= self.max_passage_tokens // 2:
+            raise ConfigError(f"index.overlap_tokens must be between 0 and half of max_passage_tokens "
+                              f"({self.max_passage_tokens // 2}), got {self.overlap_tokens}")
+        return self

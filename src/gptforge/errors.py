@@ -34,3 +34,8 @@ class InvalidTextError(DataError, ValueError):
 
 class TrainingDiverged(GptforgeError):
     """Training produced non-finite losses, gradients or weights too many steps in a row to go on."""
+
+
+class KnowledgeError(GptforgeError):
+    """A missing, incomplete or foreign knowledge base, a docs folder with no passages, or an index built
+    for another tokenizer than the model's."""

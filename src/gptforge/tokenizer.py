@@ -13,7 +13,9 @@ refused by every tokenizer's ``encode`` with one :class:`~gptforge.errors.Invali
 
 Chat templates live here too (:data:`DEFAULT_CHAT_TEMPLATE`, :func:`render_chat`,
 :func:`encode_chat_prompt`): fine-tuning data, the chat command and the server all turn messages into
-tokens the same way.
+tokens the same way. So does the template's ``context`` slot for retrieved passages
+(:data:`CONTEXT_ROLE`, :func:`with_context`, :func:`fit_passages`, :func:`encode_grounded_prompt`), which
+grounded fine-tuning and grounded chat share.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import string
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import ConfigError, DataError, InvalidTextError
 
@@ -337,7 +339,8 @@ ROLES = ("system", "user", "assistant")
 DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}{end}\n"
 """How a chat is turned into text: this format string is applied to each message in turn.
 
-Fields: ``{role}`` (``system``, ``user`` or ``assistant``), ``{content}`` (the message text) and
+Fields: ``{role}`` (``system``, ``user`` or ``assistant``; ``context`` for retrieved passages, see
+:data:`CONTEXT_ROLE`), ``{content}`` (the message text) and
 ``{end}``, which is the end-of-text token after an assistant reply and nothing after any other message.
 ``{content}`` and ``{end}`` must each appear once, ``{end}`` after ``{content}``; write ``{{`` and ``}}``
 for literal braces. The default renders a system + user + assistant chat as::
@@ -357,6 +360,41 @@ config, so it can be changed there (it is never executed: only the three fields 
 """
 
 _TEMPLATE_FIELDS = ("role", "content", "end")
+
+CONTEXT_ROLE = "context"
+"""The template's ``context`` slot: retrieved passages travel as one message of role ``context``, placed just
+before the last user message and rendered by the same template as every other message (``{role}`` is
+``context``, ``{end}`` is empty, and it is never trained on). With the default template a grounded turn reads::
+
+    <|system|>
+    You answer from the passages.
+    <|context|>
+    Returns > Refunds
+    Refunds reach your card within 5 days.
+
+    Shipping
+    Orders leave the warehouse within a day.
+    <|user|>
+    How long does a refund take?
+    <|assistant|>
+
+Each passage is its title on one line and its text below (:func:`format_passage`), best first, separated
+by a blank line (:data:`PASSAGE_SEPARATOR`). A chat without passages renders exactly as before, so a custom
+template needs nothing new: it only has to read well with ``context`` as a role. Grounded fine-tuning
+(``context`` in a training example) and grounded chat both build this message with :func:`with_context`
+and fit it with :func:`fit_passages`, so training and serving see the same prompt.
+"""
+
+PASSAGE_SEPARATOR = "\n\n"
+"""What separates two passages inside the ``context`` message."""
+
+CUT_MARK = " …"
+"""Appended to a passage cut short to fit the context."""
+
+MIN_CUT_CHARS = 40
+"""A passage cut to fit keeps at least this many characters of its text, else it is left out."""
+
+_RENDERED_ROLES = ROLES + (CONTEXT_ROLE,)
 
 
 def _parse_template(template: str) -> list[tuple[str, str | None]]:
@@ -401,7 +439,7 @@ def _chat_segments(messages: Sequence[Mapping[str, str]], template: str, *, open
     for i, message in enumerate(messages, 1):
         role = message.get("role") if isinstance(message, Mapping) else None
         content = message.get("content") if isinstance(message, Mapping) else None
-        if role not in ROLES or not isinstance(content, str):
+        if role not in _RENDERED_ROLES or not isinstance(content, str):
             raise DataError(f"chat message {i} must have a role ({', '.join(ROLES)}) and a string content")
         trained = role == "assistant"
         for literal, field in parts:
@@ -446,3 +484,69 @@ def encode_chat_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str
     # Each segment on its own, as in training, so that no token straddles a segment boundary.
     segments = _chat_segments(messages, template, open_reply=True)
     return [token for text, _ in segments for token in encode_segment(tokenizer, text)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The context slot: retrieved passages in the prompt
+def format_passage(text: str, title: str = "") -> str:
+    """One passage as the ``context`` message shows it: its title on a line of its own (when it has one), then its text."""
+    title, text = title.strip(), text.strip()
+    return f"{title}\n{text}" if title else text
+
+
+def with_context(messages: Sequence[Mapping[str, str]], passages: Sequence[str]) -> list[Mapping[str, str]]:
+    """``messages`` with a ``context`` message of ``passages`` (formatted, best first) just before the last
+    user message; unchanged when there are no passages. See :data:`CONTEXT_ROLE`."""
+    messages = list(messages)
+    if not passages:
+        return messages
+    users = [i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"]
+    if not users:
+        raise DataError("passages go before the last user message, and this chat has no user message")
+    context = {"role": CONTEXT_ROLE, "content": PASSAGE_SEPARATOR.join(passages)}
+    return messages[:users[-1]] + [context] + messages[users[-1]:]
+
+
+def fit_passages(passages: Sequence[str], fits: Callable[[list[str]], bool]) -> list[str]:
+    """The passages (best first) that fit, as ``fits(passages)`` judges: the best whole ones that fit, then the
+    next one cut short (at a space where it can, marked with :data:`CUT_MARK`) to fill the room left, if at
+    least :data:`MIN_CUT_CHARS` of it fits. Whole lower-ranked passages are dropped before any is cut;
+    ``[]`` when not even a cut top passage fits (the caller then cuts the conversation).
+    """
+    kept: list[str] = []
+    for passage in passages:
+        if fits(kept + [passage]):
+            kept.append(passage)
+            continue
+        # Binary search for the longest prefix that fits (token counts grow with the prefix, near enough).
+        lo, hi = 0, len(passage) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(kept + [_cut(passage, mid)]):
+                lo = mid
+            else:
+                hi = mid - 1
+        space = passage.rfind(" ", 0, lo + 1)
+        if space >= max(MIN_CUT_CHARS, lo * 4 // 5):  # end on a word boundary when that loses little
+            lo = space
+        if lo >= MIN_CUT_CHARS and fits(kept + [_cut(passage, lo)]):
+            kept.append(_cut(passage, lo))
+        break
+    return kept
+
+
+def _cut(passage: str, n_chars: int) -> str:
+    return passage[:n_chars].rstrip() + CUT_MARK
+
+
+def encode_grounded_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], passages: Sequence[str],
+                           template: str = DEFAULT_CHAT_TEMPLATE, *, budget: int) -> tuple[list[int], list[str]]:
+    """``(ids, kept)``: the prompt of a chat with the passages that fit ``budget`` tokens in its ``context``
+    slot (:func:`fit_passages`), and those passages as rendered (the last one maybe cut). When even the chat
+    alone is longer than ``budget`` the ids are those of the chat alone (longer than ``budget``) and no passage
+    is kept: cutting the conversation is the caller's decision."""
+    def encode(kept: Sequence[str]) -> list[int]:
+        return encode_chat_prompt(tokenizer, with_context(messages, kept), template)
+
+    kept = fit_passages(passages, lambda candidate: len(encode(candidate)) <= budget)
+    return encode(kept), kept

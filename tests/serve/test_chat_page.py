@@ -328,3 +328,45 @@ def test_served_page_streams_a_reply(server, browser):
     assert len({n for n in lengths if n > 0}) > 1, lengths  # the view showed partial replies on the way
     assert browser.evaluate("document.getElementById('send').disabled") is False
     assert browser.evaluate("document.getElementById('stop').disabled") is True
+
+
+# --------------------------------------------------------------------------------------------------
+# A grounded server (`gptforge serve --knowledge`): the page lists each reply's sources under it.
+@pytest.fixture(scope="module")
+def grounded_server(tmp_path_factory):
+    from gptforge.config import GroundingConfig, ServeConfig
+    from gptforge.knowledge.grounding import Grounding
+    from gptforge.serve.app import load_served_checkpoint
+    from tests.knowledge.test_grounding import WordRetriever
+    from tests.serve.test_grounded_serving import GroundedServer, write_checkpoint
+
+    config = ServeConfig(checkpoint=str(write_checkpoint(tmp_path_factory.mktemp("grounded-page") / "kb-bot")),
+                         device="cpu")
+    grounding = Grounding(WordRetriever(), GroundingConfig(knowledge="kb", knowledge_only=True,
+                                                           refusal="no idea, sorry."))
+    live = GroundedServer(config, load_served_checkpoint(config), grounding)
+    yield live.url
+    live.close()
+
+
+def test_page_shows_the_sources_under_each_grounded_reply(grounded_server, browser):
+    open_page(browser, grounded_server, fresh=True)
+    browser.evaluate("""(() => { const e = document.getElementById('max_tokens'); e.value = '8';
+                                 e.dispatchEvent(new Event('change')); })()""")
+    send_and_wait(browser, "how long do refunds take?")
+    assert browser.evaluate("document.querySelector('.message.error')") is None
+    ids = browser.evaluate("[...document.querySelectorAll('.message.assistant .sources li.source')]"
+                           ".map(li => li.dataset.id)")
+    assert ids == ["returns#1"]  # the only passage that shares a word with the question
+    summary = browser.evaluate("document.querySelector('.message.assistant .sources summary').textContent")
+    assert summary.startswith("Returns · returns#1") and "(" in summary
+    passage = browser.evaluate("document.querySelector('.message.assistant .sources .passage').textContent")
+    assert passage == "refunds reach your card within five days."
+
+    # a question the knowledge base has nothing on (in a new chat: a follow-up would also retrieve for the
+    # question before it): the refusal, and no sources
+    browser.click("#new-chat")
+    send_and_wait(browser, "what colour is sky?")
+    replies = browser.evaluate("[...document.querySelectorAll('.message.assistant')].map(b => "
+                               "[b.querySelector('.content').textContent, b.querySelector('.sources').textContent])")
+    assert replies == [["no idea, sorry.", "no sources"]]

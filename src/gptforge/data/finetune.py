@@ -9,7 +9,12 @@ turns those into token ids and labels:
   - ``{"prompt": "...", "completion": "..."}``: only the completion and its end-of-text token are trained;
   - ``{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}``: rendered with a
     chat template (see :data:`gptforge.tokenizer.DEFAULT_CHAT_TEMPLATE`); only assistant replies and their
-    end markers are trained.
+    end markers are trained. A chat example may add ``"context"``: a passage (a string), or a list of
+    passages (strings, or ``{"title": ..., "text": ...}`` objects), best first, rendered in the template's
+    context slot before the last user message exactly as grounded chat renders retrieved passages
+    (:data:`gptforge.tokenizer.CONTEXT_ROLE`); passages are cut before the conversation to fit
+    ``max_length``. With a ``retrieve`` function (``gptforge finetune --knowledge kb/``), chat examples
+    without a ``context`` field get theirs from the knowledge base.
 
 - ``classify`` (:func:`load_classification_examples`): CSV with a header naming ``text`` and ``label``
   columns (others are ignored), or JSONL with ``text`` and ``label`` fields.
@@ -40,15 +45,16 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
 from ..config import FinetuneConfig
 from ..errors import ConfigError, DataError
-from ..tokenizer import DEFAULT_CHAT_TEMPLATE, EOS_TOKEN, ROLES, Tokenizer, encode_segment, render_chat
+from ..tokenizer import (DEFAULT_CHAT_TEMPLATE, EOS_TOKEN, ROLES, Tokenizer, encode_segment, fit_passages,
+                         format_passage, render_chat, with_context)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +144,9 @@ class LMExample:
     prompt: str | None = None
     completion: str | None = None
     messages: tuple[Mapping[str, str], ...] | None = None
+    context: tuple[str, ...] | None = None
+    """Chat only: the passages of the context slot, formatted (title line, text), best first; None when the
+    example gave none (retrieval may then fill it in), ``()`` for an explicit empty list."""
 
     @property
     def kind(self) -> str:
@@ -149,7 +158,7 @@ class LMExample:
     def segments(self, template: str = DEFAULT_CHAT_TEMPLATE) -> list[tuple[str, bool]]:
         """The example as (text, trainable) segments; the segment ``EOS_TOKEN`` is the end-of-text token."""
         if self.messages is not None:
-            return render_chat(self.messages, template)
+            return render_chat(with_context(self.messages, self.context or ()), template)
         if self.completion is not None:
             return [(self.prompt or "", False), (self.completion, True), (EOS_TOKEN, True)]
         return [(self.text or "", True), (EOS_TOKEN, True)]
@@ -170,6 +179,9 @@ def _lm_example(path: Path, lineno: int, record: dict[str, Any]) -> LMExample:
         found = f"both \"{shapes[0]}\" and \"{shapes[1]}\"" if shapes else "none of them"
         raise DataError(f"{path} line {lineno} must have one of \"text\", \"prompt\" + \"completion\" or "
                         f"\"messages\", but has {found}")
+    if "context" in record and shapes[0] != "messages":
+        raise DataError(f"{path} line {lineno} has a \"context\" field, which only a \"messages\" example "
+                        "takes (the passages go before its last user message)")
     if shapes[0] == "text":
         return LMExample(text=_field(path, lineno, record, "text"))
     if shapes[0] == "prompt":
@@ -192,7 +204,31 @@ def _lm_example(path: Path, lineno: int, record: dict[str, Any]) -> LMExample:
         checked.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in checked):
         raise DataError(f"{path} line {lineno} has no assistant message, so there is nothing to train on")
-    return LMExample(messages=tuple(checked))
+    context = _context(path, lineno, record["context"], checked) if "context" in record else None
+    return LMExample(messages=tuple(checked), context=context)
+
+
+def _context(path: Path, lineno: int, value: Any, messages: list[dict[str, str]]) -> tuple[str, ...]:
+    """The ``context`` field of a chat example as formatted passages."""
+    shape = ("\"context\" must be a passage (a string) or a list of passages (strings or {\"title\": ..., "
+             "\"text\": ...} objects)")
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError(f"{path} line {lineno} has a \"context\" but no user message to put it before")
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise DataError(f"{path} line {lineno}: {shape}, got {type(value).__name__}")
+    passages = []
+    for i, item in enumerate(items, 1):
+        if isinstance(item, dict) and isinstance(item.get("text"), str) and isinstance(item.get("title", ""), str):
+            text, title = item["text"], item.get("title", "")
+        elif isinstance(item, str):
+            text, title = item, ""
+        else:
+            raise DataError(f"{path} line {lineno}, passage {i}: {shape}")
+        if not text.strip():
+            raise DataError(f"{path} line {lineno}, passage {i} of \"context\" is empty")
+        passages.append(format_passage(text, title))
+    return tuple(passages)
 
 
 def _encode_segments(tokenizer: Tokenizer, segments: Sequence[tuple[str, bool]],
@@ -212,8 +248,24 @@ def _check_max_length(max_length: int) -> None:
         raise ConfigError(f"max_length must be a positive integer, got {max_length!r}")
 
 
+def fit_example_context(tokenizer: Tokenizer, example: LMExample, template: str, max_length: int) -> LMExample:
+    """``example`` with only the passages that let it fit ``max_length`` tokens (cut as grounded chat cuts
+    them: :func:`gptforge.tokenizer.fit_passages`); unchanged when it has none or they all fit."""
+    if not example.context:
+        return example
+
+    def fits(passages: list[str]) -> bool:
+        ids, _ = _encode_segments(tokenizer, replace(example, context=tuple(passages)).segments(template), True)
+        return len(ids) <= max_length
+
+    if fits(list(example.context)):
+        return example
+    return replace(example, context=tuple(fit_passages(example.context, fits)))
+
+
 def _encode_lm(tokenizer: Tokenizer, example: LMExample, template: str, train_on_prompt: bool,
                max_length: int) -> tuple[list[int], list[int], int]:
+    example = fit_example_context(tokenizer, example, template, max_length)
     ids, labels = _encode_segments(tokenizer, example.segments(template), train_on_prompt)
     return ids[:max_length], labels[:max_length], len(ids)
 
@@ -595,13 +647,46 @@ def max_example_length(config: FinetuneConfig, block_size: int) -> int:
 _READERS = {"lm": load_lm_examples, "classify": load_classification_examples, "tokens": load_token_examples}
 
 
-def load_task_data(config: FinetuneConfig, tokenizer: Tokenizer, block_size: int) -> TaskData:
-    """Read and encode ``config.train_file`` (and ``val_file``, or a held-out share of the training file)."""
+Retrieve = Callable[[Sequence[Mapping[str, str]]], Sequence[str]]
+"""Grounded fine-tuning: a chat's messages → the formatted passages of its context slot, best first."""
+
+
+def add_retrieved_context(examples: Sequence[LMExample], retrieve: Retrieve) -> list[LMExample]:
+    """Chat examples without a ``context`` field get the passages ``retrieve`` finds for their user turns;
+    the others are kept as they are."""
+    out, filled = [], 0
+    for example in examples:
+        if example.messages is not None and example.context is None:
+            example = replace(example, context=tuple(retrieve(example.messages)))
+            filled += bool(example.context)
+        out.append(example)
+    log.info("retrieved passages for %d of %d examples", filled, len(examples))
+    return out
+
+
+def load_task_data(config: FinetuneConfig, tokenizer: Tokenizer, block_size: int, *,
+                   retrieve: Optional[Retrieve] = None) -> TaskData:
+    """Read and encode ``config.train_file`` (and ``val_file``, or a held-out share of the training file).
+
+    ``retrieve`` (lm only): fills in the context slot of chat examples without a ``context`` field
+    (:func:`add_retrieved_context`); when it has a ``check_tokenizer`` method, that is called with
+    ``tokenizer`` first, so that a knowledge base built for another tokenizer is one clear error.
+    """
     max_length = max_example_length(config, block_size)
     read = _READERS[config.task]
+    if retrieve is not None:
+        if config.task != "lm":
+            raise ConfigError(f"retrieved passages ground lm examples; task {config.task!r} takes none")
+        check = getattr(retrieve, "check_tokenizer", None)
+        if check is not None:
+            check(tokenizer)
     train_raw = read(config.train_file)
+    if retrieve is not None:
+        train_raw = add_retrieved_context(train_raw, retrieve)
     if config.val_file is not None:
         val_raw = read(config.val_file)
+        if retrieve is not None:
+            val_raw = add_retrieved_context(val_raw, retrieve)
     else:
         train_raw, val_raw = split_off_validation(train_raw, config.val_fraction, config.seed)
         log.info("holding out %d of %d examples of %s for validation", len(val_raw),
@@ -610,6 +695,8 @@ def load_task_data(config: FinetuneConfig, tokenizer: Tokenizer, block_size: int
     if config.task == "lm":
         template = config.chat_template or DEFAULT_CHAT_TEMPLATE
         task = {"type": "lm", "labels": [], "chat_template": template}
+        if retrieve is not None:  # for the record (config.json): a resume needs the same --knowledge flags
+            task["grounding"] = dict(getattr(retrieve, "settings", None) or {})
         return TaskData(task, encode_lm_examples(tokenizer, train_raw, template=template,
                                                  train_on_prompt=config.train_on_prompt, max_length=max_length),
                         encode_lm_examples(tokenizer, val_raw, template=template, max_length=max_length))

@@ -146,17 +146,19 @@ class FinetuneResult:
 
 
 def finetune(config: FinetuneConfig, *, resume: bool = False, progress: bool = True,
-             on_eval: Optional[EvalCallback] = None, handle_signals: bool = False) -> FinetuneResult:
+             on_eval: Optional[EvalCallback] = None, handle_signals: bool = False,
+             retrieve: Optional[Callable] = None) -> FinetuneResult:
     """Fine-tune ``config.checkpoint`` on ``config.train_file`` for ``config.task``; write into ``config.out_dir``.
 
     With ``resume`` the run continues exactly from the latest checkpoint in out_dir (same batches, same
     dropout draws). ``on_eval(step, metrics)`` is called after each evaluation during training (the
     hyperparameter search reports to Optuna there, and may raise to end the run). ``handle_signals`` (the
     CLI's choice): SIGTERM / SIGINT while training save a checkpoint at the next step and return
-    (``stopped_by``).
+    (``stopped_by``). ``retrieve`` (lm): fills the context slot of chat examples that have no ``context``
+    (grounded fine-tuning; see :func:`gptforge.data.finetune.load_task_data`).
     """
     config.validate()
-    return _Run(config, resume=resume, progress=progress, on_eval=on_eval).train(handle_signals)
+    return _Run(config, resume=resume, progress=progress, on_eval=on_eval, retrieve=retrieve).train(handle_signals)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,7 +247,8 @@ class _Run:
     """Fine-tuning's parts around the shared :class:`Trainer`: the task model and strategy, evaluation
     with the best checkpoint and early stopping, the before / after report. ``__init__`` sets up."""
 
-    def __init__(self, config: FinetuneConfig, *, resume: bool, progress: bool, on_eval: Optional[EvalCallback]):
+    def __init__(self, config: FinetuneConfig, *, resume: bool, progress: bool, on_eval: Optional[EvalCallback],
+                 retrieve: Optional[Callable] = None):
         self.config, self.progress, self.on_eval = config, progress, on_eval
         self.out_dir = Path(config.out_dir)
         self.device = resolve_device(config.device)
@@ -254,7 +257,7 @@ class _Run:
         source = load_pretrained(config.checkpoint, device="cpu")
         self.tokenizer = source.tokenizer
         base = source.model
-        self.data: TaskData = load_task_data(config, self.tokenizer, base.config.block_size)
+        self.data: TaskData = load_task_data(config, self.tokenizer, base.config.block_size, retrieve=retrieve)
         self.task = self.data.task
         for split, examples in (("training", self.data.train), ("validation", self.data.val)):
             if not examples:

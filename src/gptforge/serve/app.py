@@ -40,7 +40,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ..config import GenerateConfig, ServeConfig
-from ..errors import GptforgeError
+from ..errors import ConfigError, GptforgeError
 from ..fsutil import json_safe
 from .metrics import Metrics
 from .scheduler import QueueFull, Scheduler, SchedulerStopped, Sequence, TokenEvent
@@ -107,8 +107,10 @@ def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) 
 class ServerState:
     """What the routes share: the loaded checkpoint, its scheduler, metrics, and the draining flag."""
 
-    def __init__(self, config: ServeConfig, checkpoint):
+    def __init__(self, config: ServeConfig, checkpoint, grounding=None):
         self.config = config
+        self.grounding = grounding
+        """A :class:`~gptforge.knowledge.grounding.Grounding` (``--knowledge``): chat turns are grounded in it."""
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
@@ -263,15 +265,23 @@ def load_served_checkpoint(config: ServeConfig):
     return load_for_inference(config, task=True)
 
 
-def create_app(config: ServeConfig, checkpoint=None) -> FastAPI:
+def create_app(config: ServeConfig, checkpoint=None, *, grounding=None) -> FastAPI:
     """The app for ``config``; ``checkpoint`` (a loaded :class:`~gptforge.checkpoint.Checkpoint`) skips loading.
 
-    The scheduler thread starts with the app's lifespan and stops when the app shuts down.
+    ``grounding`` (a :class:`~gptforge.knowledge.grounding.Grounding`): each chat completion retrieves
+    passages for its last user turns, puts them into the prompt's context slot and reports them as
+    ``sources``; its knowledge base must have been built for the model's tokenizer (checked here, before
+    anything is served). The scheduler thread starts with the app's lifespan and stops when the app shuts down.
     """
     if checkpoint is None:
         config.validate()
         checkpoint = load_served_checkpoint(config)
-    state = ServerState(config, checkpoint)
+    state = ServerState(config, checkpoint, grounding)
+    if grounding is not None:
+        if state.task != "lm":
+            raise ConfigError(f"--knowledge grounds chat replies, and the served model is a {state.task!r} model "
+                              "that does not generate text")
+        grounding.check_tokenizer(state.tokenizer)
 
     from contextlib import asynccontextmanager
 
@@ -515,10 +525,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         req = await _read_json(request, state.config.max_request_bytes, ChatCompletionRequest)
         _check_model(state, req.model)
         _require_lm(state)
-        ids = _chat_prompt(state, req)
+        # Retrieval is CPU work: off the event loop, so that streams in flight keep flowing.
+        prepared = await asyncio.to_thread(_chat_prompt, state, req) if state.grounding else _chat_prompt(state, req)
+        if prepared.refusal is not None:
+            return _refusal(state, req, prepared)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        job = _Job(state, request, kind="chat", req=req, prompts_ids=[ids], max_tokens=req.token_limit,
-                   logprobs=logprobs)
+        job = _Job(state, request, kind="chat", req=req, prompts_ids=[prepared.ids], max_tokens=req.token_limit,
+                   logprobs=logprobs, sources=prepared.sources if state.grounding is not None else None)
         return await job.respond()
 
     @app.post("/v1/classify")
@@ -597,14 +610,58 @@ def _completion_prompts(state: ServerState, prompt) -> tuple[list[list[int]], li
     return ids, texts
 
 
-def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def _chat_prompt(state: ServerState, req: ChatCompletionRequest):
+    """The request's prompt as a :class:`~gptforge.knowledge.grounding.GroundedPrompt`: with passages and
+    sources when the server is grounded, else the plain chat's ids."""
+    from ..knowledge.grounding import GroundedPrompt
     from ..tokenizer import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
 
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+    template = state.chat_template or DEFAULT_CHAT_TEMPLATE
     try:
-        return encode_chat_prompt(state.tokenizer, messages, state.chat_template or DEFAULT_CHAT_TEMPLATE)
+        if state.grounding is None:
+            return GroundedPrompt(encode_chat_prompt(state.tokenizer, messages, template))
+        block = state.block_size
+        # A max_tokens that leaves no room is reported by _Job, in the same words as without grounding.
+        limit = req.token_limit if req.token_limit is not None and req.token_limit < block else None
+        return state.grounding.prepare(state.tokenizer, messages, template=template, context_length=block,
+                                       max_new_tokens=limit)
     except GptforgeError as exc:
         raise _bad(str(exc), param="messages") from None
+
+
+def _refusal(state: ServerState, req: ChatCompletionRequest, prepared):
+    """The knowledge-only refusal as an ordinary chat completion (finish_reason "stop", empty sources),
+    streamed or not as asked; the model does not run."""
+    completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    text = prepared.refusal
+    n_tokens = len(state.tokenizer.encode(text))
+    usage = {"prompt_tokens": len(prepared.ids), "completion_tokens": n_tokens * req.n,
+             "total_tokens": len(prepared.ids) + n_tokens * req.n}
+    if not req.stream:
+        return StrictJSONResponse({
+            "id": completion_id, "object": "chat.completion", "created": created, "model": state.model_name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": "stop"} for i in range(req.n)],
+            "usage": usage, "sources": []})
+
+    def chunk(choices: list[dict], **extra) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": state.model_name, "choices": choices, **extra}
+        return f"data: {json_text(body)}\n\n"
+
+    async def stream() -> AsyncIterator[str]:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(req.n)])
+        yield chunk([{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": "stop"}
+                     for i in range(req.n)], sources=[])
+        if req.include_usage:
+            yield chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -666,10 +723,12 @@ class _Job:
 
     def __init__(self, state: ServerState, request: Request, *, kind: str, req, prompts_ids: list[list[int]],
                  max_tokens: Optional[int], logprobs: Optional[int], echo_texts: Optional[list[str]] = None,
-                 default_tokens: Optional[int] = None):
+                 default_tokens: Optional[int] = None, sources: Optional[list[dict]] = None):
         """``max_tokens`` None: ``default_tokens`` (None: the rest of the context), lowered to what the context
-        leaves after each prompt, so that leaving it out never fails for length alone."""
+        leaves after each prompt, so that leaving it out never fails for length alone. ``sources`` (a grounded
+        chat): reported in the response body, or in each streamed chunk that carries a finish_reason."""
         self.state, self.request, self.kind, self.req = state, request, kind, req
+        self.sources = sources
         self.prompts_ids = prompts_ids
         self.logprobs = logprobs
         self.echo_texts = echo_texts
@@ -802,10 +861,12 @@ class _Job:
             raise _stopped_error(exc.reason) from None
         finally:
             await events.aclose()
-        return StrictJSONResponse({"id": self.id,
-                                   "object": "chat.completion" if self.kind == "chat" else "text_completion",
-                                   "created": self.created, "model": self.state.model_name,
-                                   "choices": [c.final() for c in choices], "usage": self._usage(choices)})
+        body = {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.state.model_name,
+                "choices": [c.final() for c in choices], "usage": self._usage(choices)}
+        if self.sources is not None:
+            body["sources"] = self.sources
+        return StrictJSONResponse(body)
 
     def _usage(self, choices) -> dict[str, int]:
         prompt = sum(len(ids) for ids in self.prompts_ids)
@@ -816,6 +877,8 @@ class _Job:
     def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
         body = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.state.model_name, "choices": choices}
+        if self.sources is not None and any(c.get("finish_reason") is not None for c in choices):
+            body["sources"] = self.sources  # the final chunk of a choice (OpenAI clients ignore the field)
         if usage is not None:
             body["usage"] = usage
         return f"data: {json_text(body)}\n\n"

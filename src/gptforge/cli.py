@@ -298,6 +298,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.knowledge is not None and args.task not in KNOWLEDGE_TASKS:
         raise ConfigError(f"--knowledge is for --task {' or '.join(KNOWLEDGE_TASKS)}")
+    if args.task == "grounded":
+        return _evaluate_grounded(args)
+    _refuse_grounded_flags(args)
     if args.task == "retrieval":
         return _evaluate_retrieval(args)
     if args.checkpoint is None:
@@ -319,7 +322,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # The evaluate tasks that read a knowledge base (--knowledge).
-KNOWLEDGE_TASKS = ("retrieval",)
+KNOWLEDGE_TASKS = ("retrieval", "grounded")
+EVALUATE_GROUNDING_OPTIONS = ("passages", "min_score", "knowledge_only", "refusal")
+"""The grounding flags of `gptforge evaluate --task grounded` (--knowledge is the command's own)."""
 
 
 def _evaluate_retrieval(args: argparse.Namespace) -> int:
@@ -333,6 +338,34 @@ def _evaluate_retrieval(args: argparse.Namespace) -> int:
     result = evaluate_knowledge_base(args.knowledge, args.data)
     print("  ".join(f"{name} {_fmt(result['metrics'][name])}" for name in HEADLINE))
     print(format_retrieval_report(result["report"]))
+    _write_json_report(args.json, result)
+    return 0
+
+
+def _refuse_grounded_flags(args: argparse.Namespace) -> None:
+    """The grounding flags and --max-new-tokens answer --task grounded only; elsewhere they would do nothing."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GroundingConfig)}
+    given = ["--" + name.replace("_", "-") for name in EVALUATE_GROUNDING_OPTIONS
+             if getattr(args, name) != defaults[name]]
+    if args.max_new_tokens is not None:
+        given.append("--max-new-tokens")
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(f"{', '.join(given)} only {verb} to --task grounded")
+
+
+def _evaluate_grounded(args: argparse.Namespace) -> int:
+    if args.checkpoint is None:
+        raise ConfigError("--task grounded needs --checkpoint (the model that answers)")
+    from .evaluate.grounded import HEADLINE
+    from .knowledge.grounded_eval import DEFAULT_ANSWER_TOKENS, evaluate_grounded
+
+    grounding = config_from_flags(GroundingConfig, args)  # grounding flags without --knowledge are an error
+    result = evaluate_grounded(args.checkpoint, args.data, grounding=grounding, device=args.device,
+                               max_new_tokens=args.max_new_tokens or DEFAULT_ANSWER_TOKENS,
+                               batch_size=args.batch_size)
+    print("  ".join(f"{name} {_fmt(result['metrics'][name])}" for name in HEADLINE)
+          + (f"  (refused {result['report']['refused']})" if result["report"]["refused"] else ""))
     _write_json_report(args.json, result)
     return 0
 
@@ -775,9 +808,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="FILE",
                    help="examples in the task's fine-tuning format; for retrieval, JSON lines with question and "
                         "passage_id (or doc_id)")
-    p.add_argument("--task", choices=["lm", "classify", "tokens", "retrieval"], default=None,
-                   help="default: the checkpoint's task; retrieval: recall@1/5/10 and MRR of --knowledge")
+    p.add_argument("--task", choices=["lm", "classify", "tokens", "retrieval", "grounded"], default=None,
+                   help="default: the checkpoint's task; retrieval: recall@1/5/10 and MRR of --knowledge; "
+                        "grounded: exact match, token F1 and source hits of the checkpoint's answers from --knowledge")
     p.add_argument("--knowledge", default=None, metavar="KB", help="knowledge base folder (gptforge index)")
+    add_config_flags(p, GroundingConfig, only=EVALUATE_GROUNDING_OPTIONS)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="grounded: most tokens of each answer (default: 32)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full report to this JSON file")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

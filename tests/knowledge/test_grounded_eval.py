@@ -16,7 +16,8 @@ from gptforge.knowledge.index import KnowledgeBase, build_knowledge_base
 from tests.cli_utils import assert_one_line_error, run, save_tiny_bpe_checkpoint
 
 DOCS = {
-    "refunds.md": "# Refunds\n\n## Timing\n\nRefunds reach your card in 5 days.\n\n## Passes\n\nPasses are refunded within 2 days.\n",
+    "refunds.md": ("# Refunds\n\n## Timing\n\nRefunds reach your card in 5 days.\n\n"
+                   "## Passes\n\nPasses are refunded within 2 days.\n"),
     "helmets.md": "# Helmets\n\n## Borrowing\n\nHelmets can be borrowed at the Central hub.\n",
     "weather.md": "# Weather\n\n## Wind\n\nRides stop when the wind is strong.\n",
 }
@@ -48,8 +49,8 @@ def _chat_replies(ckpt, grounding):
     loaded = load_pretrained(ckpt)
     replies, sources = [], []
     for q in QUESTIONS:
-        session = ChatSession(loaded.model, loaded.tokenizer, GenerateConfig(temperature=0.0, max_new_tokens=ANSWER_TOKENS),
-                              grounding=grounding)
+        config = GenerateConfig(temperature=0.0, max_new_tokens=ANSWER_TOKENS)
+        session = ChatSession(loaded.model, loaded.tokenizer, config, grounding=grounding)
         replies.append("".join(session.send(q["question"])).strip())
         sources.append([hit.passage.id for hit in session.sources])
     return replies, sources
@@ -135,7 +136,7 @@ def test_cli_prints_the_metrics_and_writes_the_report(setup, capsys, tmp_path):
 @pytest.mark.parametrize("argv, fragment", [
     (["--knowledge", "KB", "--data", "QA"], "--task grounded needs --checkpoint"),
     (["--checkpoint", "CKPT", "--knowledge", "nowhere", "--data", "QA"], "nowhere"),
-    (["--checkpoint", "CKPT", "--data", "QA", "--passages", "2"], "--passages only apply"),
+    (["--checkpoint", "CKPT", "--data", "QA", "--passages", "2"], "--passages only applies with --knowledge"),
     (["--checkpoint", "CKPT", "--knowledge", "KB", "--data", "missing.jsonl"], "missing.jsonl"),
 ])
 def test_cli_bad_input_is_one_error_line(setup, capsys, argv, fragment):
@@ -149,5 +150,5 @@ def test_grounding_flags_are_refused_for_the_other_tasks(setup, capsys):
     ckpt, kb, qa = setup
     code, _, err = run(capsys, "evaluate", "--task", "retrieval", "--knowledge", str(kb), "--data", str(qa),
                        "--max-new-tokens", "8")
-    assert_one_line_error(code, err, "--max-new-tokens only apply to --task grounded")
+    assert_one_line_error(code, err, "--max-new-tokens only applies to --task grounded")
     assert KnowledgeBase.load(kb) is not None

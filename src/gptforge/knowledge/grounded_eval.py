@@ -103,9 +103,9 @@ def evaluate_grounded(checkpoint: str | Path, data_file: str | Path, *, groundin
     ckpt = load_for_inference(InferenceConfig(checkpoint=str(checkpoint), device=device).validate())
     if loaded is not None:
         loaded.retriever.check_tokenizer(ckpt.tokenizer)
+    template = task_of(ckpt.config)["chat_template"] or DEFAULT_CHAT_TEMPLATE
     result = answer_questions(ckpt.model, ckpt.tokenizer, [ex.question for ex in examples], grounding=loaded,
-                              template=task_of(ckpt.config)["chat_template"] or DEFAULT_CHAT_TEMPLATE, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size)
+                              template=template, max_new_tokens=max_new_tokens, batch_size=batch_size)
     scored = score_grounded(examples, result.answers, result.sources if loaded is not None else
                             [[] for _ in examples])
     if loaded is None:  # no retrieval: there are no sources to check

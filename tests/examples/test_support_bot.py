@@ -71,7 +71,24 @@ def test_faq_answers_are_in_the_documents_and_the_training_files_are_the_faq():
     pairs = [(r["question"], r["answer"]) for r in faq]
     memorise = load_lm_examples(EXAMPLE / "train-memorise.jsonl")
     assert [(ex.messages[0]["content"], ex.messages[1]["content"]) for ex in memorise] == pairs
-    grounded = _jsonl(EXAMPLE / "train-grounded.jsonl")
-    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in grounded] == pairs
-    for row in grounded:   # the context given in training holds the answer to copy
-        assert row["messages"][1]["content"] in " ".join(p["text"] for p in row["context"]), row
+    # The grounded file: each FAQ question with its own passage, then copies of it whose passage states
+    # another answer; every example's answer is in its context, to be copied from there.
+    passages = {}
+    for name, text in _docs(DOCS).items():
+        title = text.splitlines()[0][2:]
+        for section in text.split("\n## ")[1:]:
+            heading, _, body = section.partition("\n")
+            passages[f"{title} > {heading.strip()}"] = body.strip()
+    grounded = load_lm_examples(EXAMPLE / "train-grounded.jsonl")
+    faithful = []
+    for ex in grounded:
+        (passage,) = ex.context
+        title, _, text = passage.partition("\n")
+        question, answer = ex.messages[0]["content"], ex.messages[1]["content"]
+        assert answer in text and question in dict(pairs), ex
+        if text == passages[title]:
+            faithful.append((question, answer))
+        else:   # a changed copy: the same passage with only the answer replaced
+            assert text.replace(answer, dict(pairs)[question]) == passages[title], ex
+    assert faithful == pairs
+    assert len(grounded) >= 5 * len(pairs)

@@ -12,8 +12,9 @@ its ``doc_id``. Questions that name neither are left out of the share.
 Data (:func:`load_grounded_examples`): JSON lines with ``question``, ``answer`` (a string, or a list of
 acceptable strings) and optionally ``passage_id`` and ``doc_id``; other fields are ignored.
 
-This module only scores; generating the answers (retrieval, prompt, decoding) is the knowledge layer's job,
-which hands the predictions and their sources to :func:`score_grounded`.
+This module only scores; generating the answers (retrieval, prompt, decoding) is the knowledge layer's job
+(:mod:`gptforge.knowledge.grounded_eval`, behind ``gptforge evaluate --task grounded``), which hands the
+predictions and their sources to :func:`score_grounded`.
 """
 
 from __future__ import annotations

@@ -89,6 +89,6 @@ def test_faq_answers_are_in_the_documents_and_the_training_files_are_the_faq():
         if text == passages[title]:
             faithful.append((question, answer))
         else:   # a changed copy: the same passage with only the answer replaced
-            assert text.replace(answer, dict(pairs)[question]) == passages[title], ex
+            assert passages[title].replace(dict(pairs)[question], answer) == text, ex
     assert faithful == pairs
     assert len(grounded) >= 5 * len(pairs)

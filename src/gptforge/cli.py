@@ -8,7 +8,6 @@ imported lazily so ``gptforge --help`` and config errors answer at once.
 from __future__ import annotations
 
 import argparse
-import codecs
 import dataclasses
 import json
 import logging

@@ -8,7 +8,6 @@ imported lazily so ``gptforge --help`` and config errors answer at once.
 from __future__ import annotations
 
 import argparse
-import codecs
 import dataclasses
 import json
 import logging
@@ -522,23 +521,10 @@ def _fmt(value) -> str:
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
-    """The lines of a text file. The file must be UTF-8 (a byte-order mark is skipped); a file that is not is
-    one error naming the file, the line and the byte, never decoded with replacement characters."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    data = data.removeprefix(codecs.BOM_UTF8)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{what} {path} is not UTF-8: byte 0x{data[exc.start]:02x} on line {line} is not "
-                          "valid UTF-8; save the file as UTF-8") from None
-    return text.splitlines()
+    """The lines of a UTF-8 text file; one error naming the file, the line and the byte otherwise."""
+    from .fsutil import read_utf8
 
+    return read_utf8(path, what, ConfigError).splitlines()
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
     """Texts from --text (repeatable) or one per non-empty line of --file."""

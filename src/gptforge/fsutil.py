@@ -6,14 +6,15 @@ moment leaves either the previous folder or the complete new one, never a half-w
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
-from .errors import CheckpointError
+from .errors import CheckpointError, GptforgeError
 
 
 def fsync_file(path: Path) -> None:
@@ -84,3 +85,43 @@ def check_output_dir(out: Path, replaceable: bool, what: str) -> None:
     """
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replaceable)):
         raise CheckpointError(f"output folder {out} already exists and is not {what}; choose a new folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading users' text files: one error naming the file, the line and the byte, never a traceback
+def read_utf8(path: Path, what: str = "", error: type[GptforgeError] = GptforgeError) -> str:
+    """The text of a UTF-8 file (a byte-order mark skipped). A file that is missing, unreadable or not UTF-8
+    is one ``error`` naming ``what`` (e.g. "prompt file") and the path, and for bad bytes the line and the
+    byte; the text is never decoded with replacement characters."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{name} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{name} is a folder, not a file") from None
+    except OSError as exc:
+        raise error(f"cannot read {name}: {exc.strerror or exc}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise error(f"{name} is not UTF-8: byte 0x{data[exc.start]:02x} on line {line} is not valid UTF-8; "
+                    "save the file as UTF-8") from None
+
+
+def jsonl_objects(lines: Iterable[str], where: str, error: type[GptforgeError] = GptforgeError
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of JSON lines; a line that is not JSON, or not a JSON
+    object, is one ``error`` naming ``where`` (the file) and the line."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where} line {number} is not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict):
+            raise error(f"{where} line {number} must be a JSON object, got a JSON {type(record).__name__}")
+        yield number, record

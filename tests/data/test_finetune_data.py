@@ -365,7 +365,7 @@ def test_missing_and_empty_files(tmp_path):
 
 LM_ERRORS = [
     ('{"text": "ok"}\n{"text": "unterminated}\n', "line 2 is not valid JSON"),
-    ('["a list"]\n', "line 1 is a JSON list, expected an object"),
+    ('["a list"]\n', "line 1 must be a JSON object, got a JSON list"),
     ('{"txt": "typo"}\n',
      'line 1 must have one of "text", "prompt" + "completion" or "messages", but has none'),
     ('{"text": "a", "prompt": "b", "completion": "c"}\n',

@@ -15,8 +15,7 @@ from gptforge.data.finetune import IGNORE_INDEX, encode_lm_example, load_lm_exam
 from gptforge.errors import ConfigError, DataError, GptforgeError
 from gptforge.knowledge.grounding import context_retriever, grounded_prompt, prepare_grounded
 from gptforge.model import GPT
-from gptforge.tokenizer import CharTokenizer
-from tests.knowledge.test_grounding import CHARS, PASSAGES, TOK, WordRetriever, hits
+from tests.knowledge.test_grounding import TOK, WordRetriever, hits
 
 QUESTION = "how long do refunds take?"
 

@@ -5,9 +5,6 @@ another tokenizer is one error before anything is served. Real HTTP against uvic
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -18,40 +15,17 @@ from gptforge.errors import ConfigError
 from gptforge.generate import generate_ids
 from gptforge.knowledge.grounding import Grounding, grounded_prompt
 from gptforge.serve import create_app
-from gptforge.serve.app import load_served_checkpoint, server_config
+from gptforge.serve.app import load_served_checkpoint
 from tests.knowledge.test_grounding import CHARS, WordRetriever
 from tests.model_utils import save_tiny_checkpoint
+from tests.serve.test_server import LiveServer
 
 pytestmark = pytest.mark.integration
 
 QUESTION = "how long do refunds take?"
 
 
-class GroundedServer:
-    """uvicorn serving ``create_app(config, checkpoint, grounding=...)`` on a free loopback port in a thread."""
-
-    def __init__(self, config: ServeConfig, checkpoint, grounding):
-        import uvicorn
-
-        self.app = create_app(config, checkpoint, grounding=grounding)
-        self.state = self.app.state.server
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        uv_config = server_config(self.app, config, log_level="warning")
-        uv_config.timeout_graceful_shutdown = 2
-        self.server = uvicorn.Server(uv_config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+GroundedServer = LiveServer  # create_app(config, checkpoint, grounding=...) on a free loopback port
 
 
 def write_checkpoint(path: Path) -> Path:

@@ -84,7 +84,9 @@ def loss(model, batch):
 
 pretraining.next_token_loss = loss
 result = pretraining.pretrain(build_run_config(json.loads(sys.argv[1])), progress=False, handle_signals=True)
-print("RESULT", json.dumps({"rank": rank, "steps": result.steps, "stopped_by": result.stopped_by}), flush=True)
+# A file per rank, not stdout: the two processes share torchrun's pipe, where lines can interleave.
+with open(os.path.join(sys.argv[2], f"result-{rank}.json"), "w") as f:
+    json.dump({"rank": rank, "steps": result.steps, "stopped_by": result.stopped_by}, f)
 """
 
 
@@ -94,12 +96,11 @@ def test_processes_agree_on_skipping_a_step_and_on_stopping_for_a_signal(make_co
     script.write_text(FAULTY_WORKER)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), json.dumps(config.to_dict())],
+         str(script), json.dumps(config.to_dict()), str(tmp_path)],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted((json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-                      if line.startswith("RESULT")), key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     assert results == [{"rank": 0, "steps": 3, "stopped_by": "SIGTERM"}, {"rank": 1, "steps": 3, "stopped_by": "SIGTERM"}]
     records = read_metrics(tmp_path / "ddp/metrics.jsonl")
     assert [r["step"] for r in records if r.get("skipped")] == [2]

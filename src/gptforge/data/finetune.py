@@ -41,7 +41,6 @@ file for a fine-tuned checkpoint's task.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import random
@@ -53,6 +52,7 @@ import torch
 
 from ..config import FinetuneConfig
 from ..errors import ConfigError, DataError
+from ..fsutil import jsonl_objects
 from ..tokenizer import (DEFAULT_CHAT_TEMPLATE, EOS_TOKEN, ROLES, Tokenizer, encode_segment, fit_passages,
                          format_passage, render_chat, with_context)
 
@@ -100,23 +100,13 @@ def _is_jsonl(path: Path) -> bool:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSONL file."""
+    """(line number, object) for each non-blank line of a JSONL file, read as it goes."""
     with _open_text(path) as f:
         try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {lineno} is not valid JSON: {exc.msg}") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path} line {lineno} is a JSON {type(record).__name__}, expected an object")
-                yield lineno, record
+            yield from jsonl_objects(f, str(path), DataError)
         except UnicodeDecodeError:
             # Lines are decoded in blocks, so the failing line number is not known exactly.
             raise DataError(f"{path} is not valid UTF-8; convert it to UTF-8 first") from None
-
 
 def _field(path: Path, lineno: int, record: Mapping[str, Any], name: str, *, allow_empty: bool = False) -> str:
     """A string field of a JSONL record, or a DataError naming the line and the field."""

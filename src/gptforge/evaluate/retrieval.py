@@ -17,12 +17,12 @@ the knowledge base of ``--knowledge``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import DataError
+from ..fsutil import jsonl_objects, read_utf8
 
 KS = (1, 5, 10)
 HEADLINE = tuple(f"recall@{k}" for k in KS) + ("mrr",)
@@ -49,25 +49,10 @@ class RetrievalQuestion:
 def read_retrieval_data(path: str | Path) -> list[RetrievalQuestion]:
     """The questions of a JSON-lines file (see the module's doc); DataError naming the file and line."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data file {path} is not UTF-8 (byte {exc.start}); save it as UTF-8") from None
     questions = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, obj in jsonl_objects(read_utf8(path, "data file", DataError).splitlines(), f"data file {path}",
+                                     DataError):
         where = f"{path} line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where} is not valid JSON: {exc.msg}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where} must be a JSON object with 'question' and 'passage_id' (or 'doc_id')")
         question = obj.get("question")
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where} has no 'question' (a non-empty string)")

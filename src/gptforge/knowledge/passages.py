@@ -36,9 +36,7 @@ with the same settings gets the same ids in every build.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
-import json
 import logging
 import math
 import re
@@ -49,6 +47,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from ..config import IndexConfig
 from ..errors import KnowledgeError
+from ..fsutil import jsonl_objects, read_utf8
 from .types import Passage
 
 log = logging.getLogger(__name__)
@@ -140,33 +139,14 @@ def _file_document(doc_id: str, path: Path, text: str) -> Document:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KnowledgeError(f"cannot read {path}: {exc.strerror or exc}") from None
-    data = data.removeprefix(codecs.BOM_UTF8)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise KnowledgeError(f"{path} is not UTF-8: byte 0x{data[exc.start]:02x} on line {line} is not valid "
-                             "UTF-8; save the file as UTF-8") from None
-    return normalize_text(text)
+    return normalize_text(read_utf8(path, error=KnowledgeError))
 
 
 def _read_jsonl(path: Path) -> list[Document]:
     docs: list[Document] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(_read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
+    for number, obj in jsonl_objects(_read_text(path).split("\n"), str(path), KnowledgeError):
         where = f"{path} line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise KnowledgeError(f"{where} is not valid JSON: {exc.msg}") from None
-        if not isinstance(obj, dict):
-            raise KnowledgeError(f"{where} must be a JSON object, got {type(obj).__name__}")
         doc = _jsonl_document(obj, where)
         if doc.doc_id in seen:
             hint = " (made from the question: give one of them an 'id')" if "id" not in obj else ""

@@ -118,7 +118,7 @@ class Bad:
 @pytest.mark.parametrize("bad", [
     Bad([], "holds no questions"),
     Bad(["{not json"], "line 1 is not valid JSON"),
-    Bad(["[1, 2]"], "line 1 is a JSON list"),
+    Bad(["[1, 2]"], "line 1 must be a JSON object, got a JSON list"),
     Bad([json.dumps({"answer": "x"})], "line 1 has no \"question\""),
     Bad([json.dumps({"question": "q", "answer": "a"}), json.dumps({"question": "q"})], "line 2 has no \"answer\""),
     Bad([json.dumps({"question": " ", "answer": "a"})], "\"question\" must be a non-empty string"),
@@ -133,11 +133,11 @@ def test_bad_grounded_files_are_one_clear_error(tmp_path, bad):
 
 
 def test_missing_and_undecodable_files(tmp_path):
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
         load_grounded_examples(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError, match="is not a file"):
+    with pytest.raises(DataError, match="is a folder, not a file"):
         load_grounded_examples(tmp_path)
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(json.dumps({"question": "q", "answer": "x"}).encode().replace(b"x", b"\xe9") + b"\n")
-    with pytest.raises(DataError, match="not valid UTF-8"):
+    with pytest.raises(DataError, match="is not UTF-8: byte 0xe9 on line 1"):
         load_grounded_examples(path)

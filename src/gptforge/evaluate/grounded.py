@@ -19,7 +19,6 @@ predictions and their sources to :func:`score_grounded`.
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections import Counter
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from ..errors import DataError
+from ..fsutil import jsonl_objects, read_utf8
 
 __all__ = ["GroundedExample", "normalize_answer", "exact_match", "token_f1", "source_ids", "sources_include",
            "load_grounded_examples", "score_grounded", "HEADLINE"]
@@ -138,27 +138,11 @@ def _optional_id(path: Path, lineno: int, record: Mapping[str, Any], name: str) 
 def load_grounded_examples(path: str | Path) -> list[GroundedExample]:
     """The questions of a grounded evaluation file (see the module docstring), checked line by line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found" if not path.exists() else f"{path} is not a file")
-    examples = []
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {lineno} is not valid JSON: {exc.msg}") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path} line {lineno} is a JSON {type(record).__name__}, expected an object")
-                examples.append(_grounded_example(path, lineno, record))
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not valid UTF-8; convert it to UTF-8 first") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    lines = read_utf8(path, "data file", DataError).splitlines()
+    examples = [_grounded_example(path, number, record)
+                for number, record in jsonl_objects(lines, f"data file {path}", DataError)]
     if not examples:
-        raise DataError(f"{path} holds no questions")
+        raise DataError(f"data file {path} holds no questions")
     return examples
 
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from gptforge.config import IndexConfig
-from gptforge.errors import GptforgeError, KnowledgeError
+from gptforge.errors import GptforgeError, InvalidTextError, KnowledgeError
 from gptforge.knowledge.index import MARKER, KnowledgeBase, build_knowledge_base, is_knowledge_base, plural_stem
 from gptforge.knowledge.passages import Document, split_documents
 from gptforge.knowledge.types import Passage
@@ -86,7 +86,7 @@ def test_bad_k_and_bad_query_are_clear_errors(kb):
     for k in (0, -1, 1.5, True):
         with pytest.raises(GptforgeError, match="k .* must be a positive integer"):
             kb.search("refund", k=k)
-    with pytest.raises(KnowledgeError, match="lone surrogate"):
+    with pytest.raises(InvalidTextError, match="the query holds a lone surrogate U\\+DCFF"):
         kb.search("refund \udcff")
 
 

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from ..errors import DataError
 from ..fsutil import jsonl_objects, read_utf8
+from ..tokenizer import check_text
 
 KS = (1, 5, 10)
 HEADLINE = tuple(f"recall@{k}" for k in KS) + ("mrr",)
@@ -63,11 +64,7 @@ def read_retrieval_data(path: str | Path) -> list[RetrievalQuestion]:
         for key, value in (("passage_id", passage_id), ("doc_id", doc_id)):
             if value is not None and not isinstance(value, str):
                 raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-        try:
-            question.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise DataError(f"{where}: the question holds a lone surrogate U+{ord(question[exc.start]):04X}, "
-                            "which is not valid Unicode") from None
+        check_text(question, f"{where}: the question")
         questions.append(RetrievalQuestion(question=question, passage_id=passage_id,
                                            doc_id=doc_id if passage_id is None else None, line=number))
     if not questions:

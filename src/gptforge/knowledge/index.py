@@ -44,6 +44,7 @@ import numpy as np
 from ..config import KNOWLEDGE_STEMMERS, KNOWLEDGE_STOPWORDS, IndexConfig
 from ..errors import ConfigError, KnowledgeError
 from ..fsutil import check_output_dir, publish_folder
+from ..tokenizer import check_text
 from .passages import ESTIMATE_KIND, Document, normalize_text, read_documents, split_documents
 from .types import Hit, Passage
 
@@ -215,13 +216,7 @@ class KnowledgeBase:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k (passages to retrieve) must be a positive integer, got {k!r}")
         for q in queries:
-            if not isinstance(q, str):
-                raise TypeError(f"a query must be a str, got {type(q).__name__}")
-            try:
-                q.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise KnowledgeError(f"the query holds a lone surrogate U+{ord(q[exc.start]):04X}, which is not "
-                                     "valid Unicode") from None
+            check_text(q, "the query")
         terms = self._terms([normalize_text(q) for q in queries])
         return [self._top(self._retriever.get_tokens_ids(t), k) for t in terms]
 

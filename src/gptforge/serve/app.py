@@ -812,6 +812,9 @@ class _Job:
                 if event.finish_reason == "error":
                     raise _Cancelled("error")
                 if event.finish_reason == "cancelled":
+                    # After a second signal the scheduler's stop may reach this job before its abort event does.
+                    if self.state.aborting:
+                        raise _Cancelled("abort")
                     raise _Cancelled("timeout" if time.monotonic() >= self.deadline else "server")
                 if event.finish_reason is not None:
                     left -= 1

@@ -342,19 +342,28 @@ def _fit(text: str, budget: int, count: Callable[[str], int]) -> list[str]:
 
 
 def _pack_words(words: Sequence[str], budget: int, count: Callable[[str], int]) -> list[str]:
+    """Words packed greedily into pieces within the budget; a word longer than the budget alone is cut
+    between characters and stands as pieces of its own."""
     pieces: list[str] = []
-    current = ""
+    run: list[str] = []
     for word in words:
         if count(word) > budget:
-            if current:
-                pieces.append(current)
-                current = ""
-            pieces.extend(_split_characters(word, budget, count))
-            continue
-        candidate = f"{current} {word}" if current else word
+            pieces += _pack(run, " ", budget, count) + _split_characters(word, budget, count)
+            run = []
+        else:
+            run.append(word)
+    return pieces + _pack(run, " ", budget, count)
+
+
+def _pack(units: Sequence[str], sep: str, budget: int, count: Callable[[str], int]) -> list[str]:
+    """``units`` joined by ``sep`` into as few pieces as fit the budget, in order (greedy)."""
+    pieces: list[str] = []
+    current = ""
+    for unit in units:
+        candidate = f"{current}{sep}{unit}" if current else unit
         if current and count(candidate) > budget:
             pieces.append(current)
-            current = word
+            current = unit
         else:
             current = candidate
     if current:
@@ -370,18 +379,7 @@ def _split_characters(word: str, budget: int, count: Callable[[str], int]) -> li
             clusters[-1] += ch
         else:
             clusters.append(ch)
-    pieces: list[str] = []
-    current = ""
-    for cluster in clusters:
-        candidate = current + cluster
-        if current and count(candidate) > budget:
-            pieces.append(current)
-            current = cluster
-        else:
-            current = candidate
-    if current:
-        pieces.append(current)
-    return pieces
+    return _pack(clusters, "", budget, count)
 
 
 def _tail(text: str, overlap: int, count: Callable[[str], int]) -> str:

@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from ..config import IndexConfig
-from ..errors import KnowledgeError
+from ..errors import InvalidTextError, KnowledgeError
 from ..fsutil import jsonl_objects, read_utf8
+from ..tokenizer import check_text
 from .types import Passage
 
 log = logging.getLogger(__name__)
@@ -169,16 +170,11 @@ def _string_field(obj: dict, key: str, where: str, required: bool) -> Optional[s
         value = str(value)
     if not isinstance(value, str):
         raise KnowledgeError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-    _check_unicode(value, f"{where}: {key!r}")
-    return normalize_text(value)
-
-
-def _check_unicode(text: str, where: str) -> None:
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise KnowledgeError(f"{where} holds a lone surrogate U+{ord(text[exc.start]):04X}, "
-                             "which is not valid Unicode") from None
+        check_text(value, f"{where}: {key!r}")
+    except InvalidTextError as exc:  # a docs-file error, like every other one read_documents raises
+        raise KnowledgeError(str(exc)) from None
+    return normalize_text(value)
 
 
 def _jsonl_document(obj: dict, where: str) -> Document:

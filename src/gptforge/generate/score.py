@@ -141,7 +141,10 @@ def score_ids(model: GPT, context_ids: Sequence[int], candidates_ids: Sequence[S
         hidden = gpt.hidden_states(torch.tensor([context], dtype=torch.long, device=device), kv_cache=prefix)
         first = gpt.logits(hidden[:, -1:]).float().log_softmax(-1)[0, 0]  # (V,): the first candidate token's
         first_best = first.max()
-        first_top = _top_pairs(first, top_n) if top_n else None
+        first_top = None
+        if top_n:
+            top = torch.topk(first, top_n)
+            first_top = list(zip(top.indices.tolist(), top.values.tolist()))
         for chunk in _chunks(order, [len(seqs[j]) for j in order], gpt, len(context), batch_size):
             rows = [seqs[j] for j in chunk]
             for j, scores in zip(chunk, _score_chunk(gpt, prefix, rows, first, first_best, first_top, top_n)):
@@ -184,13 +187,15 @@ def _score_chunk(gpt: GPT, prefix, rows: list[tuple[int, ...]], first: torch.Ten
         cache.v[:, :, :, :start] = prefix.v[:, :, :, :start]
         cache.length = start
         hidden = gpt.hidden_states(targets[:, :-1], kv_cache=cache)  # (n, width - 1, C); the last token not fed
-        logp = gpt.logits(hidden).float().log_softmax(-1)  # (n, width - 1, V)
-        rest = logp.gather(-1, targets[:, 1:].unsqueeze(-1)).squeeze(-1)
-        chosen.append(rest)
-        greedy.append(rest == logp.max(-1).values)
+        logits = gpt.logits(hidden).float()  # (n, width - 1, V)
+        # log p = logit - logsumexp: log_softmax's values without a second (n, width - 1, V) tensor.
+        norm = torch.logsumexp(logits, -1)  # (n, width - 1)
+        picked = logits.gather(-1, targets[:, 1:].unsqueeze(-1)).squeeze(-1)
+        chosen.append(picked - norm)
+        greedy.append(picked == logits.max(-1).values)
         if top_n:
-            top = torch.topk(logp, top_n, dim=-1)
-            tops = (top.indices.tolist(), top.values.tolist())
+            top = torch.topk(logits, top_n, dim=-1)
+            tops = (top.indices.tolist(), (top.values - norm.unsqueeze(-1)).tolist())
     chosen_list = torch.cat([c.reshape(n, -1) for c in chosen], 1).tolist()
     greedy_list = torch.cat([g.reshape(n, -1) for g in greedy], 1).tolist()
     out = []
@@ -215,15 +220,10 @@ def _chunks(order: list[int], lengths: list[int], gpt: GPT, context_len: int,
         else:
             width = lengths[start]  # the longest of the chunk: every row is padded to it
             kv = 2 * c.n_layer * c.n_head * c.head_dim * (context_len + width) * itemsize
-            per_row = kv + 3 * (width - 1) * c.vocab_size * 4  # logits, float32 copy, log_softmax
+            per_row = kv + 3 * (width - 1) * c.vocab_size * 4  # logits, a float32 copy, logsumexp's exp
             rows = max(1, CHUNK_BYTES // per_row)
         yield order[start:start + rows]
         start += rows
-
-
-def _top_pairs(logp: torch.Tensor, n: int) -> list[tuple[int, float]]:
-    top = torch.topk(logp, n)
-    return list(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def _copy(scores: TokenScores) -> TokenScores:

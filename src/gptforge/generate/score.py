@@ -277,16 +277,22 @@ def encode_pair(tokenizer: Tokenizer, context: str, candidate: str) -> tuple[lis
     the front of the candidate, the candidate's ids are those of ``context + candidate`` beyond the context's
     own ids, and an empty context is the end-of-text token. The candidate's ids may be empty (an empty
     candidate, or one a merge across the boundary swallowed): :func:`score_ids` refuses those."""
+    context_ids, (candidate_ids,) = _encode_candidates(tokenizer, context, [candidate])
+    return context_ids, candidate_ids
+
+
+def _encode_candidates(tokenizer: Tokenizer, context: str, candidates: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """:func:`encode_pair` for many candidates: the context encoded once, the candidates in one batch."""
     stripped = context.rstrip()
     moved = context[len(stripped):]
     context_ids = tokenizer.encode(stripped)
-    whole = tokenizer.encode(stripped + moved + candidate)
-    candidate_ids = whole[len(context_ids):]
+    wholes = tokenizer.encode_batch([stripped + moved + text for text in candidates])
+    candidates_ids = [whole[len(context_ids):] for whole in wholes]
     if not context_ids:
         if tokenizer.eos_id is None:
             raise ConfigError("the context is empty and the tokenizer has no end-of-text token to start from")
         context_ids = [tokenizer.eos_id]
-    return context_ids, candidate_ids
+    return context_ids, candidates_ids
 
 
 def score(model: GPT, tokenizer: Tokenizer, context: str, candidates: Sequence[str], *, normalize: str = "none",
@@ -304,18 +310,16 @@ def score(model: GPT, tokenizer: Tokenizer, context: str, candidates: Sequence[s
     check_text(context, "the context")
     if isinstance(candidates, str) or not len(candidates):
         raise ConfigError("there are no candidates to score")
-    context_ids: Optional[list[int]] = None
-    candidates_ids = []
     for i, text in enumerate(candidates):
         if not isinstance(text, str):
             raise ConfigError(f"candidate {i} must be a string, got {type(text).__name__}")
         check_text(text, f"candidate {i}")
         if not text:
             raise ConfigError(f"candidate {i} is empty")
-        context_ids, ids = encode_pair(tokenizer, context, text)
+    context_ids, candidates_ids = _encode_candidates(tokenizer, context, candidates)
+    for i, (text, ids) in enumerate(zip(candidates, candidates_ids)):
         if not ids:
             raise ConfigError(f"candidate {i} ({text!r}) has no tokens of its own after the context")
-        candidates_ids.append(ids)
     per_token = score_ids(model, context_ids, candidates_ids, top_logprobs=top_logprobs, batch_size=batch_size)
     out = []
     for text, scores in zip(candidates, per_token):

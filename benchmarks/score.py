@@ -103,6 +103,11 @@ def reference_batched(model, context, candidates, device) -> list[float]:
     return totals
 
 
+def rate_text(value: float) -> str:
+    """Three significant digits or more, ten characters wide."""
+    return f"{value:10,.1f}" if value >= 100 else f"{value:10.3g}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--candidates", type=int, default=100)
@@ -170,11 +175,11 @@ def main(argv=None) -> int:
     per_s = {k: [rate[k] / t for t in v] for k, v in times.items() if v}
     ratios = [a / b for a, b in zip(per_s["gptforge"], per_s["loop"])]
     diff = max(abs(a - b) for a, b in zip(ours_totals, ref_totals))
-    print(f"gptforge score_ids            {statistics.median(per_s['gptforge']):10.1f} candidates/s")
-    print(f"transformers loop (reference) {statistics.median(per_s['loop']):10.1f} candidates/s"
+    print(f"gptforge score_ids            {rate_text(statistics.median(per_s['gptforge']))} candidates/s")
+    print(f"transformers loop (reference) {rate_text(statistics.median(per_s['loop']))} candidates/s"
           + (f"  (timed over the first {n_ref})" if n_ref < args.candidates else ""))
     if "batched" in per_s:
-        print(f"transformers batched ({BATCHED_ROWS} rows) {statistics.median(per_s['batched']):10.1f} candidates/s")
+        print(f"transformers batched ({BATCHED_ROWS} rows) {rate_text(statistics.median(per_s['batched']))} candidates/s")
         print(f"ratio to batched transformers  {statistics.median(a / b for a, b in zip(per_s['gptforge'], per_s['batched'])):.2f}x")
     ratio = statistics.median(ratios)
     print(f"ratio to the loop              {ratio:.2f}x (target {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'}; "

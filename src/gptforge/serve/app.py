@@ -636,8 +636,8 @@ async def _echo_only(state: ServerState, req: CompletionRequest, prompts_ids: li
     """``max_tokens: 0``: nothing is generated; each choice is its prompt (``echo`` is required), with the
     prompt's log-probabilities when ``logprobs`` is set, and finish_reason "length" (as OpenAI answers)."""
     if not req.echo:
-        raise _bad("max_tokens must be at least 1, got 0 (0 generates nothing: it is for returning the prompt "
-                   "with echo: true, and its log-probabilities with logprobs)", param="max_tokens")
+        raise _bad("max_tokens: max_tokens must be at least 1, got 0 (0 generates nothing: it returns the prompt "
+                   "with echo: true, and its log-probabilities with logprobs too)", param="max_tokens")
     config = state.config
     if req.n > config.max_n:
         raise _bad(f"n must be at most {config.max_n}, got {req.n}", param="n")

@@ -13,16 +13,17 @@ import torch
 from gptforge.checkpoint import save_checkpoint, task_model_state
 from gptforge.config import GenerateConfig, ModelConfig, ServeConfig
 from gptforge.generate import generate_ids
-from gptforge.generate.score import prompt_logprobs, score, score_ids
+from gptforge.generate.score import encode_pair, prompt_logprobs, score
 from gptforge.heads import TaskModel
 from gptforge.model import GPT
 from gptforge.serve.app import load_served_checkpoint
 from gptforge.serve.scoring import MAX_SCORE_CANDIDATES
 from gptforge.tokenizer import CharTokenizer
-from tests.serve.test_server import CHARS, KEY, LiveServer, assert_error, client, lm_checkpoint, server, strict_json
+from tests.serve.test_server import (CHARS, LiveServer, assert_error, bpe_server, client, lm_checkpoint, server,
+                                     strict_json)
 
 pytestmark = pytest.mark.integration
-__all__ = ["client", "lm_checkpoint", "server"]  # the fixtures, imported for this module's tests
+__all__ = ["bpe_server", "client", "lm_checkpoint", "server"]  # the fixtures, imported for this module's tests
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -260,25 +261,32 @@ def test_echo_max_tokens_0_streams_one_chunk_a_choice(client):
 
 
 # --------------------------------------------------------------------------------------------------
-# lm-eval's local-completions: the request it sends for a loglikelihood (recorded from lm_eval 0.4.13)
-def test_lm_eval_loglikelihood_request(server, client):
-    """The body lm-eval's local-completions posted for one multiple-choice option (recorded from a real run,
-    token ids and all; examples/lm-eval/run.sh), answered so that its parse gives the scorer's numbers:
-    lm-eval sums token_logprobs[ctxlen:-1] (the last entry is the generated token) and calls the option greedy
-    when every one of those tokens is the top of its top_logprobs."""
+# lm-eval's local-completions: the requests it sent for one multiple-choice question (recorded from lm_eval 0.4.13)
+def test_lm_eval_loglikelihood_requests(bpe_server):
+    """The bodies lm-eval's local-completions posted for a two-choice question (recorded from a real run against
+    this tiny BPE model, its tokenizer exported with `gptforge convert --to-hf`; examples/lm-eval/run.sh runs
+    the same on the demo model), answered so that lm-eval's parse gives the scorer's numbers: it sums
+    token_logprobs[ctxlen:-1] (the last entry is the one generated token) and calls a choice greedy when
+    each of those tokens is the top of its top_logprobs. Its tokenization (through the exported Hugging Face
+    tokenizer) is the scorer's too."""
     recorded = json.loads((FIXTURES / "lm_eval_request.json").read_text())
-    body, ctxlen = recorded["body"], recorded["ctxlen"]
-    state = server.state
-    body = {**body, "model": "tiny-lm"}
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == 200, r.text
-    prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
-    for choice, ids, n_ctx in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), prompts, ctxlen):
-        lp = choice["logprobs"]
-        assert len(lp["token_logprobs"]) == len(ids) + body["max_tokens"]
-        total = sum(lp["token_logprobs"][n_ctx:-1])
-        greedy = all(v == max(top.values()) for v, top in zip(lp["token_logprobs"][n_ctx:-1],
-                                                               lp["top_logprobs"][n_ctx:-1]))
-        ref = score_ids(state.model, ids[:n_ctx], [ids[n_ctx:]])[0]
-        assert total == pytest.approx(ref.total, abs=1e-5)
-        assert greedy == all(ref.greedy)
+    state = bpe_server.state
+    with httpx.Client(base_url=bpe_server.url, timeout=30) as c:
+        for continuation, req in zip(recorded["continuations"], recorded["requests"]):
+            body, ctxlens = req["body"], req["ctxlen"]
+            ids = body["prompt"][0]
+            assert encode_pair(state.tokenizer, recorded["context"], continuation) == (ids[:ctxlens[0]],
+                                                                                      ids[ctxlens[0]:])
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            choices = sorted(strict_json(r.text)["choices"], key=lambda choice: choice["index"])
+            assert len(choices) == len(body["prompt"]) == len(ctxlens)
+            for choice, prompt, ctxlen in zip(choices, body["prompt"], ctxlens):
+                lp = choice["logprobs"]
+                assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(prompt) + body["max_tokens"]
+                total = sum(lp["token_logprobs"][ctxlen:-1])
+                greedy = all(v == max(top.values()) for v, top in zip(lp["token_logprobs"][ctxlen:-1],
+                                                                       lp["top_logprobs"][ctxlen:-1]))
+                ref = score(state.model, state.tokenizer, recorded["context"], [continuation])[0]
+                assert total == pytest.approx(ref.logprob, abs=1e-5)
+                assert greedy == all(ref.token_scores.greedy)

@@ -23,28 +23,29 @@ skips (competition ranking: 1, 2, 2, 4).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from ..backends import decode_session
+from ..config import SCORE_NORMALIZATIONS as NORMALIZATIONS
 from ..errors import ConfigError
+from ..fsutil import json_safe, jsonl_objects, read_utf8
 from ..model import GPT
 from ..tokenizer import Tokenizer, check_text
 
 log = logging.getLogger(__name__)
 
-NORMALIZATIONS = ("none", "token", "byte")
-"""What :func:`score` ranks by: the total log-probability, its mean per token, or per UTF-8 byte."""
-
 CHUNK_BYTES = 1 << 30
 """Without a ``batch_size``: as many candidates a forward as keep their KV cache and logits under 1 GiB."""
 
-__all__ = ["CHUNK_BYTES", "NORMALIZATIONS", "CandidateScore", "TokenScores", "encode_pair", "prompt_logprobs",
-           "rank_scores", "score", "score_ids"]
+__all__ = ["CHUNK_BYTES", "NORMALIZATIONS", "CandidateScore", "TokenScores", "encode_pair", "format_scores",
+           "prompt_logprobs", "rank_scores", "ranked", "read_candidates", "score", "score_ids", "score_report"]
 
 
 @dataclass
@@ -335,3 +336,68 @@ def rank_scores(values: Sequence[float]) -> list[int]:
     for i, v in enumerate(ordered):
         first.setdefault(v, i + 1)
     return [first[v] for v in keyed]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading candidates and showing results (what `gptforge score` prints)
+def read_candidates(path: str | Path) -> list[str]:
+    """The candidates of a UTF-8 file: one per line, taken as written (leading spaces kept, blank lines
+    skipped), or, when the first non-blank line is a JSON object, JSON lines each with a string ``"text"``
+    (for candidates that hold a newline). One :class:`~gptforge.errors.ConfigError` naming the file and the
+    line otherwise."""
+    path = Path(path)
+    where = f"candidates file {path}"
+    lines = read_utf8(path, "candidates file", ConfigError).splitlines()
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise ConfigError(f"{where} has no candidates (one per line, or JSON lines with \"text\")")
+    if _is_json_object(first):
+        texts = []
+        for number, record in jsonl_objects(lines, where, ConfigError):
+            text = record.get("text")
+            if not isinstance(text, str) or not text:
+                got = "no \"text\"" if "text" not in record else f"\"text\" {json.dumps(text)}"
+                raise ConfigError(f"{where} line {number} needs a non-empty string \"text\", got {got}")
+            texts.append(check_text(text, f"{where} line {number}"))
+        return texts
+    return [check_text(line, f"{where} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def ranked(results: Sequence[CandidateScore]) -> list[int]:
+    """The candidates' indices, best rank first (ties in the order given)."""
+    return sorted(range(len(results)), key=lambda i: (results[i].rank, i))
+
+
+def score_report(results: Sequence[CandidateScore], *, context: str, normalize: str) -> dict:
+    """JSON-ready: the context, the normalisation and the candidates best first, each with its ``index`` in
+    the order given (non-finite numbers become null)."""
+    return json_safe({"context": context, "normalize": normalize,
+                      "candidates": [{"index": i, **results[i].to_dict()} for i in ranked(results)]})
+
+
+def format_scores(results: Sequence[CandidateScore], tokenizer: Optional[Tokenizer] = None) -> str:
+    """A table, best first: rank, score, logprob, mean, tokens, text (quoted, so spaces show). With a
+    ``tokenizer`` and top alternatives recorded, each candidate's tokens follow on lines of their own."""
+    lines = [f"{'rank':>4}  {'score':>10}  {'logprob':>10}  {'mean':>8}  {'tokens':>6}  text"]
+    for i in ranked(results):
+        c = results[i]
+        lines.append(f"{c.rank:>4}  {c.score:>10.4f}  {c.logprob:>10.4f}  {c.mean_logprob:>8.4f}  {c.tokens:>6}  "
+                     f"{json.dumps(c.text, ensure_ascii=False)}")
+        s = c.token_scores
+        if tokenizer is None or s is None or s.top is None:
+            continue
+        for token, lp, greedy, top in zip(s.token_ids, s.logprobs, s.greedy, s.top):
+            alts = ", ".join(f"{_piece(tokenizer, t)} {v:.3f}" for t, v in top)
+            lines.append(f"{'':>6}{_piece(tokenizer, token):>16} {lp:>9.4f}{' *' if greedy else '  '}  top: {alts}")
+    return "\n".join(lines)
+
+
+def _piece(tokenizer: Tokenizer, token: int) -> str:
+    return json.dumps(tokenizer.decode([token]), ensure_ascii=False)

@@ -13,6 +13,7 @@ CHECKPOINT=${1:-runs/demo}
 PORT=${PORT:-8765}
 GPTFORGE=${GPTFORGE:-gptforge}
 LM_EVAL=${LM_EVAL:-lm_eval}
+[ -d "$CHECKPOINT" ] || { echo "error: no checkpoint $CHECKPOINT (make demo trains runs/demo)" >&2; exit 2; }
 OUT=$(mktemp -d)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # all local: fail rather than download
 
@@ -30,13 +31,24 @@ done
 # max_length: the model's context (lm-eval keeps one position for the token it asks the server to generate).
 $LM_EVAL --model local-completions \
     --model_args "model=demo,base_url=http://127.0.0.1:$PORT/v1/completions,tokenizer_backend=huggingface,tokenizer=$OUT/hf,max_length=128,num_concurrent=1,max_retries=1" \
-    --tasks gptforge_mc --include_path examples/lm-eval --output_path "$OUT/results" >"$OUT/lm_eval.log" 2>&1 \
-    || { cat "$OUT/lm_eval.log"; exit 1; }
-python3 - "$OUT/results" <<'PY'
+    --tasks gptforge_mc --include_path examples/lm-eval --output_path "$OUT/results" --log_samples \
+    >"$OUT/lm_eval.log" 2>&1 || { cat "$OUT/lm_eval.log"; exit 1; }
+$GPTFORGE evaluate --task choice --checkpoint "$CHECKPOINT" --data examples/lm-eval/mc.jsonl --json "$OUT/choice.json" \
+    >/dev/null 2>&1
+
+python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-result = json.loads(sorted(Path(sys.argv[1]).rglob("results_*.json"))[-1].read_text())["results"]["gptforge_mc"]
-print(f"lm-eval (local-completions via gptforge serve): acc {result['acc,none']:.4f}  acc_norm {result['acc_norm,none']:.4f}")
+out = Path(sys.argv[1])
+result = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"]["gptforge_mc"]
+samples = sorted((json.loads(line) for line in sorted(out.rglob("samples_gptforge_mc_*.jsonl"))[-1].open()),
+                 key=lambda s: s["doc_id"])
+ours = json.loads((out / "choice.json").read_text())["report"]
+print(f"lm-eval, local-completions against gptforge serve: acc {result['acc,none']:.4f}  acc_norm {result['acc_norm,none']:.4f}")
+print(f"gptforge evaluate --task choice (in-process):      acc {ours['acc']:.4f}  acc_norm {ours['acc_norm']:.4f}")
+theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]  # ["logprob", "is_greedy"] as text
+mine = [p["logprobs"] for p in ours["predictions"]]
+diff = max(abs(a - b) for t, m in zip(theirs, mine) for a, b in zip(t, m))
+same = sum(max(range(len(t)), key=t.__getitem__) == p["predicted"] for t, p in zip(theirs, ours["predictions"]))
+print(f"per question: the same choice on {same}/{len(mine)}; largest log-probability difference {diff:.2e}")
 PY
-echo "gptforge evaluate --task choice:"
-$GPTFORGE evaluate --task choice --checkpoint "$CHECKPOINT" --data examples/lm-eval/mc.jsonl

@@ -290,3 +290,66 @@ def test_lm_eval_loglikelihood_requests(bpe_server):
                 ref = score(state.model, state.tokenizer, recorded["context"], [continuation])[0]
                 assert total == pytest.approx(ref.logprob, abs=1e-5)
                 assert greedy == all(ref.token_scores.greedy)
+
+
+# --------------------------------------------------------------------------------------------------
+def test_scoring_between_decode_steps_leaves_streams_intact(server, client):
+    """Scoring runs on the scheduler thread between decode steps: streams decoding meanwhile give the engine's
+    greedy tokens, and the scores are the in-process ones."""
+    import concurrent.futures
+
+    state = server.state
+    prompt = "the quick brown "
+    body = {"model": "tiny-lm", "prompt": prompt, "max_tokens": 60, "temperature": 0, "stream": True}
+    ref = generate_ids(state.model, [state.tokenizer.encode(prompt)],
+                       GenerateConfig(max_new_tokens=60, temperature=0), tokenizer=state.tokenizer)[0][0].text
+    expected = score(state.model, state.tokenizer, "abc", ["de", "f g"])
+
+    def stream() -> str:
+        with httpx.Client(base_url=server.url, headers=client.headers, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                lines = [l for l in r.iter_lines() if l]
+        return "".join(strict_json(l[6:])["choices"][0]["text"] for l in lines[:-1])
+
+    def scores() -> list[float]:
+        with httpx.Client(base_url=server.url, headers=client.headers, timeout=60) as c:
+            return [d["logprob"] for d in c.post("/v1/score", json={"context": "abc",
+                                                                     "candidates": ["de", "f g"]}).json()["data"]]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(stream) for _ in range(3)]
+        scored = [pool.submit(scores) for _ in range(10)]
+        echoes = [pool.submit(client.post, "/v1/completions", json={"model": "tiny-lm", "prompt": prompt,
+                                                                     "echo": True, "logprobs": 1, "max_tokens": 0})
+                  for _ in range(5)]
+        assert [f.result(timeout=120) for f in streams] == [ref] * 3
+        for f in scored:
+            assert f.result(timeout=120) == pytest.approx([x.logprob for x in expected], abs=1e-6)
+        lps = [f.result(timeout=120).json()["choices"][0]["logprobs"]["token_logprobs"] for f in echoes]
+        assert all(lp == lps[0] for lp in lps)
+
+
+def test_fuzzed_score_bodies_never_get_a_5xx(client):
+    """Arbitrary JSON under /v1/score's field names: 200 or a 400 in OpenAI's shape naming a field, never a 5xx."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(min_value=-3, max_value=40) | st.integers()
+               | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+               | st.sampled_from(["none", "token", "byte", "tiny-lm", "\ud800", " ", ""]))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=8)
+    fields = ["model", "context", "candidates", "normalize", "top_logprobs", "bogus"]
+    bodies = st.dictionaries(st.sampled_from(fields), values, max_size=5)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(body=bodies)
+    def check(body):
+        r = client.post("/v1/score", content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code in (200, 400), (body, r.text)
+        if r.status_code == 400:
+            error = strict_json(r.text)["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["param"] is None or error["param"] in fields, (body, error)
+        else:
+            assert len(strict_json(r.text)["data"]) == len(body["candidates"])
+
+    check()

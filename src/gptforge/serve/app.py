@@ -5,7 +5,8 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``
 as server-sent events ending in ``data: [DONE]``), ``POST /v1/classify`` (classification checkpoints),
-``POST /v1/score`` (candidate texts after a context: log-probabilities and ranks), ``GET /health``, ``GET /metrics`` (Prometheus text) and the chat page at ``/``.
+``POST /v1/score`` (candidate texts after a context: log-probabilities and ranks), ``GET /health``,
+``GET /metrics`` (Prometheus text) and the chat page at ``/``.
 
 Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
 (also malformed HTTP, which uvicorn answers itself: :func:`server_config` gives it a protocol that answers

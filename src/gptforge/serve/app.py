@@ -826,7 +826,8 @@ class _Job:
         self.prompts_ids = prompts_ids
         self.logprobs = logprobs
         self.echo_texts = echo_texts
-        self.echo_logprobs: Optional[list[dict]] = None  # each prompt's logprobs (echo with logprobs), set before respond
+        # Each prompt's legacy logprobs (echo with logprobs): set by the route before respond().
+        self.echo_logprobs: Optional[list[dict]] = None
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         config = state.config

@@ -93,3 +93,15 @@ def test_knowledge_benchmark_times_build_and_queries_against_bm25s():
     for figure in ("build BM25 index (bm25s)", "save folder (atomic)", "load folder", "queries/s",
                    "reference: bm25s retrieve", "reference: naive scoring", "the same top-5 scores for 20/20"):
         assert figure in done.stdout, done.stdout
+
+
+def test_score_benchmark_compares_shared_prefix_scoring_with_a_transformers_loop():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/score.py"), "--tiny", "--repeats", "1",
+                           "--candidates", "6", "--context-tokens", "12", "--candidate-tokens", "5",
+                           "--reference-candidates", "3", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for figure in ("gptforge score_ids", "transformers loop (reference)", "transformers batched", "ratio to the loop",
+                   "(over 3 candidates)"):
+        assert figure in done.stdout, done.stdout
+    diff = float(done.stdout.split("log-probability: ")[1].split()[0])
+    assert diff < 1e-3  # the two libraries score the same weights alike

@@ -133,3 +133,19 @@ def test_evaluate_choice_bad_input_is_one_error_line(capsys, checkpoint, tmp_pat
     flags = [str(checkpoint) if f == "CK" else f for f in flags]
     code, _, err = run(capsys, "evaluate", "--task", "choice", "--data", str(data), *flags)
     assert_one_line_error(code, err, fragment)
+
+
+def test_score_flags_come_from_the_config_with_their_docstrings(capsys):
+    import dataclasses
+
+    from gptforge import config as cfg
+
+    code, out, _ = run(capsys, "score", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for cls in (cfg.InferenceConfig, cfg.ScoreConfig):
+        docs = cfg.field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in out, f.name
+            assert " ".join(docs[f.name].split()[:6]) in text, f.name
+    assert "--top N" in out

@@ -94,3 +94,52 @@ def test_readme_chat_example_runs_on_a_demo_sized_model(argv, demo_sized, tmp_pa
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.count("\n") >= 2 and "error:" not in err  # two replies
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring and multiple choice
+SCORE_COMMANDS = cli_commands("score")
+CHOICE_COMMANDS = [argv for argv in cli_commands("evaluate") if "choice" in argv]
+
+
+def _section(title: str) -> str:
+    return README.read_text(encoding="utf-8").split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_scoring_commands_run_as_written(demo_sized, tmp_path, monkeypatch, capsys):
+    import json
+    import subprocess
+
+    from gptforge.cli import main
+
+    assert len(SCORE_COMMANDS) == 2 and len(CHOICE_COMMANDS) == 1
+    monkeypatch.chdir(tmp_path)
+    body = _section("Scoring and multiple choice")
+    printf = [line for line in re.findall(r"```bash\n(.*?)```", body, flags=re.S)[0].splitlines()
+              if line.startswith("printf ")]
+    subprocess.run(["bash", "-c", printf[0]], check=True, timeout=60)  # writes candidates.txt
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"context": "JULIET: O Romeo,",
+                                                   "choices": [" Romeo!", " What light"], "answer": 0}) + "\n")
+    for argv in SCORE_COMMANDS + CHOICE_COMMANDS:
+        code = main(_as_written(argv, demo_sized, tmp_path))
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "error:" not in err
+        if "--json" in argv:
+            assert [c["text"] for c in json.loads(out)["candidates"]] != []
+        elif "score" in argv:
+            assert len(out.strip().splitlines()) == 4  # the header and three candidates
+        else:
+            assert out.startswith("acc ")
+
+
+def test_readme_scoring_python_example_runs(demo_sized, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(demo_sized, tmp_path / "runs/demo")
+    blocks = re.findall(r"```python\n(.*?)```", _section("Scoring and multiple choice"), flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], str(README), "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["1", "2"]

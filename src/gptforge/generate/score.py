@@ -141,7 +141,10 @@ def score_ids(model: GPT, context_ids: Sequence[int], candidates_ids: Sequence[S
         hidden = gpt.hidden_states(torch.tensor([context], dtype=torch.long, device=device), kv_cache=prefix)
         first = gpt.logits(hidden[:, -1:]).float().log_softmax(-1)[0, 0]  # (V,): the first candidate token's
         first_best = first.max()
-        first_top = _top_pairs(first, top_n) if top_n else None
+        first_top = None
+        if top_n:
+            top = torch.topk(first, top_n)
+            first_top = list(zip(top.indices.tolist(), top.values.tolist()))
         for chunk in _chunks(order, [len(seqs[j]) for j in order], gpt, len(context), batch_size):
             rows = [seqs[j] for j in chunk]
             for j, scores in zip(chunk, _score_chunk(gpt, prefix, rows, first, first_best, first_top, top_n)):
@@ -184,13 +187,15 @@ def _score_chunk(gpt: GPT, prefix, rows: list[tuple[int, ...]], first: torch.Ten
         cache.v[:, :, :, :start] = prefix.v[:, :, :, :start]
         cache.length = start
         hidden = gpt.hidden_states(targets[:, :-1], kv_cache=cache)  # (n, width - 1, C); the last token not fed
-        logp = gpt.logits(hidden).float().log_softmax(-1)  # (n, width - 1, V)
-        rest = logp.gather(-1, targets[:, 1:].unsqueeze(-1)).squeeze(-1)
-        chosen.append(rest)
-        greedy.append(rest == logp.max(-1).values)
+        logits = gpt.logits(hidden).float()  # (n, width - 1, V)
+        # log p = logit - logsumexp: log_softmax's values without a second (n, width - 1, V) tensor.
+        norm = torch.logsumexp(logits, -1)  # (n, width - 1)
+        picked = logits.gather(-1, targets[:, 1:].unsqueeze(-1)).squeeze(-1)
+        chosen.append(picked - norm)
+        greedy.append(picked == logits.max(-1).values)
         if top_n:
-            top = torch.topk(logp, top_n, dim=-1)
-            tops = (top.indices.tolist(), top.values.tolist())
+            top = torch.topk(logits, top_n, dim=-1)
+            tops = (top.indices.tolist(), (top.values - norm.unsqueeze(-1)).tolist())
     chosen_list = torch.cat([c.reshape(n, -1) for c in chosen], 1).tolist()
     greedy_list = torch.cat([g.reshape(n, -1) for g in greedy], 1).tolist()
     out = []
@@ -215,15 +220,10 @@ def _chunks(order: list[int], lengths: list[int], gpt: GPT, context_len: int,
         else:
             width = lengths[start]  # the longest of the chunk: every row is padded to it
             kv = 2 * c.n_layer * c.n_head * c.head_dim * (context_len + width) * itemsize
-            per_row = kv + 3 * (width - 1) * c.vocab_size * 4  # logits, float32 copy, log_softmax
+            per_row = kv + 3 * (width - 1) * c.vocab_size * 4  # logits, a float32 copy, logsumexp's exp
             rows = max(1, CHUNK_BYTES // per_row)
         yield order[start:start + rows]
         start += rows
-
-
-def _top_pairs(logp: torch.Tensor, n: int) -> list[tuple[int, float]]:
-    top = torch.topk(logp, n)
-    return list(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def _copy(scores: TokenScores) -> TokenScores:
@@ -277,16 +277,22 @@ def encode_pair(tokenizer: Tokenizer, context: str, candidate: str) -> tuple[lis
     the front of the candidate, the candidate's ids are those of ``context + candidate`` beyond the context's
     own ids, and an empty context is the end-of-text token. The candidate's ids may be empty (an empty
     candidate, or one a merge across the boundary swallowed): :func:`score_ids` refuses those."""
+    context_ids, (candidate_ids,) = _encode_candidates(tokenizer, context, [candidate])
+    return context_ids, candidate_ids
+
+
+def _encode_candidates(tokenizer: Tokenizer, context: str, candidates: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """:func:`encode_pair` for many candidates: the context encoded once, the candidates in one batch."""
     stripped = context.rstrip()
     moved = context[len(stripped):]
     context_ids = tokenizer.encode(stripped)
-    whole = tokenizer.encode(stripped + moved + candidate)
-    candidate_ids = whole[len(context_ids):]
+    wholes = tokenizer.encode_batch([stripped + moved + text for text in candidates])
+    candidates_ids = [whole[len(context_ids):] for whole in wholes]
     if not context_ids:
         if tokenizer.eos_id is None:
             raise ConfigError("the context is empty and the tokenizer has no end-of-text token to start from")
         context_ids = [tokenizer.eos_id]
-    return context_ids, candidate_ids
+    return context_ids, candidates_ids
 
 
 def score(model: GPT, tokenizer: Tokenizer, context: str, candidates: Sequence[str], *, normalize: str = "none",
@@ -304,18 +310,16 @@ def score(model: GPT, tokenizer: Tokenizer, context: str, candidates: Sequence[s
     check_text(context, "the context")
     if isinstance(candidates, str) or not len(candidates):
         raise ConfigError("there are no candidates to score")
-    context_ids: Optional[list[int]] = None
-    candidates_ids = []
     for i, text in enumerate(candidates):
         if not isinstance(text, str):
             raise ConfigError(f"candidate {i} must be a string, got {type(text).__name__}")
         check_text(text, f"candidate {i}")
         if not text:
             raise ConfigError(f"candidate {i} is empty")
-        context_ids, ids = encode_pair(tokenizer, context, text)
+    context_ids, candidates_ids = _encode_candidates(tokenizer, context, candidates)
+    for i, (text, ids) in enumerate(zip(candidates, candidates_ids)):
         if not ids:
             raise ConfigError(f"candidate {i} ({text!r}) has no tokens of its own after the context")
-        candidates_ids.append(ids)
     per_token = score_ids(model, context_ids, candidates_ids, top_logprobs=top_logprobs, batch_size=batch_size)
     out = []
     for text, scores in zip(candidates, per_token):

@@ -297,7 +297,8 @@ def test_completion_errors_have_openai_shape(client, body, status, param):
     ("temperature", 2.5, "temperature must be at most 2 (OpenAI's limit), got 2.5"),
     ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
     ("n", 0, "n must be at least 1, got 0"),
-    ("max_tokens", 0, "max_tokens must be at least 1, got 0"),
+    ("max_tokens", 0, "max_tokens must be at least 1, got 0 (0 generates nothing: it returns the prompt with echo: "
+                      "true, and its log-probabilities with logprobs too)"),
     ("frequency_penalty", -3, "frequency_penalty must be in [-2, 2], got -3.0"),
     ("logprobs", -1, "logprobs must be >= 0 (0 returns none), got -1"),
     ("logprobs", 21, "logprobs must be at most 20 (OpenAI's limit), got 21"),

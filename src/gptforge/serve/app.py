@@ -5,7 +5,8 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``
 as server-sent events ending in ``data: [DONE]``), ``POST /v1/classify`` (classification checkpoints),
-``GET /health``, ``GET /metrics`` (Prometheus text) and the chat page at ``/``.
+``POST /v1/score`` (candidate texts after a context: log-probabilities and ranks), ``GET /health``,
+``GET /metrics`` (Prometheus text) and the chat page at ``/``.
 
 Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
 (also malformed HTTP, which uvicorn answers itself: :func:`server_config` gives it a protocol that answers
@@ -45,15 +46,15 @@ from ..fsutil import json_safe
 from .metrics import Metrics
 from .scheduler import QueueFull, Scheduler, SchedulerStopped, Sequence, TokenEvent
 from .schemas import (DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, ClassifyRequest, CompletionRequest,
-                      ErrorResponse, first_error, openai_error)
+                      ErrorResponse, ScoreRequest, first_error, openai_error)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["create_app", "load_served_checkpoint", "run_server", "server_config", "ServerState"]
 
 STATIC_DIR = Path(__file__).parent / "static"
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/health", "/metrics",
-          "/openapi.json", "/")
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/score", "/health",
+          "/metrics", "/openapi.json", "/")
 OPEN_ROUTES = ("/health", "/")  # the chat page holds no data; it asks for the key itself
 RETRY_AFTER_S = 1
 MAX_CLASSIFY_TEXTS = 256
@@ -337,7 +338,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 _BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-           "/v1/classify": ClassifyRequest}
+           "/v1/classify": ClassifyRequest, "/v1/score": ScoreRequest}
 _ERRORS = {400: "a malformed request (the field at fault is `param`)", 401: "a missing or wrong API key",
            413: "a body over --max-request-bytes", 415: "a body that is not application/json",
            503: "the queue is full or the server is shutting down (see Retry-After)",
@@ -513,11 +514,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _check_model(state, req.model)
         _require_lm(state)
         prompts_ids, prompt_texts = _completion_prompts(state, req.prompt)
-        if req.echo and req.logprobs is not None:
-            raise _bad("echo together with logprobs is not supported", param="echo")
+        if req.max_tokens == 0:  # OpenAI's legacy scoring form: the prompt back, with its log-probabilities
+            return await _echo_only(state, req, prompts_ids, prompt_texts)
         job = _Job(state, request, kind="completion", req=req, prompts_ids=prompts_ids,
                    max_tokens=req.max_tokens, default_tokens=DEFAULT_COMPLETION_TOKENS, logprobs=req.logprobs,
                    echo_texts=prompt_texts if req.echo else None)
+        if req.echo and req.logprobs is not None:  # the prompt's log-probabilities, then the generated ones
+            job.echo_logprobs = await _prompt_logprobs(state, prompts_ids, req.logprobs)
         return await job.respond()
 
     @app.post("/v1/chat/completions")
@@ -574,6 +577,97 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 "data": [{"index": i, "object": "classification", "label": r["label"],
                           "probabilities": r["probabilities"]} for i, r in enumerate(results)],
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        req = await _read_json(request, state.config.max_request_bytes, ScoreRequest)
+        _check_model(state, req.model)
+        if state.task != "lm":
+            raise _bad(f"the served model is a {state.task!r} model; /v1/score needs a language model (it scores "
+                       "texts by how likely the model finds them); use /v1/classify", code="unsupported_task")
+        from .scoring import ScoreRequestError, check_candidates, score_candidates
+
+        try:
+            total = await asyncio.to_thread(check_candidates, state.tokenizer, req.context, req.candidates,
+                                            state.block_size)  # tokenizing: off the event loop
+        except ScoreRequestError as exc:
+            raise _bad(str(exc), param=exc.param, code=exc.code) from None
+        data = await _run_model_job(state, lambda: score_candidates(
+            state.model, state.tokenizer, req.context, req.candidates, normalize=req.normalize,
+            top_logprobs=req.top_logprobs), param="candidates")
+        return {"object": "score", "model": state.model_name, "data": data,
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
+
+
+async def _run_model_job(state: ServerState, job, *, param: Optional[str] = None):
+    """``job()``'s result, run on the scheduler thread between decode steps (the thread that owns the model
+    and its cache): 504 past ``request_timeout``, 503 when the server stops first, a GptforgeError the
+    request's fault (400 naming ``param``)."""
+    try:
+        future = state.scheduler.run_job(job)
+    except SchedulerStopped:
+        raise _shutting_down() from None
+    # asyncio.wait, not wait_for: a job the stopping scheduler cancels must not look like this task's own
+    # cancellation (awaiting the wrapped future would raise CancelledError here).
+    waiter = asyncio.wrap_future(future)
+    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even after a timeout
+    done, _ = await asyncio.wait({waiter}, timeout=state.config.request_timeout)
+    if not done:
+        future.cancel()
+        raise ApiError(504, "the request timed out", type="timeout", code="timeout")
+    if waiter.cancelled():
+        raise _shutting_down()
+    try:
+        return waiter.result()
+    except GptforgeError as exc:
+        raise _bad(str(exc), param=param) from None
+
+
+async def _prompt_logprobs(state: ServerState, prompts_ids: list[list[int]], top_n: int) -> list[dict]:
+    """Each prompt's legacy ``logprobs`` object (tokens, token_logprobs with the first null, top_logprobs,
+    text_offset), computed on the scheduler thread."""
+    from .scoring import prompt_legacy_logprobs
+
+    return await _run_model_job(state, lambda: [prompt_legacy_logprobs(state.model, state.tokenizer, ids, top_n)
+                                                for ids in prompts_ids], param="prompt")
+
+
+async def _echo_only(state: ServerState, req: CompletionRequest, prompts_ids: list[list[int]],
+                     prompt_texts: list[str]):
+    """``max_tokens: 0``: nothing is generated; each choice is its prompt (``echo`` is required), with the
+    prompt's log-probabilities when ``logprobs`` is set, and finish_reason "length" (as OpenAI answers)."""
+    if not req.echo:
+        raise _bad("max_tokens: max_tokens must be at least 1, got 0 (0 generates nothing: it returns the prompt "
+                   "with echo: true, and its log-probabilities with logprobs too)", param="max_tokens")
+    config = state.config
+    if req.n > config.max_n:
+        raise _bad(f"n must be at most {config.max_n}, got {req.n}", param="n")
+    if req.n * len(prompts_ids) > config.max_queue:
+        raise _bad(f"the request asks for {req.n * len(prompts_ids)} sequences; the server queues at most "
+                   f"{config.max_queue}", param="n")
+    for ids in prompts_ids:
+        if len(ids) > state.block_size:
+            raise _bad(f"this model's context is {state.block_size} tokens, but the prompt has {len(ids)}; "
+                       "shorten the prompt", param="prompt", code="context_length_exceeded")
+    logprobs = await _prompt_logprobs(state, prompts_ids, req.logprobs) if req.logprobs is not None else None
+    choices = [{"index": p * req.n + i, "text": text, "logprobs": None if logprobs is None else logprobs[p],
+                "finish_reason": "length"} for p, text in enumerate(prompt_texts) for i in range(req.n)]
+    prompt_tokens = sum(len(ids) for ids in prompts_ids)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+    body = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name, "choices": choices}
+    if not req.stream:
+        return StrictJSONResponse({**body, "usage": usage})
+
+    async def stream() -> AsyncIterator[str]:  # one chunk a choice, as its only (and last) chunk
+        for choice in choices:
+            yield f"data: {json_text({**body, 'choices': [choice]})}\n\n"
+        if req.include_usage:
+            yield f"data: {json_text({**body, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _require_lm(state: ServerState) -> None:
@@ -732,6 +826,8 @@ class _Job:
         self.prompts_ids = prompts_ids
         self.logprobs = logprobs
         self.echo_texts = echo_texts
+        # Each prompt's legacy logprobs (echo with logprobs): set by the route before respond().
+        self.echo_logprobs: Optional[list[dict]] = None
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         config = state.config
@@ -892,7 +988,7 @@ class _Job:
             yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None} for c in choices])
         elif self.echo_texts is not None:
-            yield self._chunk([{"index": c.index, "text": c.echo, "logprobs": None, "finish_reason": None}
+            yield self._chunk([{"index": c.index, "text": c.echo, "logprobs": c.echo_logprobs, "finish_reason": None}
                                for c in choices])
         events = self._events()
         try:
@@ -949,6 +1045,12 @@ class _Choice:
         self.lp_top: list[Any] = []
         self.lp_offsets: list[int] = []
         self.lp_chat: list[dict] = []
+        self.echo_logprobs = job.echo_logprobs[prompt] if job.echo_logprobs is not None else None
+        if self.echo_logprobs is not None:  # the prompt's tokens come first (OpenAI's echo with logprobs)
+            self.lp_tokens += self.echo_logprobs["tokens"]
+            self.lp_values += self.echo_logprobs["token_logprobs"]
+            self.lp_top += self.echo_logprobs["top_logprobs"]
+            self.lp_offsets += self.echo_logprobs["text_offset"]
 
     def add(self, event: TokenEvent) -> Optional[dict]:
         """Record ``event``; the streaming chunk's choice for it (None when there is nothing to send)."""

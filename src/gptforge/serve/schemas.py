@@ -9,7 +9,7 @@ checks it for the CLI and the Python API too; only the limits OpenAI's API adds 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -90,9 +90,13 @@ class _SamplingRequest(_Strict):
     user: Optional[str] = None
     """Accepted for compatibility; OpenAI uses it to track abuse, this server ignores it."""
 
+    _scoring_form: ClassVar[bool] = False
+
     @field_validator("max_tokens", "temperature", "top_p", "n", "presence_penalty", "frequency_penalty")
     @classmethod
     def _generate_option(cls, value, info):
+        if value == 0 and info.field_name == "max_tokens" and cls._scoring_form:
+            return value
         return check_generate_option(info.field_name, value)
 
     @field_validator("temperature")
@@ -124,9 +128,11 @@ class _SamplingRequest(_Strict):
 class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = None
-    """None: OpenAI's default (16), lowered to what the context leaves after the prompt."""
+    """None: OpenAI's default (16), lowered to what the context leaves after the prompt. 0 generates nothing:
+    with ``echo`` and ``logprobs`` it is OpenAI's legacy scoring form (the prompt's token log-probabilities)."""
     logprobs: Optional[int] = None
     echo: bool = False
+    _scoring_form: ClassVar[bool] = True  # max_tokens 0 allowed (the app checks that it comes with echo)
 
     @field_validator("logprobs")
     @classmethod
@@ -197,6 +203,28 @@ class ClassifyRequest(_Strict):
         if isinstance(value, list) and not value:
             raise ValueError("input must not be an empty list")
         return value
+
+
+class ScoreRequest(_Strict):
+    """``POST /v1/score``: how likely the model finds each candidate text right after the context."""
+
+    model: Optional[str] = None
+    context: str
+    """The text every candidate follows (may be empty: candidates then start after the end-of-text token)."""
+    candidates: list[str] = Field(min_length=1)
+    """The texts to score; each needs at least one token."""
+    normalize: Literal["none", "token", "byte"] = "none"
+    """What ``score`` (and so ``rank``) uses: the total log-probability, the mean per token, or per UTF-8 byte."""
+    top_logprobs: Optional[int] = None
+    """Null: no per-token detail. N (0..20): each candidate also gets ``logprobs`` in the completions shape
+    (its tokens, their log-probabilities and the N most likely tokens at each position)."""
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_range(cls, value):
+        if value is not None and value < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {value}")
+        return _logprobs_limit("top_logprobs", value)
 
 
 def _logprobs_limit(name: str, value: Optional[int]) -> Optional[int]:

@@ -41,9 +41,9 @@ def stream(rng: random.Random, n: int = 240) -> list[dict]:
     out = []
     for i in range(n):
         ticker = rng.choice(list(COMPANIES))
-        weights = {"positive": 0.4, "neutral": 0.35, "negative": 0.25}
+        weights = {"positive": 0.45, "neutral": 0.4, "negative": 0.15}
         if ticker == "ACME" and i >= n // 2:  # the turn the monitor should catch
-            weights = {"positive": 0.1, "neutral": 0.15, "negative": 0.75}
+            weights = {"positive": 0.05, "neutral": 0.15, "negative": 0.8}
         label = rng.choices(list(weights), list(weights.values()))[0]
         when = start + timedelta(minutes=3 * i)
         out.append({"time": when.isoformat().replace("+00:00", "Z"), "key": ticker,

@@ -53,12 +53,12 @@ class MonitorSummary:
     alert_list: list[dict[str, Any]] = field(default_factory=list)
 
     def describe(self) -> str:
-        parts = [f"monitored {self.items:,} items" + (f" ({self.total_items:,} in all)" if self.resumed else "")]
+        parts = [f"monitored {_count(self.items, 'item')}" + (f" ({self.total_items:,} in all)" if self.resumed else "")]
         if self.replayed:
             parts.append(f"{self.replayed} results of an interrupted batch kept")
         if self.skipped:
-            parts.append(f"{self.skipped} bad lines skipped")
-        parts.append(f"{self.alerts} alerts" + (f" ({self.posts_failed} not delivered to the URL)"
+            parts.append(f"{_count(self.skipped, 'bad line')} skipped")
+        parts.append(_count(self.alerts, "alert") + (f" ({self.posts_failed} not delivered to the URL)"
                                                  if self.posts_failed else ""))
         return (", ".join(parts) + f"; results {self.out / RESULTS_FILE}, alerts {self.out / ALERTS_FILE}, "
                 f"trend {self.out / TREND_FILE}")
@@ -361,3 +361,7 @@ def _show(value: Any) -> str:
     if isinstance(value, str) and value.startswith("sha256:"):
         return value[:19] + "..."
     return str(value)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")

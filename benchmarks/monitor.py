@@ -46,8 +46,9 @@ def headlines(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def build_classifier(kind: str, folder: Path, texts: list[str], demo_checkpoint: str | None) -> Path:
-    """A 3-label classifier saved at ``folder``: random weights of the preset (or a trained demo base)."""
+def build_classifier(kind: str, folder: Path, texts: list[str], demo_checkpoint: str | None) -> tuple[Path, int]:
+    """A 3-label classifier saved at ``folder`` (random weights of the preset, or a trained demo base) and its
+    number of parameters (counted here: prepacking on load moves linear weights out of ``parameters()``)."""
     from gptforge.checkpoint import build_task_model, load_checkpoint, save_checkpoint, task_model_state
     from gptforge.config import MODEL_PRESETS, ModelConfig
     from gptforge.model import GPT
@@ -65,7 +66,7 @@ def build_classifier(kind: str, folder: Path, texts: list[str], demo_checkpoint:
         base = GPT(ModelConfig(**{**preset, "dropout": 0.0}))
     model = build_task_model(base, task).eval()
     save_checkpoint(folder, model, tok, {"model": vars(base.config), "task": task}, state=task_model_state(model))
-    return folder
+    return folder, sum(p.numel() for p in model.parameters())
 
 
 def measure(kind: str, args: argparse.Namespace, work: Path) -> dict:
@@ -76,8 +77,8 @@ def measure(kind: str, args: argparse.Namespace, work: Path) -> dict:
 
     rows = headlines(args.texts)
     texts = [r["text"] for r in rows]
-    ckpt = load_classifier(str(build_classifier(kind, work / f"clf-{kind}", texts, args.demo_checkpoint)), args.device)
-    n_params = sum(p.numel() for p in ckpt.model.parameters())
+    folder, n_params = build_classifier(kind, work / f"clf-{kind}", texts, args.demo_checkpoint)
+    ckpt = load_classifier(str(folder), args.device)
     tokens = sum(len(ids) for ids in ckpt.tokenizer.encode_batch(texts)) / len(texts)
     classify_texts(ckpt.model, ckpt.tokenizer, texts[:args.batch_size], LABELS, batch_size=args.batch_size)  # warm-up
     source = work / f"news-{kind}.jsonl"
@@ -126,7 +127,8 @@ def main() -> None:
     parser.add_argument("--demo-checkpoint", default=None, help="a trained demo model for the demo-sized classifier")
     args = parser.parse_args()
     models = ["tiny"] if args.tiny else args.models
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{load}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {args.device}")
     print(f"{args.texts} made-up headlines, batch size {args.batch_size}, best of {args.repeats}")
     with tempfile.TemporaryDirectory(prefix="gptforge-monitor-bench-") as tmp:

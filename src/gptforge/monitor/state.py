@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import DataError
-from ..fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,19 @@ def read_state(folder: Path) -> Optional[dict[str, Any]]:
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:
-    write_json_atomic(folder / STATE_FILE, state)
+    """Replace state.json: a temporary file, fsynced, renamed over it.
+
+    Unlike :func:`~gptforge.fsutil.write_json_atomic` the folder is not fsynced after the rename (one fsync less
+    per batch, a third of the monitor's time on small batches): a power cut that undoes the rename leaves the
+    previous state.json, and the results appended since are then found and replayed like any others."""
+    path = folder / STATE_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def cut_torn_line(path: Path) -> None:

@@ -293,6 +293,7 @@ class Monitor:
         for alert, record in zip(alerts, records):
             log.debug(alert.describe())
             self.alert_records.append({**record, "t": parse_time(record["time"])})
+            del self.alert_records[:-SERIES_POINTS]  # the picture's marks; alerts.jsonl keeps them all
             self.summary.alert_list.append(record)
             if self.on_alert is not None:
                 self.on_alert(alert)

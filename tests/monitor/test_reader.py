@@ -93,6 +93,17 @@ def test_a_folder_is_read_in_name_order_from_recorded_positions_and_new_files_jo
     assert [(s, n) for s, n, _, _ in inputs.poll(10)] == [("c.jsonl", 1)]
 
 
+def test_a_file_removed_from_a_folder_is_dropped_with_a_warning(tmp_path, caplog):
+    (tmp_path / "a.jsonl").write_text('{"text": "a1"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "b1"}\n')
+    inputs = Inputs(str(tmp_path), {})
+    assert len(inputs.poll(10)) == 2
+    (tmp_path / "a.jsonl").unlink()
+    (tmp_path / "b.jsonl").write_text('{"text": "b1"}\n{"text": "b2"}\n')
+    assert [(s, n) for s, n, _, _ in inputs.poll(10)] == [("b.jsonl", 2)]
+    assert "a.jsonl was removed" in caplog.text and list(inputs.sources) == ["b.jsonl"]
+
+
 def test_a_truncated_file_is_refused(tmp_path):
     path = tmp_path / "news.jsonl"
     path.write_text('{"text": "one"}\n')

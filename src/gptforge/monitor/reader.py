@@ -276,9 +276,15 @@ class Inputs:
         if self.kind == "folder":
             self._discover()
         out: list[tuple[str, int, int, bytes]] = []
-        for name, source in self.sources.items():
+        for name, source in list(self.sources.items()):
             if len(out) >= limit:
                 break
+            if self.kind == "folder" and not source.path.exists():  # deleted (rotated away): nothing more to read
+                import logging
+
+                logging.getLogger(__name__).warning("%s was removed from %s; no longer read", name, self.path)
+                del self.sources[name]
+                continue
             out += [(name, *line) for line in source.read(limit - len(out))]
         return out
 

@@ -491,6 +491,8 @@ class ServeConfig(InferenceConfig):
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         _positive(self, "max_batch_size", "max_queue", "max_n", "max_request_bytes")
+        if self.monitor is not None and not self.monitor.strip():
+            raise ConfigError("monitor must be a gptforge monitor --out folder, got an empty path")
         for name in ("request_timeout", "shutdown_grace"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

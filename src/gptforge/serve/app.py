@@ -518,7 +518,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         limits = {}
         for name, default, most in (("points", 500, 10_000), ("alerts", 50, 1_000)):
             given = request.query_params.get(name, str(default))
-            if not given.isdigit() or not 1 <= int(given) <= most:
+            if not (given.isascii() and given.isdigit()) or not 1 <= int(given) <= most:
                 raise _bad(f"{name} must be an integer in [1, {most}], got {given!r}", param=name)
             limits[name] = int(given)
         from ..monitor import read_monitor

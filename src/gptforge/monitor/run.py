@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
@@ -222,7 +221,6 @@ class Monitor:
     def _process(self, lines: list[tuple[str, int, int, bytes]]) -> None:
         if not lines:
             return
-        items: list[tuple[Item, int]] = []
         order: list[Any] = []  # items and skipped bad lines, in reading order
         for source, line, offset, raw in lines:
             parsed = parse_line(raw, source, line, offset)

@@ -520,6 +520,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from .config import MonitorConfig
+    from .monitor import run_monitor
+    from .train.signals import StopSignals, signal_name
+
+    config = config_from_flags(MonitorConfig, args)
+    with StopSignals() as signals:
+        summary = run_monitor(config, should_stop=lambda: signals.signum is not None,
+                              on_alert=lambda alert: print(alert.describe(), file=sys.stderr, flush=True))
+    stopped_by = signal_name(signals.signum) if signals.signum is not None else None
+    print((f"stopped by {stopped_by}; " if stopped_by else "") + summary.describe()
+          + ("; run the same command to resume" if stopped_by else ""))
+    return _stop_exit_code(stopped_by)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key is None:
         args.api_key = os.environ.get("GPTFORGE_API_KEY") or None
@@ -897,6 +912,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=None, help="passages to print for --query (default: 5)")
     p.add_argument("--json", action="store_true", help="--query: print the hits as one JSON object")
     p.set_defaults(func=cmd_index)
+
+    from .config import MonitorConfig
+
+    p = sub.add_parser("monitor", help="classify a stream of JSON lines, alert on sentiment shifts, draw the trend",
+                       description="Classify JSON lines (text, optional time and key) from a file, a folder of "
+                                   "*.jsonl or stdin (-) in batches; keep rolling windows per key, alert when a "
+                                   "label's share crosses --alert LABEL:SHARE, draw DIR/trend.png. Rerunning the "
+                                   "same command resumes where it stopped. See docs/monitor.md.")
+    add_config_flags(p, MonitorConfig)
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible HTTP server with continuous batching: /v1/models, "

@@ -483,12 +483,16 @@ class ServeConfig(InferenceConfig):
     result (greedy output equals `gptforge generate`); False uses plain batched matmuls (faster on GPUs,
     results may then differ in the last bits of a float). None: on for a model on the CPU (where it is
     free), off on a GPU."""
+    monitor: Optional[str] = field(default=None, metadata=flag(metavar="DIR"))
+    """A `gptforge monitor --out` folder to show live at /monitor (its data at GET /v1/monitor); None: no page."""
 
     def validate(self) -> "ServeConfig":
         super().validate()
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         _positive(self, "max_batch_size", "max_queue", "max_n", "max_request_bytes")
+        if self.monitor is not None and not self.monitor.strip():
+            raise ConfigError("monitor must be a gptforge monitor --out folder, got an empty path")
         for name in ("request_timeout", "shutdown_grace"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -1085,3 +1089,86 @@ class ScoreConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"score.batch_size must be at least 1, got {self.batch_size}")
         return self
+# --------------------------------------------------------------------------------------------------
+# The sentiment monitor (`gptforge monitor`, gptforge.monitor)
+MONITOR_DEFAULT_WINDOW_ITEMS = 50
+
+
+@dataclass
+class MonitorConfig:
+    """`gptforge monitor`: classify a stream of JSON lines, keep rolling windows per key, raise alerts when a
+    label's share crosses a threshold, draw the trend; resumable from its output folder."""
+
+    checkpoint: str = field(default="", metadata=flag(required=True, metavar="CLF"))
+    """Classifier checkpoint or fine-tuning run folder (gptforge finetune --task classify)."""
+    input: str = field(default="", metadata=flag(required=True, metavar="FILE|DIR|-"))
+    """JSON lines to read: a file, every *.jsonl file of a folder (in name order), or - for stdin."""
+    out: str = field(default="", metadata=flag(required=True, metavar="DIR"))
+    """Output folder: results.jsonl, alerts.jsonl, trend.png and state.json (a rerun resumes from it)."""
+    follow: bool = False
+    """Keep reading as the files grow and new *.jsonl files appear (like tail -f) until SIGINT / SIGTERM."""
+    window_items: Optional[int] = field(default=None, metadata=flag(metavar="N"))
+    """Rolling window per key: the last N items (default 50 when --window-minutes is not given either)."""
+    window_minutes: Optional[float] = field(default=None, metadata=flag(metavar="T"))
+    """Rolling window per key: the items of the last T minutes, by item time (else arrival time); with
+    --window-items too, the last N items within T minutes."""
+    alerts: list[str] = field(default_factory=list, metadata=flag("--alert", metavar="LABEL:SHARE"))
+    """Alert when LABEL's share of a key's window reaches SHARE (in (0, 1]), e.g. negative:0.6; once per
+    crossing, re-armed when the share falls back below SHARE minus --hysteresis."""
+    min_items: int = field(default=5, metadata=flag(metavar="N"))
+    """Items a key's window must hold before it can raise an alert."""
+    hysteresis: float = field(default=0.0, metadata=flag(metavar="H"))
+    """An alert re-arms only once the share falls below SHARE - H (0: as soon as it is below SHARE)."""
+    alert_url: Optional[str] = field(default=None, metadata=flag(metavar="URL"))
+    """POST each alert as JSON to this http(s) URL; a failed POST is logged and retried, never fatal."""
+    alert_retries: int = field(default=3, metadata=flag(metavar="N"))
+    """Tries of each alert POST before it is given up (with a warning)."""
+    batch_size: int = field(default=16, metadata=flag(metavar="B"))
+    """Texts classified together."""
+    plot_every: int = field(default=100, metadata=flag(metavar="K"))
+    """Redraw trend.png after every K items (and at the end); 0 draws it at the end only."""
+    poll_interval: float = field(default=0.5, metadata=flag(metavar="S"))
+    """With --follow, seconds to wait before looking for new lines again."""
+    skip_bad: bool = False
+    """Skip (and count) malformed lines with a warning naming file:line, instead of stopping at the first one."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+
+    def validate(self) -> "MonitorConfig":
+        for name in ("checkpoint", "input", "out"):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"monitor.{name} must be given (--{name})")
+        if self.window_items is not None and self.window_items < 1:
+            raise ConfigError(f"monitor.window_items must be at least 1, got {self.window_items}")
+        if self.window_minutes is not None and not (math.isfinite(self.window_minutes) and self.window_minutes > 0):
+            raise ConfigError(f"monitor.window_minutes must be a positive number of minutes, got {self.window_minutes}")
+        if self.window_items is None and self.window_minutes is None:
+            self.window_items = MONITOR_DEFAULT_WINDOW_ITEMS
+        self.alert_rules()  # a malformed --alert fails here, before the model loads
+        _positive(self, "min_items", "batch_size", "alert_retries")
+        if self.plot_every < 0:
+            raise ConfigError(f"monitor.plot_every must be 0 or more, got {self.plot_every}")
+        if not 0.0 <= self.hysteresis < 1.0:
+            raise ConfigError(f"monitor.hysteresis must be in [0, 1), got {self.hysteresis}")
+        if not (math.isfinite(self.poll_interval) and self.poll_interval > 0):
+            raise ConfigError(f"monitor.poll_interval must be a positive number of seconds, got {self.poll_interval}")
+        if self.alert_url is not None and not self.alert_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--alert-url must be an http:// or https:// URL, got {self.alert_url!r}")
+        return self
+
+    def alert_rules(self) -> list[tuple[str, float]]:
+        """(label, share) of each --alert LABEL:SHARE, in the order given; ConfigError for a malformed one."""
+        rules: list[tuple[str, float]] = []
+        for rule in self.alerts:
+            label, sep, share = str(rule).rpartition(":")
+            try:
+                value = float(share)
+            except ValueError:
+                value = float("nan")
+            if not sep or not label.strip() or not (math.isfinite(value) and 0.0 < value <= 1.0):
+                raise ConfigError(f"--alert must look like LABEL:SHARE with SHARE in (0, 1] (e.g. negative:0.6), "
+                                  f"got {rule!r}")
+            if any(label == have for have, _ in rules):
+                raise ConfigError(f"--alert gives label {label!r} twice; give one threshold per label")
+            rules.append((label, value))
+        return rules

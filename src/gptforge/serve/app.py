@@ -6,7 +6,8 @@
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``
 as server-sent events ending in ``data: [DONE]``), ``POST /v1/classify`` (classification checkpoints),
 ``POST /v1/score`` (candidate texts after a context: log-probabilities and ranks), ``GET /health``,
-``GET /metrics`` (Prometheus text) and the chat page at ``/``.
+``GET /metrics`` (Prometheus text) and the chat page at ``/``; with ``--monitor DIR``, the live page of a
+``gptforge monitor`` folder at ``/monitor`` and its data at ``GET /v1/monitor``.
 
 Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
 (also malformed HTTP, which uvicorn answers itself: :func:`server_config` gives it a protocol that answers
@@ -54,8 +55,8 @@ __all__ = ["create_app", "load_served_checkpoint", "run_server", "server_config"
 
 STATIC_DIR = Path(__file__).parent / "static"
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/score", "/health",
-          "/metrics", "/openapi.json", "/")
-OPEN_ROUTES = ("/health", "/")  # the chat page holds no data; it asks for the key itself
+          "/metrics", "/openapi.json", "/", "/monitor", "/v1/monitor")
+OPEN_ROUTES = ("/health", "/", "/monitor")  # the pages hold no data; they ask for the key themselves
 RETRY_AFTER_S = 1
 MAX_CLASSIFY_TEXTS = 256
 POLL_S = 0.2  # how often a waiting handler checks its client and its deadline
@@ -501,6 +502,30 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if not page.is_file():
             raise ApiError(404, "no chat page is installed", type="not_found_error")
         return FileResponse(page, media_type="text/html")
+
+    @app.get("/monitor", include_in_schema=False)
+    async def monitor_page():
+        if state.config.monitor is None:
+            raise ApiError(404, "no monitor is shown: start the server with --monitor DIR", type="not_found_error")
+        return FileResponse(STATIC_DIR / "monitor.html", media_type="text/html")
+
+    @app.get("/v1/monitor")
+    async def monitor_data(request: Request):
+        """The --monitor folder's per-key label shares and recent alerts (gptforge.monitor.read_monitor);
+        ``?points=N`` (per key, default 500) and ``?alerts=N`` (default 50) bound the answer."""
+        if state.config.monitor is None:
+            raise ApiError(404, "no monitor folder is served: start the server with --monitor DIR",
+                           type="not_found_error")
+        limits = {}
+        for name, default, most in (("points", 500, 10_000), ("alerts", 50, 1_000)):
+            given = request.query_params.get(name, str(default))
+            if not (given.isascii() and given.isdigit()) or not 1 <= int(given) <= most:
+                raise _bad(f"{name} must be an integer in [1, {most}], got {given!r}", param=name)
+            limits[name] = int(given)
+        from ..monitor import read_monitor
+
+        return await asyncio.to_thread(read_monitor, state.config.monitor, max_points=limits["points"],
+                                       max_alerts=limits["alerts"])
 
     @app.get("/v1/models")
     async def models():  # context_length: the page (and any client) sizes max_tokens by it

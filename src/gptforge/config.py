@@ -1061,3 +1061,36 @@ class IndexConfig:
             raise ConfigError(f"index.overlap_tokens must be between 0 and half of max_passage_tokens "
                               f"({self.max_passage_tokens // 2}), got {self.overlap_tokens}")
         return self
+
+
+EXPLAIN_METHODS = ("ig", "occlusion")
+"""Token attribution methods of `gptforge explain` and /v1/classify's ``explain_method`` (captum's)."""
+
+
+@dataclass
+class ExplainConfig:
+    """What `gptforge explain` computes and shows (gptforge.explain)."""
+
+    top_k: int = 5
+    """Alternatives shown per token: the k most likely tokens at that position, with their probabilities."""
+    layer: Optional[int] = None
+    """Attention heatmaps of this layer only (0-based); unset: every layer."""
+    head: Optional[int] = None
+    """Attention heatmaps of this head only (0-based); unset: every head and their mean."""
+    max_new_tokens: int = 16
+    """With --prompt: tokens generated greedily after it (through the decode engine) and explained with it."""
+    ig_steps: int = 64
+    """Integrated gradients: steps of the path integral from the baseline (more: a smaller completeness gap)."""
+
+    def validate(self) -> "ExplainConfig":
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
+            raise ConfigError(f"top_k must be an integer from 1 to 100, got {self.top_k!r}")
+        for name in ("layer", "head"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name} must be a layer/head number of 0 or more, got {value!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens!r}")
+        if not isinstance(self.ig_steps, int) or not 2 <= self.ig_steps <= 1024:
+            raise ConfigError(f"ig_steps must be an integer from 2 to 1024, got {self.ig_steps!r}")
+        return self

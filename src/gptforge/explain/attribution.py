@@ -61,18 +61,18 @@ def attribute(model: TaskModel, tokenizer: Tokenizer, text: str, labels: Sequenc
     ids = encode_for_classifier(model, tokenizer, text)
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    baseline = torch.full_like(idx, pad)
     forward = _probability_fn(model)
     # The server's scheduler runs jobs under inference_mode: attributions need autograd (IG) or at least
-    # ordinary tensors, so both leave it here.
+    # ordinary tensors, so both leave it here, and make their tensors here.
     with torch.inference_mode(False), torch.enable_grad():
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        baseline = torch.full_like(idx, pad)
         was_training = model.training
         model.eval()
         try:
             probs = forward(idx)[0].detach()
             target = int(probs.argmax())
-            base_prob = float(forward(baseline)[0, target])
+            base_prob = float(forward(baseline)[0, target].detach())
             if method == "ig":
                 lig = LayerIntegratedGradients(forward, model.base.wte)
                 attributions, delta = lig.attribute(idx, baselines=baseline, target=target, n_steps=steps,

@@ -185,9 +185,14 @@ def _attributions_html(data: dict[str, Any]) -> str:
             f'<span class="tip"><b>{html.escape(repr(t["text"]))}</b> attribution {t["attribution"]:+.4f}</span></span>'
             for t in a["tokens"])
         total = sum(t["attribution"] for t in a["tokens"])
-        extra = (f"; they sum to {total:+.4f}, F(text) - F(baseline) = "
-                 f"{data['probabilities'][data['label']] - data['baseline_prob']:+.4f} (completeness gap "
-                 f"{a['delta']:+.2e})" if a["delta"] is not None else "")
+        difference = data["probabilities"][data["label"]] - data["baseline_prob"]
+        extra = ""
+        if a["delta"] is not None:
+            extra = (f"; they sum to {total:+.4f}, F(text) - F(baseline) = {difference:+.4f} (completeness gap "
+                     f"{a['delta']:+.2e})")
+            if abs(a["delta"]) > 0.05 * max(abs(difference), 0.01):
+                extra += (". <b class=\"warning\">The gap is large: the model changes sharply on the path from the "
+                          "baseline; raise --ig-steps for attributions that add up</b>")
         parts.append(f'<h3>{_METHOD_NAMES[method]}</h3><div class="text" id="attr-{method}">{spans}</div>'
                      f'<p class="legend">green: pushes towards {html.escape(data["label"])!s}, red: away from it; '
                      f"attributions in units of its probability{extra}</p>")

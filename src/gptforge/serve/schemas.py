@@ -190,6 +190,10 @@ class ChatCompletionRequest(_SamplingRequest):
 class ClassifyRequest(_Strict):
     model: Optional[str] = None
     input: Union[str, list[str]]
+    explain: bool = False
+    """Also return each input's token attributions (gptforge.explain.attribution)."""
+    explain_method: Optional[Literal["ig", "occlusion"]] = None
+    """With ``explain``: integrated gradients (``"ig"``, the default) or occlusion."""
 
     @field_validator("input")
     @classmethod
@@ -197,6 +201,12 @@ class ClassifyRequest(_Strict):
         if isinstance(value, list) and not value:
             raise ValueError("input must not be an empty list")
         return value
+
+    @model_validator(mode="after")
+    def _method_needs_explain(self):
+        if self.explain_method is not None and not self.explain:
+            raise ValueError("explain_method applies only with explain: true")
+        return self
 
 
 def _logprobs_limit(name: str, value: Optional[int]) -> Optional[int]:

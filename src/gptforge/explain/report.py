@@ -20,7 +20,8 @@ JSON_FILE = "report.json"
 
 def _label(text: str) -> str:
     """A token as an axis label: whitespace made visible, matplotlib's mathtext ($) escaped."""
-    shown = text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423").replace("$", r"\$")
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # \n, \t, \x07 as escapes
+    shown = shown.replace(" ", "\u2423").replace("$", r"\$")
     return shown if len(shown) <= 12 else shown[:11] + "\u2026"
 
 
@@ -211,10 +212,12 @@ def render_html(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
     if data["kind"] == "lm":
         title = "Why the model said it"
         n_gen = sum(t["generated"] for t in data["tokens"])
+        source = (f"The prompt, then {n_gen} token(s) generated greedily (dotted underline)." if data["prompt"] is not None
+                  else "The text as given.")
         sections.append(
             f"<h2>Tokens</h2><p class=\"legend\">Each token coloured by the probability the model gave it "
             f"(red: unsure, green: sure); hover or focus a token for its top {data['top_k']} alternatives and the "
-            f"entropy. {n_gen} token(s) after the prompt were generated greedily (dotted underline).</p>"
+            f"entropy. {source}</p>"
             f'<div class="text" id="tokens">{_lm_tokens_html(data)}</div>{_sure_html(data)}')
     else:
         title = "Why the classifier chose its label"

@@ -202,11 +202,12 @@ class ClassifyRequest(_Strict):
             raise ValueError("input must not be an empty list")
         return value
 
-    @model_validator(mode="after")
-    def _method_needs_explain(self):
-        if self.explain_method is not None and not self.explain:
+    @field_validator("explain_method")
+    @classmethod
+    def _method_needs_explain(cls, value, info):
+        if value is not None and info.data.get("explain") is not True:  # explain is checked first (field order)
             raise ValueError("explain_method applies only with explain: true")
-        return self
+        return value
 
 
 def _logprobs_limit(name: str, value: Optional[int]) -> Optional[int]:

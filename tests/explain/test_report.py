@@ -201,3 +201,22 @@ def test_the_classifier_report_opens_in_chromium(classifier, tmp_path, capsys, b
     assert "has_z" in browser.evaluate("document.getElementById('probabilities').textContent")
     screenshot(browser, tmp_path / "classifier-report.png")
     assert browser.errors() == []
+
+
+# --------------------------------------------------------------------------------------------------
+def test_the_readme_explain_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """Each `gptforge explain` line of the README, on demo-sized stand-ins for runs/demo and runs/sentiment."""
+    from tests.cli_utils import save_tiny_bpe_checkpoint
+    from tests.test_readme import cli_commands
+
+    commands = cli_commands("explain")
+    assert len(commands) == 2
+    demo = save_tiny_bpe_checkpoint(tmp_path / "demo")
+    sentiment = save_tiny_bpe_checkpoint(tmp_path / "sentiment", labels=["negative", "positive"])
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        argv = [{"runs/demo": str(demo), "runs/sentiment": str(sentiment)}.get(a, a) for a in argv] + ["--device", "cpu"]
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        folder = argv[argv.index("--out") + 1]
+        assert f"wrote {folder}/report.html" in out and (tmp_path / folder / "attention_rollout.png").is_file()

@@ -112,3 +112,24 @@ def test_bad_choices_are_one_clear_error(lm):
         explain_language_model(ckpt.model, ckpt.tokenizer, text="ab" * 40)
     with pytest.raises(ConfigError, match="either a prompt"):
         explain_checkpoint(path, prompt="a", text="b")
+
+
+def test_a_prefix_tuned_models_maps_leave_the_prefix_keys_out(lm):
+    from gptforge.peft.prefix import apply_prefix
+
+    path, _ = lm
+    ckpt = load_checkpoint(path)
+    apply_prefix(ckpt.model, prefix_length=4)
+    with torch.no_grad():
+        for name, p in ckpt.model.named_parameters():
+            if "prefix" in name:
+                p.normal_(0, 1.0)  # prefixes that draw real attention
+    ckpt.model.eval()
+    data = explain_language_model(ckpt.model, ckpt.tokenizer, text="a cab")
+    att = data["attention"]
+    assert att["prefix_keys"] == 4
+    rows = torch.tensor(att["maps"]["0"]["0"]).sum(-1)
+    assert (rows < 1 - 1e-3).all() and (rows > 0).all()  # the tokens' share; the rest went to the prefix
+    with torch.no_grad():
+        probs = ckpt.model(torch.tensor([ckpt.tokenizer.encode("a cab")]))[0].softmax(-1)
+    assert data["tokens"][1]["prob"] == pytest.approx(float(probs[0, data["tokens"][1]["id"]]), rel=1e-5)

@@ -14,6 +14,7 @@ units of probability. Gradients need the model's layers to have a backward: int8
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -27,6 +28,8 @@ from ..heads import TaskModel
 from ..tokenizer import Tokenizer
 from .tokens import token_text
 
+log = logging.getLogger(__name__)
+
 
 def _probability_fn(model: nn.Module):
     def forward(ids: torch.Tensor) -> torch.Tensor:  # (N, T) -> (N, num_labels)
@@ -39,7 +42,11 @@ def encode_for_classifier(model: nn.Module, tokenizer: Tokenizer, text: str) -> 
     ids = tokenizer.encode(text)
     if not ids:
         raise DataError("the text is empty; the classifier needs at least one token to explain")
-    return ids[:model.base.config.block_size]
+    block = model.base.config.block_size
+    if len(ids) > block:
+        log.warning("the text is %d tokens, longer than the model's context; explaining its first %d, as the "
+                    "classifier reads them", len(ids), block)
+    return ids[:block]
 
 
 def attribute(model: TaskModel, tokenizer: Tokenizer, text: str, labels: Sequence[str], *, method: str = "ig",

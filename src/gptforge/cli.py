@@ -490,6 +490,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .config import ExplainConfig
+    from .explain import explain_checkpoint, write_report
+
+    config = config_from_flags(ExplainConfig, args)
+    data = explain_checkpoint(args.checkpoint, prompt=args.prompt, text=args.text, config=config, device=args.device)
+    path = write_report(data, args.out, write_json=args.json)
+    print(f"wrote {path}" + (f" and {path.with_name('report.json')}" if args.json else ""))
+    return 0
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
     from .evaluate.predict import load_for_task, tag_texts
 
@@ -882,6 +893,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="one JSON line per text")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         p.set_defaults(func=cmd_classify if name == "classify" else cmd_tag)
+
+    p = sub.add_parser("explain", help="explain a model's tokens and attention, or a classifier's label, in an HTML "
+                                       "report", description="Writes DIR/report.html (self-contained), its PNGs "
+                                       "and with --json DIR/report.json. See docs/explain.md.")
+    p.add_argument("--checkpoint", required=True, help="language model or fine-tuned classifier")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", default=None, help="language model: continue this greedily, then explain it all")
+    src.add_argument("--text", default=None, help="explain this text as given (a classifier: its label)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the report (new, empty or an earlier report)")
+    from .config import ExplainConfig
+
+    add_config_flags(p, ExplainConfig)
+    p.add_argument("--json", action="store_true", help="also write the report's data to DIR/report.json")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("tune", help="search fine-tuning hyperparameters with Optuna",
                        description="Run --trials fine-tuning runs with hyperparameters drawn from the config's "

@@ -1089,6 +1089,8 @@ class ScoreConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"score.batch_size must be at least 1, got {self.batch_size}")
         return self
+
+
 # --------------------------------------------------------------------------------------------------
 # The sentiment monitor (`gptforge monitor`, gptforge.monitor)
 MONITOR_DEFAULT_WINDOW_ITEMS = 50
@@ -1172,3 +1174,36 @@ class MonitorConfig:
                 raise ConfigError(f"--alert gives label {label!r} twice; give one threshold per label")
             rules.append((label, value))
         return rules
+
+
+EXPLAIN_METHODS = ("ig", "occlusion")
+"""Token attribution methods of `gptforge explain` and /v1/classify's ``explain_method`` (captum's)."""
+
+
+@dataclass
+class ExplainConfig:
+    """What `gptforge explain` computes and shows (gptforge.explain)."""
+
+    top_k: int = 5
+    """Alternatives shown per token: the k most likely tokens at that position, with their probabilities."""
+    layer: Optional[int] = None
+    """Attention heatmaps of this layer only (0-based); unset: every layer."""
+    head: Optional[int] = None
+    """Attention heatmaps of this head only (0-based); unset: every head and their mean."""
+    max_new_tokens: int = 16
+    """With --prompt: tokens generated greedily after it (through the decode engine) and explained with it."""
+    ig_steps: int = 64
+    """Integrated gradients: steps of the path integral from the baseline (more: a smaller completeness gap)."""
+
+    def validate(self) -> "ExplainConfig":
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
+            raise ConfigError(f"top_k must be an integer from 1 to 100, got {self.top_k!r}")
+        for name in ("layer", "head"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name} must be a layer/head number of 0 or more, got {value!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens!r}")
+        if not isinstance(self.ig_steps, int) or not 2 <= self.ig_steps <= 1024:
+            raise ConfigError(f"ig_steps must be an integer from 2 to 1024, got {self.ig_steps!r}")
+        return self

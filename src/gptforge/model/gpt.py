@@ -20,7 +20,8 @@ from .kv_cache import KVCache
 class Attention(nn.Module):
     """Scaled dot-product attention of queries over keys and values, without parameters: the one step of
     :class:`CausalSelfAttention` that a backend may run on a kernel of its own, by swapping in a subclass
-    (gptforge.backends); the weights and their state-dict keys stay where they are."""
+    (gptforge.backends); the weights and their state-dict keys stay where they are. To read the attention
+    probabilities, :func:`gptforge.model.recording.recording_attention` swaps in an eager one for a while."""
 
     def forward(
         self,

@@ -22,6 +22,7 @@ relays tokens.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -580,8 +581,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             prompt_tokens += n_tokens
         from ..evaluate.predict import classify_texts
 
+        job = functools.partial(classify_texts, state.model, state.tokenizer, texts, state.labels)
+        if req.explain:  # the same prediction, with each token's attribution to it (gptforge.explain)
+            from ..explain.attribution import classify_with_attributions
+
+            job = functools.partial(classify_with_attributions, state.model, state.tokenizer, texts, state.labels,
+                                    method=req.explain_method or "ig")
         try:
-            future = state.scheduler.run_job(lambda: classify_texts(state.model, state.tokenizer, texts, state.labels))
+            future = state.scheduler.run_job(job)
         except SchedulerStopped:
             raise _shutting_down() from None
         # asyncio.wait, not wait_for: a job the stopping scheduler cancels must not look like this task's own
@@ -600,7 +607,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise _bad(str(exc), param="input") from None
         return {"object": "list", "model": state.model_name,
                 "data": [{"index": i, "object": "classification", "label": r["label"],
-                          "probabilities": r["probabilities"]} for i, r in enumerate(results)],
+                          "probabilities": r["probabilities"],
+                          **({"attributions": r["attributions"]} if "attributions" in r else {})}
+                         for i, r in enumerate(results)],
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
     @app.post("/v1/score")

@@ -196,12 +196,23 @@ class ChatCompletionRequest(_SamplingRequest):
 class ClassifyRequest(_Strict):
     model: Optional[str] = None
     input: Union[str, list[str]]
+    explain: bool = False
+    """Also return each input's token attributions (gptforge.explain.attribution)."""
+    explain_method: Optional[Literal["ig", "occlusion"]] = None
+    """With ``explain``: integrated gradients (``"ig"``, the default) or occlusion."""
 
     @field_validator("input")
     @classmethod
     def _not_empty(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("input must not be an empty list")
+        return value
+
+    @field_validator("explain_method")
+    @classmethod
+    def _method_needs_explain(cls, value, info):
+        if value is not None and info.data.get("explain") is not True:  # explain is checked first (field order)
+            raise ValueError("explain_method applies only with explain: true")
         return value
 
 

@@ -42,7 +42,8 @@ $GPTFORGE evaluate --task retrieval --knowledge "$OUT/kb" --data "$EX/qa.jsonl" 
 
 # Both models see the same FAQ questions for the same number of steps with the same settings; the grounded
 # one also sees the passage that answers each question, in the chat template's context slot, plus copies
-# whose passage states another answer, so that it learns to copy from the passage rather than to memorise.
+# whose passage states another answer and reading exercises on made-up passages (make_training.py), so that
+# it learns to copy from the passage rather than to memorise.
 # Each is validated on its own training file: held-out questions are for step 6.
 FT=(--task lm --checkpoint "$BASE" --strategy full --max_steps="$STEPS" --batch_size=8 --learning_rate=2e-3
     --warmup_steps=20 --eval_interval="$STEPS" --checkpoint_interval="$STEPS" --overwrite=true --quiet)

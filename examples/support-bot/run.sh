@@ -5,7 +5,10 @@
 #
 #   examples/support-bot/run.sh                 # from the repository root, after `make demo` (or it runs it)
 #   STEPS=4000 OUT=runs/support-bot-long examples/support-bot/run.sh
+#   PARALLEL=1 OMP_NUM_THREADS=1 examples/support-bot/run.sh   # both fine-tunes at once, one thread each
 #
+# The grounded model's training file, train-grounded.jsonl, is checked in; make_training.py (seeded) writes
+# it from faq.jsonl and docs/, and tests/examples/test_support_bot.py checks the two agree.
 # GPTFORGE is the command to run (default: gptforge, e.g. after `source .venv/bin/activate`).
 set -euo pipefail
 
@@ -14,6 +17,7 @@ GPTFORGE=${GPTFORGE:-gptforge}
 BASE=${BASE:-runs/demo}          # the model both bots are fine-tuned from
 OUT=${OUT:-runs/support-bot}     # everything this script writes
 STEPS=${STEPS:-2000}             # fine-tuning steps of each model
+PARALLEL=${PARALLEL:-0}          # 1: fine-tune the two models at the same time (on a machine with 2+ cores)
 ANSWER_TOKENS=16                 # answers are short; the rest of the 128-token context is the passages'
 PASSAGES=1                       # one passage and the question fill the demo model's context
 
@@ -38,14 +42,24 @@ $GPTFORGE evaluate --task retrieval --knowledge "$OUT/kb" --data "$EX/qa.jsonl" 
 
 # Both models see the same FAQ questions for the same number of steps with the same settings; the grounded
 # one also sees the passage that answers each question, in the chat template's context slot, plus copies
-# whose passage states another answer, so that it learns to copy from the passage rather than to memorise.
+# whose passage states another answer and reading exercises on made-up passages (make_training.py), so that
+# it learns to copy from the passage rather than to memorise.
 # Each is validated on its own training file: held-out questions are for step 6.
 FT=(--task lm --checkpoint "$BASE" --strategy full --max_steps="$STEPS" --batch_size=8 --learning_rate=2e-3
     --warmup_steps=20 --eval_interval="$STEPS" --checkpoint_interval="$STEPS" --overwrite=true --quiet)
-step "3. fine-tune the grounded model ($STEPS steps)"
-$GPTFORGE finetune "${FT[@]}" --train "$EX/train-grounded.jsonl" --val "$EX/train-grounded.jsonl" --out "$OUT/grounded"
-step "4. fine-tune the memorising baseline on the FAQ alone ($STEPS steps)"
-$GPTFORGE finetune "${FT[@]}" --train "$EX/train-memorise.jsonl" --val "$EX/train-memorise.jsonl" --out "$OUT/memorise"
+grounded() { $GPTFORGE finetune "${FT[@]}" --train "$EX/train-grounded.jsonl" --val "$EX/train-grounded.jsonl" --out "$OUT/grounded"; }
+memorise() { $GPTFORGE finetune "${FT[@]}" --train "$EX/train-memorise.jsonl" --val "$EX/train-memorise.jsonl" --out "$OUT/memorise"; }
+if [ "$PARALLEL" = 1 ]; then
+  step "3-4. fine-tune the grounded model and the memorising baseline (FAQ alone) side by side ($STEPS steps each)"
+  grounded & g=$!
+  memorise & m=$!
+  wait $g; wait $m
+else
+  step "3. fine-tune the grounded model ($STEPS steps)"
+  grounded
+  step "4. fine-tune the memorising baseline on the FAQ alone ($STEPS steps)"
+  memorise
+fi
 
 step "5. add documents written after fine-tuning to the index"
 $GPTFORGE index --add --docs "$EX/docs-added" --out "$OUT/kb"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .config import (CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, GroundingConfig, IndexConfig, InferenceConfig,
-                     ServeConfig)
+                     ScoreConfig, ServeConfig)
 from .errors import ConfigError, GptforgeError, InvalidTextError
 
 log = logging.getLogger("gptforge")
@@ -119,6 +119,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 header = f"prompt {p}, " if len(prompts) > 1 else ""
                 out.write(f"--- {header}sample {i} ---\n{prompt}{completion.text}\n")
     out.flush()
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .fsutil import read_utf8
+    from .generate.score import format_scores, read_candidates, score, score_report
+    from .tokenizer import check_text
+
+    settings = config_from_flags(ScoreConfig, args)
+    if args.context_file is not None:
+        context = read_utf8(Path(args.context_file), "context file", ConfigError)
+    else:
+        context = check_text(args.context, "--context")
+    candidates = read_candidates(args.candidates)  # every input error before the model loads
+    ckpt = _load_for_inference(config_from_flags(InferenceConfig, args))
+    results = score(ckpt.model, ckpt.tokenizer, context, candidates, normalize=settings.normalize,
+                    top_logprobs=settings.top_logprobs, batch_size=settings.batch_size)
+    if args.json:
+        print(json.dumps(score_report(results, context=context, normalize=settings.normalize), ensure_ascii=False,
+                         allow_nan=False))
+    else:
+        print(format_scores(results, ckpt.tokenizer))
     return 0
 
 
@@ -302,6 +324,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _refuse_grounded_flags(args)
     if args.task == "retrieval":
         return _evaluate_retrieval(args)
+    if args.task == "choice":
+        return _evaluate_choice(args)
     if args.checkpoint is None:
         raise ConfigError("--checkpoint is required (a checkpoint or adapter folder to evaluate)")
     from .evaluate.tasks import HEADLINE, evaluate_checkpoint
@@ -337,6 +361,18 @@ def _evaluate_retrieval(args: argparse.Namespace) -> int:
     result = evaluate_knowledge_base(args.knowledge, args.data)
     print("  ".join(f"{name} {_fmt(result['metrics'][name])}" for name in HEADLINE))
     print(format_retrieval_report(result["report"]))
+    _write_json_report(args.json, result)
+    return 0
+
+
+def _evaluate_choice(args: argparse.Namespace) -> int:
+    if args.checkpoint is None:
+        raise ConfigError("--task choice needs --checkpoint (the language model that scores the choices)")
+    from .evaluate.choice import HEADLINE, evaluate_choice_checkpoint, format_choice_report
+
+    result = evaluate_choice_checkpoint(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size)
+    print("  ".join(f"{name} {_fmt(result['metrics'][name])}" for name in HEADLINE))
+    print(format_choice_report(result["report"]))
     _write_json_report(args.json, result)
     return 0
 
@@ -749,6 +785,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-draft-tokens", type=_positive_int, default=4, help="tokens the draft proposes per step")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("score", help="score and rank candidate texts by their log-probability after a context",
+                       description="Score each candidate after the context (prefilled once) and rank them; "
+                                   "see docs/scoring.md.")
+    add_config_flags(p, InferenceConfig)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--context", default=None, metavar="TEXT", help="the text the candidates follow (may be empty)")
+    src.add_argument("--context-file", default=None, metavar="FILE", help="the context: this file's whole text")
+    p.add_argument("--candidates", required=True, metavar="FILE",
+                   help="one candidate per line, or JSON lines with \"text\"")
+    add_config_flags(p, ScoreConfig)
+    p.add_argument("--json", action="store_true", help="print one JSON object: the candidates best first, with "
+                   "per-token log-probabilities")
+    p.set_defaults(func=cmd_score)
+
     p = sub.add_parser("chat", help="talk with a model in the terminal, with history",
                        description="A multi-turn chat: each line you type is a user message, the reply streams back. "
                                    "/reset clears the history (the system prompt stays); /exit or Ctrl-D leaves.")
@@ -794,9 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="FILE",
                    help="examples in the task's fine-tuning format; for retrieval, JSON lines with question and "
                         "passage_id (or doc_id)")
-    p.add_argument("--task", choices=["lm", "classify", "tokens", "retrieval", "grounded"], default=None,
+    p.add_argument("--task", choices=["lm", "classify", "tokens", "retrieval", "grounded", "choice"], default=None,
                    help="default: the checkpoint's task; retrieval: recall@1/5/10 and MRR of --knowledge; "
-                        "grounded: exact match, token F1 and source hits of the checkpoint's answers from --knowledge")
+                        "grounded: exact match, token F1 and source hits of the checkpoint's answers from --knowledge; "
+                        "choice: multiple-choice accuracy (acc, acc_norm) of JSON lines with context, choices, answer")
     p.add_argument("--knowledge", default=None, metavar="KB", help="knowledge base folder (gptforge index)")
     add_config_flags(p, GroundingConfig, only=EVALUATE_GROUNDING_OPTIONS)
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,

@@ -1061,3 +1061,27 @@ class IndexConfig:
             raise ConfigError(f"index.overlap_tokens must be between 0 and half of max_passage_tokens "
                               f"({self.max_passage_tokens // 2}), got {self.overlap_tokens}")
         return self
+
+
+SCORE_NORMALIZATIONS = ("none", "token", "byte")
+"""What a candidate's score is: its total log-probability, the mean per token, or per UTF-8 byte."""
+
+
+@dataclass
+class ScoreConfig:
+    """How `gptforge score` (gptforge.generate.score) scores candidate texts after a context."""
+
+    normalize: str = field(default="none", metadata=flag(choices=SCORE_NORMALIZATIONS))
+    """The value ranked: none (total log-probability), token (mean per token) or byte (per UTF-8 byte)."""
+    top_logprobs: int = field(default=0, metadata=flag("--top", metavar="N"))
+    """Most likely alternatives to report at each candidate token (0: none)."""
+    batch_size: Optional[int] = None
+    """Most candidates in one forward; null: as many as fit 1 GiB of KV cache and logits."""
+
+    def validate(self) -> "ScoreConfig":
+        check_choices(self)
+        if self.top_logprobs < 0:
+            raise ConfigError(f"score.top_logprobs must be at least 0, got {self.top_logprobs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"score.batch_size must be at least 1, got {self.batch_size}")
+        return self

@@ -3,10 +3,13 @@
     generate(model, tokenizer, prompts, config)        -> list[list[Completion]]  (per prompt, per sequence)
     generate_ids(model, prompts_ids, config, eos_id)   -> the same from token ids
     stream(model, tokenizer, prompt, config)           -> Stream: text pieces as they are decided
+    score(model, tokenizer, context, candidates)       -> list[CandidateScore]  (log-probabilities, ranks)
+    score_ids(model, context_ids, candidates_ids)      -> list[TokenScores]; prompt_logprobs: a text's own
     greedy_tokens(model, hidden) / sample_tokens(model, hidden, temperature)  -> the next token of each row
 
 :mod:`.sampler` turns logits into tokens; :mod:`.engine` holds the per-sequence state and the decode step that
-the CLI, chat, speculative decoding and the server's scheduler share.
+the CLI, chat, speculative decoding and the server's scheduler share; :mod:`.score` scores given texts through
+the same KV-cache forward.
 """
 
 from .batch import Completion, FinishReason
@@ -25,6 +28,8 @@ from .processors import (
     top_p_filter,
     warp_logits,
 )
+from .score import (CandidateScore, TokenScores, encode_pair, prompt_logprobs, rank_scores, score,
+                    score_ids)
 from .sampler import (choose_tokens, filter_logits, greedy_tokens, logits_to_probs, sample, sample_tokens,
                       token_logprobs)
 
@@ -35,4 +40,5 @@ __all__ = [
     "ban_tokens", "min_p_filter", "process_logits", "top_k_filter", "top_p_filter", "warp_logits",
     "choose_tokens", "filter_logits", "greedy_tokens", "logits_to_probs", "sample", "sample_tokens",
     "token_logprobs",
+    "CandidateScore", "TokenScores", "encode_pair", "prompt_logprobs", "rank_scores", "score", "score_ids",
 ]

@@ -349,13 +349,13 @@ def rank_model(data: Data, checkpoint: str, limit: Optional[int] = None, name: O
 # the command line
 
 def _table(results: Sequence[dict]) -> str:
-    rows = [f"{'ranking':<44} {'users':>5} {'hit@10':>7} {'NDCG@10':>8}"]
+    rows = [f"{'ranking':<52} {'users':>5} {'hit@10':>7} {'NDCG@10':>8}"]
     for r in results:
         m = r["metrics"]
         variants = [("", "")] if "mean_hit@10" not in m else [("", ", total log-prob"),
                                                                 ("mean_", ", mean log-prob per token")]
         for key, what in variants:
-            rows.append(f"{r['name'] + what:<44} {m['users']:>5} {m[key + 'hit@10']:>7.3f} "
+            rows.append(f"{r['name'] + what:<52} {m['users']:>5} {m[key + 'hit@10']:>7.3f} "
                         f"{m[key + 'ndcg@10']:>8.3f}")
     return "\n".join(rows)
 

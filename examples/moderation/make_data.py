@@ -39,6 +39,16 @@ OK_TEMPLATES = [
     "could you explain {thing} once more?",
     "I tried to {task} but it did not work",
     "thanks for helping me {task}",
+    "you are very kind, thank you",
+    "you are right, {thing} works now",
+    "you are a great help with {thing}",
+    "I will try that and let you know",
+    "I will send you {thing} tomorrow",
+    "what do you think about {thing}?",
+    "do you know when {thing} will arrive?",
+    "you have been very helpful with {thing}",
+    "what would you suggest for {thing}?",
+    "I will be away this {time}, can we talk later?",
 ]
 TOXIC_TEMPLATES = [
     "you are an {insult}",
@@ -59,6 +69,10 @@ TOXIC_TEMPLATES = [
     "you are the worst {insult} I have ever met",
     "go away and never come back, {insult}",
     "listen, {insult}, I will {threat}",
+    "nobody likes you, {insult}",
+    "read my message again, {insult}",
+    "are you {bad} or just lazy?",
+    "do you even think, you {insult}?",
 ]
 FILL = {
     "thing": ["my account", "the invoice", "the order", "the delivery", "my password", "the app", "the printer",

@@ -28,6 +28,7 @@ RANK = {
     "checkpoint": 6,  # composes model + peft + heads (+ convert for Hugging Face sources) on load
     "generate": 7, "train": 7, "evaluate": 7,
     "finetune": 8, "knowledge": 8,  # apps: the knowledge base reads checkpoints' tokenizers, uses evaluate
+    "moderation": 8,  # an app: a classifier (evaluate.predict) screening text for serve and chat
     "chat": 9, "serve": 9,
     "cli": 10,
 }

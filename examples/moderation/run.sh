@@ -25,6 +25,9 @@ mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo; echo "== $* ($(( $(date +%s) - start )) s)"; }
 
+if [ -d "$OUT/classifier/best" ] && [ -z "${RETRAIN:-}" ]; then
+  echo "$OUT/classifier/best exists: skipping steps 1-2 (RETRAIN=1 redoes them)"
+else
 step "1. fine-tune the moderation classifier ($STEPS steps)"
 $GPTFORGE finetune --task classify --checkpoint "$BASE" --train "$EX/train.jsonl" --val "$EX/val.jsonl" \
   --out "$OUT/classifier" --max_steps="$STEPS" --batch_size=16 --learning_rate=1e-3 --eval_interval=30 \
@@ -35,6 +38,7 @@ $GPTFORGE evaluate --checkpoint "$OUT/classifier" --data "$EX/test.jsonl" --json
 $GPTFORGE evaluate --checkpoint "$OUT/classifier" --data "$EX/heldout.jsonl" --json "$OUT/heldout.json"
 $GPTFORGE classify --checkpoint "$OUT/classifier" --text "you are an idiot" --text "thanks, that fixed it" \
   --text "Thou art a fool" --text "I will find you"
+fi
 
 step "3. serve $BASE behind the classifier (block toxic at p >= $THRESHOLD)"
 $GPTFORGE serve --checkpoint "$BASE" --port "$PORT" --quiet --moderation "$OUT/classifier" --block toxic \
@@ -49,7 +53,7 @@ import json, sys
 body = json.load(sys.stdin)
 for c in body["choices"]:
     text = c["message"]["content"] if "message" in c else c["text"]
-    print(f"  [{c[\"index\"]}] finish_reason={c[\"finish_reason\"]} moderation={c.get(\"moderation\")}")
+    print("  [%d] finish_reason=%s moderation=%s" % (c["index"], c["finish_reason"], json.dumps(c.get("moderation"))))
     print("      " + json.dumps(text))'
 }
 chat() {

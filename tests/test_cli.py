@@ -184,7 +184,8 @@ def test_output_flags_before_or_after_the_subcommand(argv, quiet, verbose):
 
 @pytest.mark.parametrize("command, classes", [
     ("generate", ("InferenceConfig", "GenerateConfig")),
-    ("serve", ("ServeConfig",)),
+    ("serve", ("ServeConfig", "ModerationConfig")),
+    ("chat", ("ModerationConfig",)),
 ])
 def test_every_config_field_is_a_flag_with_its_docstring_as_help(capsys, command, classes):
     import dataclasses

@@ -27,7 +27,7 @@ RANK = {
     "peft": 5, "heads": 5, "convert": 5, "backends": 5,
     "checkpoint": 6,  # composes model + peft + heads (+ convert for Hugging Face sources) on load
     "generate": 7, "train": 7, "evaluate": 7,
-    "finetune": 8, "knowledge": 8, "monitor": 8, "explain": 8,  # apps: over generate, evaluate and checkpoint
+    "finetune": 8, "knowledge": 8, "monitor": 8, "explain": 8, "moderation": 8,  # apps: over generate, evaluate
     "chat": 9, "serve": 9,
     "cli": 10,
 }

@@ -20,6 +20,12 @@ also holds the passages retrieved for the last user turns, in the template's con
 cut before old turns are dropped (:func:`~gptforge.knowledge.grounding.prepare_grounded`).
 :attr:`ChatSession.sources` holds the hits behind the last reply, and with ``knowledge_only`` a question
 the knowledge base has nothing on gets the configured refusal instead of a generated reply.
+
+With a :class:`~gptforge.moderation.Moderator` (``gptforge chat --moderation clf/ --block toxic``) a message the
+classifier blocks gets the moderator's refusal and never reaches the model, and the reply is screened as it
+streams (:meth:`~gptforge.moderation.Moderator.filter`): only text a check has cleared is yielded, and decoding
+stops at the first blocked window. :attr:`ChatSession.moderated` holds the verdict; a blocked turn does not join
+the history.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .generate import stream_ids
 from .knowledge.grounding import GroundedPrompt, Grounding
 from .knowledge.types import Hit
 from .model import GPT
+from .moderation import Moderator, Verdict
 from .tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, encode_chat_prompt
 
 log = logging.getLogger(__name__)
@@ -53,7 +60,7 @@ class ChatSession:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, config: GenerateConfig, *,
                  system: Optional[str] = None, template: str = DEFAULT_CHAT_TEMPLATE,
-                 grounding: Optional[Grounding] = None):
+                 grounding: Optional[Grounding] = None, moderator: Optional[Moderator] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config.validate()
@@ -64,6 +71,10 @@ class ChatSession:
         """The hits whose passages were in the last reply's prompt, best first (empty without grounding)."""
         self.refused = False
         """Whether the last reply was the knowledge_only refusal rather than the model's."""
+        self.moderator = moderator
+        self.moderated: Optional[Verdict] = None
+        """Why moderation blocked the last turn (``side`` "input": the refusal replaced the reply; "output":
+        the reply was cut), or None."""
         self.history: list[dict[str, str]] = []
         """Earlier turns, alternating user and assistant messages (the system prompt is not in it)."""
         self.dropped_turns = 0
@@ -120,6 +131,13 @@ class ChatSession:
 
         A reply abandoned before its end (the iterator closed, or Ctrl-C) leaves the history unchanged.
         """
+        self.moderated = None
+        if self.moderator is not None:
+            verdict = self.moderator.check(user_text, "input")
+            if verdict.blocked:  # the model never sees it, and neither does the history
+                self.moderated, self.sources, self.refused = verdict, [], False
+                yield self.moderator.refusal
+                return
         prepared = self.prepare(user_text)
         self.sources, self.refused = prepared.hits, prepared.refusal is not None
         if prepared.refusal is not None:  # knowledge_only and nothing relevant: no guess from the model
@@ -132,9 +150,16 @@ class ChatSession:
             config = dataclasses.replace(config, seed=config.seed + self.turns)
         self.turns += 1
         pieces: list[str] = []
-        for piece in stream_ids(self.model, self.tokenizer, ids, config):
+        stream = stream_ids(self.model, self.tokenizer, ids, config)
+        screen = self.moderator.screen() if self.moderator is not None else None
+        if screen is not None:
+            stream = self.moderator.filter(stream, screen)
+        for piece in stream:
             pieces.append(piece)
             yield piece
+        if screen is not None and screen.blocked is not None:
+            self.moderated = screen.blocked
+            return
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(pieces)}]
 
     def reset(self) -> None:

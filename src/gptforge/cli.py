@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .config import (CHAT_DEFAULTS, CHAT_OPTIONS, GenerateConfig, GroundingConfig, IndexConfig, InferenceConfig,
-                     ScoreConfig, ServeConfig)
+                     ModerationConfig, ScoreConfig, ServeConfig)
 from .errors import ConfigError, GptforgeError, InvalidTextError
 
 log = logging.getLogger("gptforge")
@@ -150,13 +150,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     gen = config_from_flags(GenerateConfig, args)
     system = check_text(_unescape(args.system), "--system") if args.system else None
     grounding = _load_grounding(config_from_flags(GroundingConfig, args))  # a bad index fails before the model loads
-    ckpt = _load_for_inference(config_from_flags(InferenceConfig, args))
+    inference = config_from_flags(InferenceConfig, args)
+    moderator = _load_moderator(config_from_flags(ModerationConfig, args), inference.device)
+    ckpt = _load_for_inference(inference)
     if grounding is not None:
         grounding.check_tokenizer(ckpt.tokenizer)
     from .chat import ChatSession, chat_template_of
 
     session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=system, template=chat_template_of(ckpt.config),
-                          grounding=grounding)
+                          grounding=grounding, moderator=moderator)
     # A typed line with bytes that are not UTF-8 becomes text with lone surrogates, which the tokenizer refuses
     # with one error line (the chat goes on), rather than a decoding error that ends the command.
     if hasattr(sys.stdin, "reconfigure"):
@@ -204,6 +206,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # stops this reply only; the turn is forgotten
             out.write(" [stopped]")
             session.sources = []
+        if session.moderated is not None and session.moderated.side == "output":
+            out.write(f"\n(moderation: the rest of the reply was withheld: {_verdict(session.moderated)})")
+        elif session.moderated is not None:
+            out.write(f"\n(moderation: the message was not sent to the model: {_verdict(session.moderated)})")
         out.write("\n")
         if grounding is not None:
             out.write(_format_sources(session.sources))
@@ -211,6 +217,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         out.write("\n")
     return 0
+
+
+def _load_moderator(config: ModerationConfig, device: str):
+    """The moderation classifier of ``--moderation`` (None without it), loaded before the model so that a
+    bad label fails at once."""
+    if config.moderation is None:
+        return None
+    from .moderation import Moderator
+
+    return Moderator.load(config, device)
+
+
+def _verdict(verdict) -> str:
+    return f"{verdict.label} {verdict.probability:.2f}"
 
 
 def _load_grounding(config: GroundingConfig):
@@ -551,9 +571,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.api_key = os.environ.get("GPTFORGE_API_KEY") or None
     config = config_from_flags(ServeConfig, args)
     grounding = _load_grounding(config_from_flags(GroundingConfig, args))  # checked against the model in create_app
+    moderator = _load_moderator(config_from_flags(ModerationConfig, args), config.device)
     from .serve import create_app, run_server
 
-    app = create_app(config, grounding=grounding)
+    app = create_app(config, grounding=grounding, moderator=moderator)
     log.info("listening on http://%s:%d (Ctrl-C or SIGTERM to stop)", config.host, config.port)
     run_server(config, app, log_level="warning" if args.quiet else "info")
     if app.state.server.aborting:
@@ -832,6 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt, kept for the whole conversation")
     add_config_flags(p, GenerateConfig, only=CHAT_OPTIONS, defaults=CHAT_DEFAULTS)
     add_config_flags(p, GroundingConfig)
+    add_config_flags(p, ModerationConfig)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert between Hugging Face GPT-2 folders and gptforge checkpoints")
@@ -955,6 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and a chat page at /. SIGTERM finishes in-flight requests, then exits.")
     add_config_flags(p, ServeConfig)
     add_config_flags(p, GroundingConfig)
+    add_config_flags(p, ModerationConfig)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -552,6 +552,57 @@ class GroundingConfig:
         return self
 
 
+DEFAULT_MODERATION_REFUSAL = "Sorry, I can't help with that message."
+
+
+@dataclass
+class ModerationConfig:
+    """Screening input and output with a classifier (`gptforge serve` and `chat` with `--moderation`): which
+    labels block a text, from what probability, and how generated text is checked as it streams."""
+
+    moderation: Optional[str] = field(default=None, metadata=flag(metavar="CLF_CHECKPOINT"))
+    """Classifier checkpoint (gptforge finetune --task classify) that screens each request's input and the
+    generated output; None: no screening."""
+    block: list[str] = field(default_factory=list, metadata=flag(metavar="LABEL[,LABEL]"))
+    """The classifier's labels that block a text (comma-separated, or the flag repeated)."""
+    threshold: float = field(default=0.5, metadata=flag(metavar="P"))
+    """A text is blocked when the probability of one of the `block` labels is at least this (in [0, 1])."""
+    moderation_refusal: str = field(default=DEFAULT_MODERATION_REFUSAL, metadata=flag(metavar="TEXT", escapes=True))
+    """The reply to a blocked input (the model does not run)."""
+    moderation_window: int = field(default=256, metadata=flag(metavar="CHARS"))
+    """Characters of generated text each check reads: the last `moderation_window` characters before the point
+    it clears; the whole reply is checked once more at its end."""
+    moderation_stride: int = field(default=48, metadata=flag(metavar="CHARS"))
+    """Characters of new generated text held back before the next check runs (at most half the window; smaller
+    streams more smoothly and runs the classifier more often)."""
+
+    def validate(self) -> "ModerationConfig":
+        self.block = [label.strip() for item in self.block for label in str(item).split(",") if label.strip()]
+        if self.moderation is None:
+            # A flag that would silently do nothing is an error.
+            changed = [f.name for f in dataclasses.fields(self) if f.name != "moderation"
+                       and getattr(self, f.name) != (f.default if f.default is not dataclasses.MISSING else [])]
+            if changed:
+                names = ", ".join("--" + name.replace("_", "-") for name in changed)
+                verb = "applies" if len(changed) == 1 else "apply"
+                raise ConfigError(f"{names} only {verb} with --moderation (a classifier checkpoint)")
+            return self
+        if not self.moderation.strip():
+            raise ConfigError("moderation must be a classifier checkpoint folder, got an empty path")
+        if not self.block:
+            raise ConfigError("--moderation needs --block LABEL[,LABEL]: the classifier's labels that block a text")
+        if not (math.isfinite(self.threshold) and 0.0 <= self.threshold <= 1.0):
+            raise ConfigError(f"moderation.threshold must be a probability in [0, 1], got {self.threshold}")
+        if not self.moderation_refusal.strip():
+            raise ConfigError("moderation.moderation_refusal must not be empty")
+        _positive(self, "moderation_window", "moderation_stride")
+        if self.moderation_stride > self.moderation_window // 2:
+            raise ConfigError(f"moderation.moderation_stride ({self.moderation_stride}) must be at most half of "
+                              f"moderation_window ({self.moderation_window}), so that every phrase up to half a "
+                              "window long is read whole by some check")
+        return self
+
+
 @dataclass
 class RunConfig:
     """A pretraining run: the model, the data and the loop."""

@@ -39,10 +39,10 @@ class LiveServer:
     """uvicorn serving ``create_app(config, checkpoint)`` on a free 127.0.0.1 port in a thread, configured as
     ``gptforge serve`` configures it (:func:`server_config`)."""
 
-    def __init__(self, config: ServeConfig, checkpoint, grounding=None):
+    def __init__(self, config: ServeConfig, checkpoint, grounding=None, **app_options):
         import uvicorn
 
-        self.app = create_app(config, checkpoint, grounding=grounding)
+        self.app = create_app(config, checkpoint, grounding=grounding, **app_options)
         self.state = self.app.state.server
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))

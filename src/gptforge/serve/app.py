@@ -46,6 +46,7 @@ from ..config import GenerateConfig, ServeConfig
 from ..errors import ConfigError, GptforgeError
 from ..fsutil import json_safe
 from .metrics import Metrics
+from .moderation import CONTENT_FILTER, ServerModeration
 from .scheduler import QueueFull, Scheduler, SchedulerStopped, Sequence, TokenEvent
 from .schemas import (DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, ClassifyRequest, CompletionRequest,
                       ErrorResponse, ScoreRequest, first_error, openai_error)
@@ -110,7 +111,7 @@ def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) 
 class ServerState:
     """What the routes share: the loaded checkpoint, its scheduler, metrics, and the draining flag."""
 
-    def __init__(self, config: ServeConfig, checkpoint, grounding=None):
+    def __init__(self, config: ServeConfig, checkpoint, grounding=None, moderator=None):
         self.config = config
         self.grounding = grounding
         """A :class:`~gptforge.knowledge.grounding.Grounding` (``--knowledge``): chat turns are grounded in it."""
@@ -128,6 +129,8 @@ class ServerState:
         self.scheduler = Scheduler(self.model, self.tokenizer, max_batch_size=config.max_batch_size,
                                    max_queue=config.max_queue, batch_invariant=config.batch_invariant)
         self.metrics = Metrics(self._gauges)
+        self.moderation = ServerModeration(moderator, self.scheduler, self.metrics) if moderator is not None else None
+        """Input and output screening with a classifier (``--moderation``), or None."""
         self.draining = False
         self.aborting = False  # a second signal: open requests end now with an error
         self.loop: Optional[asyncio.AbstractEventLoop] = None  # the event loop serving (set by the lifespan)
@@ -268,18 +271,22 @@ def load_served_checkpoint(config: ServeConfig):
     return load_for_inference(config, task=True)
 
 
-def create_app(config: ServeConfig, checkpoint=None, *, grounding=None) -> FastAPI:
+def create_app(config: ServeConfig, checkpoint=None, *, grounding=None, moderator=None) -> FastAPI:
     """The app for ``config``; ``checkpoint`` (a loaded :class:`~gptforge.checkpoint.Checkpoint`) skips loading.
 
     ``grounding`` (a :class:`~gptforge.knowledge.grounding.Grounding`): each chat completion retrieves
     passages for its last user turns, puts them into the prompt's context slot and reports them as
     ``sources``; its knowledge base must have been built for the model's tokenizer (checked here, before
-    anything is served). The scheduler thread starts with the app's lifespan and stops when the app shuts down.
+    anything is served). ``moderator`` (a :class:`~gptforge.moderation.Moderator`, ``--moderation``): every
+    request's input and generated output are screened (docs/moderation.md). The scheduler thread starts with the app's lifespan and stops when the app shuts down.
     """
     if checkpoint is None:
         config.validate()
         checkpoint = load_served_checkpoint(config)
-    state = ServerState(config, checkpoint, grounding)
+    state = ServerState(config, checkpoint, grounding, moderator)
+    if moderator is not None and state.task != "lm":
+        raise ConfigError(f"--moderation screens generated text, and the served model is a {state.task!r} model "
+                          "that does not generate text")
     if grounding is not None:
         if state.task != "lm":
             raise ConfigError(f"--knowledge grounds chat replies, and the served model is a {state.task!r} model "
@@ -542,9 +549,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         prompts_ids, prompt_texts = _completion_prompts(state, req.prompt)
         if req.max_tokens == 0:  # OpenAI's legacy scoring form: the prompt back, with its log-probabilities
             return await _echo_only(state, req, prompts_ids, prompt_texts)
+        refused = await _moderate_input(state, [[text] for text in prompt_texts], "prompt")
         job = _Job(state, request, kind="completion", req=req, prompts_ids=prompts_ids,
                    max_tokens=req.max_tokens, default_tokens=DEFAULT_COMPLETION_TOKENS, logprobs=req.logprobs,
-                   echo_texts=prompt_texts if req.echo else None)
+                   echo_texts=prompt_texts if req.echo else None, refused=refused)
         if req.echo and req.logprobs is not None:  # the prompt's log-probabilities, then the generated ones
             job.echo_logprobs = await _prompt_logprobs(state, prompts_ids, req.logprobs)
         return await job.respond()
@@ -556,11 +564,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _require_lm(state)
         # Retrieval is CPU work: off the event loop, so that streams in flight keep flowing.
         prepared = await asyncio.to_thread(_chat_prompt, state, req) if state.grounding else _chat_prompt(state, req)
-        if prepared.refusal is not None:
+        refused = await _moderate_input(state, [_new_user_texts(req)], "messages")
+        if prepared.refusal is not None and not refused:
             return _refusal(state, req, prepared)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         job = _Job(state, request, kind="chat", req=req, prompts_ids=[prepared.ids], max_tokens=req.token_limit,
-                   logprobs=logprobs, sources=prepared.sources if state.grounding is not None else None)
+                   logprobs=logprobs, sources=prepared.sources if state.grounding is not None else None,
+                   refused=refused)
         return await job.respond()
 
     @app.post("/v1/classify")
@@ -702,6 +712,50 @@ async def _echo_only(state: ServerState, req: CompletionRequest, prompts_ids: li
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _moderate_input(state: ServerState, prompts: list[list[str]], param: str) -> dict[int, Any]:
+    """With ``--moderation``: the prompts (each given as its texts) that the classifier blocks, as
+    {prompt index: the most blocked text's Verdict}; they get the refusal and never reach the model. The
+    check runs on the model thread between decode steps."""
+    if state.moderation is None:
+        return {}
+    texts = [text for prompt in prompts for text in prompt]
+    moderation = state.moderation
+    try:
+        future = state.scheduler.run_job(lambda: moderation.check_inputs(texts))
+    except SchedulerStopped:
+        raise _shutting_down() from None
+    waiter = asyncio.wrap_future(future)
+    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even after a timeout
+    done, _ = await asyncio.wait({waiter}, timeout=state.config.request_timeout)
+    if not done:
+        future.cancel()
+        raise ApiError(504, "the request timed out", type="timeout", code="timeout")
+    if waiter.cancelled():
+        raise _shutting_down()
+    try:
+        verdicts = iter(waiter.result())
+    except GptforgeError as exc:  # e.g. a character the classifier's tokenizer cannot read
+        raise _bad(f"the moderation classifier cannot read the {param}: {exc}", param=param) from None
+    refused = {}
+    for p, prompt in enumerate(prompts):
+        blocked = [v for v in (next(verdicts) for _ in prompt) if v.blocked]
+        if blocked:
+            refused[p] = max(blocked, key=lambda v: v.probability)
+    return refused
+
+
+def _new_user_texts(req: ChatCompletionRequest) -> list[str]:
+    """The user messages that moderation reads: those after the last assistant message (a client that keeps
+    an earlier refused message in its history is not refused again for it; the reply to it is screened)."""
+    texts: list[str] = []
+    for m in req.messages:
+        if m.role == "assistant":
+            texts = []
+        elif m.role == "user":
+            texts.append(m.text)
+    return texts
 
 
 def _require_lm(state: ServerState) -> None:
@@ -851,11 +905,15 @@ class _Job:
 
     def __init__(self, state: ServerState, request: Request, *, kind: str, req, prompts_ids: list[list[int]],
                  max_tokens: Optional[int], logprobs: Optional[int], echo_texts: Optional[list[str]] = None,
-                 default_tokens: Optional[int] = None, sources: Optional[list[dict]] = None):
+                 default_tokens: Optional[int] = None, sources: Optional[list[dict]] = None,
+                 refused: Optional[dict[int, Any]] = None):
         """``max_tokens`` None: ``default_tokens`` (None: the rest of the context), lowered to what the context
         leaves after each prompt, so that leaving it out never fails for length alone. ``sources`` (a grounded
-        chat): reported in the response body, or in each streamed chunk that carries a finish_reason."""
+        chat): reported in the response body, or in each streamed chunk that carries a finish_reason.
+        ``refused`` (moderation): {prompt index: Verdict} of prompts whose choices are the refusal, unrun."""
         self.state, self.request, self.kind, self.req = state, request, kind, req
+        self.refused = refused or {}
+        self.screens: dict[int, Any] = {}  # choice index → its ScreenedSink (moderation)
         self.sources = sources
         self.prompts_ids = prompts_ids
         self.logprobs = logprobs
@@ -892,12 +950,19 @@ class _Job:
         self.sequences = []
         for p, ids in enumerate(prompts_ids):
             gen = self._generate_config(self.max_tokens[p])
+            if p in self.refused:
+                continue
             group = object()  # the prompt's n choices share one prefill
             for i in range(n):
                 index = p * n + i
                 seed = None if req.seed is None else req.seed + index
-                self.sequences.append(Sequence(ids, gen, self._sink, index=index, seed=seed, deadline=self.deadline,
+                sink = self._sink
+                if state.moderation is not None:  # events reach the client only as moderation clears them
+                    sink = self.screens[index] = state.moderation.sink(self._sink, index)
+                self.sequences.append(Sequence(ids, gen, sink, index=index, seed=seed, deadline=self.deadline,
                                                prefill_group=group))
+                if state.moderation is not None:
+                    sink.sequence = self.sequences[-1]
 
     def _generate_config(self, max_tokens: int) -> GenerateConfig:
         req = self.req
@@ -979,8 +1044,16 @@ class _Job:
             self.state.jobs.discard(self)
 
     # -- non-streaming --------------------------------------------------------------------------------
+    def _choices(self) -> list["_Choice"]:
+        """Every choice of the request, by index (a refused prompt's choices hold the refusal already)."""
+        choices = [_Choice(self, index) for index in range(len(self.prompts_ids) * self.req.n)]
+        for choice in choices:
+            if choice.prompt in self.refused:
+                choice.refuse(self.state.moderation.refusal, self.refused[choice.prompt])
+        return choices
+
     async def _complete(self) -> JSONResponse:
-        choices = [_Choice(self, seq.index) for seq in self.sequences]
+        choices = self._choices()
         events = self._events()
         try:
             async for event in events:
@@ -1017,13 +1090,15 @@ class _Job:
         return f"data: {json_text(body)}\n\n"
 
     async def _stream(self) -> AsyncIterator[str]:
-        choices = [_Choice(self, seq.index) for seq in self.sequences]
+        choices = self._choices()
         if self.kind == "chat":
             yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None} for c in choices])
         elif self.echo_texts is not None:
             yield self._chunk([{"index": c.index, "text": c.echo, "logprobs": c.echo_logprobs, "finish_reason": None}
-                               for c in choices])
+                               for c in choices if c.verdict is None])
+        if self.refused:  # moderation's refusals first: the model never ran for them
+            yield self._chunk([c.chunk(c.pieces[0], None, CONTENT_FILTER) for c in choices if c.verdict is not None])
         events = self._events()
         try:
             async for event in events:
@@ -1085,6 +1160,34 @@ class _Choice:
             self.lp_values += self.echo_logprobs["token_logprobs"]
             self.lp_top += self.echo_logprobs["top_logprobs"]
             self.lp_offsets += self.echo_logprobs["text_offset"]
+        self.prompt = prompt
+        self.verdict = None  # moderation's Verdict when it refused the input (see refuse) or cut the output
+
+    def refuse(self, text: str, verdict) -> None:
+        """This choice is moderation's refusal of its input: ``text``, finish reason "content_filter"."""
+        self.pieces, self.finish_reason, self.verdict, self.echo = [text], CONTENT_FILTER, verdict, ""
+        self.echo_logprobs = None  # nor is its prompt echoed (with echo), log-probabilities included
+        self.lp_tokens, self.lp_values, self.lp_top, self.lp_offsets = [], [], [], []
+
+    def chunk(self, text: str, logprobs, finish_reason: Optional[str]) -> dict:
+        """The streamed chunk's choice for ``text``."""
+        if self.job.kind == "chat":
+            delta = {"content": text} if text else {}
+            body = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        else:
+            body = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._with_moderation(body)
+
+    def _with_moderation(self, body: dict) -> dict:
+        """A choice that moderation ended says why: ``{"side", "label", "probability"}`` (OpenAI's clients
+        ignore the field)."""
+        if body.get("finish_reason") == CONTENT_FILTER:
+            if self.verdict is None and self.index in self.job.screens:
+                self.verdict = self.job.screens[self.index].verdict
+            if self.verdict is not None:
+                body["moderation"] = {"side": self.verdict.side, "label": self.verdict.label,
+                                      "probability": self.verdict.probability}
+        return body
 
     def add(self, event: TokenEvent) -> Optional[dict]:
         """Record ``event``; the streaming chunk's choice for it (None when there is nothing to send)."""
@@ -1098,10 +1201,7 @@ class _Choice:
             self.finish_reason = event.finish_reason
         if not event.text and logprobs is None and event.finish_reason is None:
             return None
-        if self.job.kind == "chat":
-            delta = {"content": event.text} if event.text else {}
-            return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
-        return {"index": self.index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
+        return self.chunk(event.text, logprobs, event.finish_reason)
 
     def _add_logprob(self, event: TokenEvent) -> dict:
         decode = self.job.state.tokenizer.decode
@@ -1125,14 +1225,14 @@ class _Choice:
         text = "".join(self.pieces)
         if self.job.kind == "chat":
             logprobs = {"content": self.lp_chat} if self.job.logprobs is not None else None
-            return {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": self.finish_reason}
+            return self._with_moderation({"index": self.index, "message": {"role": "assistant", "content": text},
+                                          "logprobs": logprobs, "finish_reason": self.finish_reason})
         logprobs = None
         if self.job.logprobs is not None:
             logprobs = {"tokens": self.lp_tokens, "token_logprobs": self.lp_values, "top_logprobs": self.lp_top,
                         "text_offset": self.lp_offsets}
-        return {"index": self.index, "text": self.echo + text, "logprobs": logprobs,
-                "finish_reason": self.finish_reason}
+        return self._with_moderation({"index": self.index, "text": self.echo + text, "logprobs": logprobs,
+                                      "finish_reason": self.finish_reason})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,28 @@ class Metrics:
         self._latency_sum: dict[str, float] = defaultdict(float)
         self._latency_count: dict[str, int] = defaultdict(int)
         self._gauges = gauges
+        self._moderation_blocks: Optional[dict[tuple[str, str], int]] = None  # (side, label) → count
+        self._moderation_checks: dict[str, int] = defaultdict(int)
+
+    def declare_moderation(self, labels) -> None:
+        """Moderation is on: its block counters (at 0 for each blocked label and side) appear in /metrics."""
+        with self._lock:
+            self._moderation_blocks = {(side, label): 0 for side in ("input", "output") for label in labels}
+            self._moderation_checks.update({"input": 0, "output": 0})
+
+    def count_moderation_block(self, side: str, label: str) -> None:
+        with self._lock:
+            blocks = self._moderation_blocks if self._moderation_blocks is not None else {}
+            blocks[(side, label)] = blocks.get((side, label), 0) + 1
+            self._moderation_blocks = blocks
+
+    def count_moderation_checks(self, side: str, texts: int) -> None:
+        with self._lock:
+            self._moderation_checks[side] += texts
+
+    def moderation_blocks(self, side: str, label: str) -> int:
+        with self._lock:
+            return (self._moderation_blocks or {}).get((side, label), 0)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -60,6 +82,16 @@ class Metrics:
                 lines.append(f"gptforge_request_latency_seconds_bucket{_labels(route=route, le='+Inf')} {total}")
                 lines.append(f"gptforge_request_latency_seconds_sum{_labels(route=route)} {self._latency_sum[route]:.6f}")
                 lines.append(f"gptforge_request_latency_seconds_count{_labels(route=route)} {total}")
+            if self._moderation_blocks is not None:
+                lines += ["# HELP gptforge_moderation_blocks_total Texts the moderation classifier blocked, by side "
+                          "(input: prompts and user messages; output: generated text) and label.",
+                          "# TYPE gptforge_moderation_blocks_total counter"]
+                for (side, label), count in sorted(self._moderation_blocks.items()):
+                    lines.append(f"gptforge_moderation_blocks_total{_labels(label=label, side=side)} {count}")
+                lines += ["# HELP gptforge_moderation_checks_total Texts the moderation classifier read, by side.",
+                          "# TYPE gptforge_moderation_checks_total counter"]
+                for side, count in sorted(self._moderation_checks.items()):
+                    lines.append(f"gptforge_moderation_checks_total{_labels(side=side)} {count}")
         for name, (kind, help_text, value) in (self._gauges() if self._gauges else {}).items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
         return "\n".join(lines) + "\n"

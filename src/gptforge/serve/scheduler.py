@@ -107,14 +107,18 @@ class Sequence:
         self.seed = seed
         self.deadline = deadline
         self.cancelled = False
+        self.cancel_reason = _reported(FinishReason.CANCELLED)
         # Scheduler-thread state.
         self.state: Optional[SequenceState] = None  # the engine's, from the prefill on
         self.pending: Optional[int] = None  # the sampled token not yet fed to the model
         self.slot = -1
         self.start = 0  # first cache column holding this sequence's tokens
 
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this sequence (safe from any thread); its row is freed next step."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the scheduler to drop this sequence (safe from any thread); its row is freed next step.
+        ``reason`` is its last event's finish reason: "cancelled" (client gone, timeout, shutdown; counted as
+        cancelled) or the reason of whoever stopped it (moderation's "content_filter")."""
+        self.cancel_reason = reason
         self.cancelled = True
 
     @property
@@ -184,6 +188,9 @@ class Scheduler:
         # The last prefill of a prefill group, while more of its sequences wait: (key, cache, output).
         self._group_prefill: Optional[tuple[tuple, KVCache, torch.Tensor]] = None
         self._thread = threading.Thread(target=self._loop, name="gptforge-scheduler", daemon=True)
+        self.after_step: Optional[Callable[[], None]] = None
+        """Called on the scheduler thread after every step (the server's moderation checks the text of the
+        sequences it holds back here, and may cancel them before the next step)."""
 
     # ------------------------------------------------------------------------------------------------
     # Any thread
@@ -246,6 +253,8 @@ class Scheduler:
                     for job, future in jobs:
                         self._run_job(job, future)
                     self._step()
+                    if self.after_step is not None:
+                        self._after_step()
         except BaseException:  # a bug here must not leave clients waiting forever
             log.exception("scheduler thread failed")
         finally:
@@ -258,6 +267,12 @@ class Scheduler:
             future.set_result(job())
         except BaseException as exc:
             future.set_exception(exc)
+
+    def _after_step(self) -> None:
+        try:
+            self.after_step()
+        except Exception:  # a bug there must not stop the batch
+            log.exception("after-step hook failed")
 
     def _shutdown(self) -> None:
         with self._cond:
@@ -297,8 +312,13 @@ class Scheduler:
         for seq in list(self._running):
             if seq.cancelled or (seq.deadline is not None and now > seq.deadline):
                 self._remove(seq)
-                self.stats.cancelled += 1
-                self._emit(seq, TokenEvent(seq.index, "", finish_reason=_reported(FinishReason.CANCELLED)))
+                self._drop(seq)
+
+    def _drop(self, seq: Sequence) -> None:
+        reason = seq.cancel_reason if seq.cancelled else _reported(FinishReason.CANCELLED)
+        if reason == _reported(FinishReason.CANCELLED):
+            self.stats.cancelled += 1
+        self._emit(seq, TokenEvent(seq.index, "", finish_reason=reason))
 
     def _admit(self, now: float) -> None:
         self._admit_waiting(now)
@@ -315,8 +335,7 @@ class Scheduler:
                 seq = self._waiting.popleft()
                 self.stats.queue_length = len(self._waiting)
             if seq.cancelled or (seq.deadline is not None and now > seq.deadline):
-                self.stats.cancelled += 1
-                self._emit(seq, TokenEvent(seq.index, "", finish_reason=_reported(FinishReason.CANCELLED)))
+                self._drop(seq)
                 continue
             try:
                 last = self._prefill(seq)

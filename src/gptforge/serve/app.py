@@ -597,24 +597,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
             job = functools.partial(classify_with_attributions, state.model, state.tokenizer, texts, state.labels,
                                     method=req.explain_method or "ig")
-        try:
-            future = state.scheduler.run_job(job)
-        except SchedulerStopped:
-            raise _shutting_down() from None
-        # asyncio.wait, not wait_for: a job the stopping scheduler cancels must not look like this task's own
-        # cancellation (awaiting the wrapped future would raise CancelledError here).
-        waiter = asyncio.wrap_future(future)
-        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even after a timeout
-        done, _ = await asyncio.wait({waiter}, timeout=state.config.request_timeout)
-        if not done:
-            future.cancel()
-            raise ApiError(504, "the request timed out", type="timeout", code="timeout")
-        if waiter.cancelled():
-            raise _shutting_down()
-        try:
-            results = waiter.result()
-        except GptforgeError as exc:
-            raise _bad(str(exc), param="input") from None
+        results = await _run_model_job(state, job, param="input")
         return {"object": "list", "model": state.model_name,
                 "data": [{"index": i, "object": "classification", "label": r["label"],
                           "probabilities": r["probabilities"],
@@ -643,10 +626,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 "usage": {"prompt_tokens": total, "total_tokens": total}}
 
 
-async def _run_model_job(state: ServerState, job, *, param: Optional[str] = None):
+async def _run_model_job(state: ServerState, job, *, param: Optional[str] = None, what: str = ""):
     """``job()``'s result, run on the scheduler thread between decode steps (the thread that owns the model
     and its cache): 504 past ``request_timeout``, 503 when the server stops first, a GptforgeError the
-    request's fault (400 naming ``param``)."""
+    request's fault (400 naming ``param``, its message after ``what``)."""
     try:
         future = state.scheduler.run_job(job)
     except SchedulerStopped:
@@ -664,7 +647,7 @@ async def _run_model_job(state: ServerState, job, *, param: Optional[str] = None
     try:
         return waiter.result()
     except GptforgeError as exc:
-        raise _bad(str(exc), param=param) from None
+        raise _bad(what + str(exc), param=param) from None
 
 
 async def _prompt_logprobs(state: ServerState, prompts_ids: list[list[int]], top_n: int) -> list[dict]:
@@ -722,22 +705,9 @@ async def _moderate_input(state: ServerState, prompts: list[list[str]], param: s
         return {}
     texts = [text for prompt in prompts for text in prompt]
     moderation = state.moderation
-    try:
-        future = state.scheduler.run_job(lambda: moderation.check_inputs(texts))
-    except SchedulerStopped:
-        raise _shutting_down() from None
-    waiter = asyncio.wrap_future(future)
-    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even after a timeout
-    done, _ = await asyncio.wait({waiter}, timeout=state.config.request_timeout)
-    if not done:
-        future.cancel()
-        raise ApiError(504, "the request timed out", type="timeout", code="timeout")
-    if waiter.cancelled():
-        raise _shutting_down()
-    try:
-        verdicts = iter(waiter.result())
-    except GptforgeError as exc:  # e.g. a character the classifier's tokenizer cannot read
-        raise _bad(f"the moderation classifier cannot read the {param}: {exc}", param=param) from None
+    # A GptforgeError here is e.g. a character the classifier's tokenizer cannot read.
+    verdicts = iter(await _run_model_job(state, lambda: moderation.check_inputs(texts), param=param,
+                                         what=f"the moderation classifier cannot read the {param}: "))
     refused = {}
     for p, prompt in enumerate(prompts):
         blocked = [v for v in (next(verdicts) for _ in prompt) if v.blocked]

@@ -11,14 +11,15 @@ import pytest
 from gptforge.checkpoint import load_checkpoint
 from gptforge.config import GenerateConfig
 from gptforge.generate import generate
-from tests.cli_utils import assert_one_line_error, run, save_tiny_bpe_checkpoint
+from tests.cli_utils import assert_one_line_error, run
+from tests.generate.test_controls import save_trained_bpe_checkpoint
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "30", "--ignore-eos", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_bpe_checkpoint(tmp_path_factory.mktemp("controls") / "ckpt")
+    return save_trained_bpe_checkpoint(tmp_path_factory.mktemp("controls") / "ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +33,16 @@ def engine_text(loaded, prompt: str, **gen) -> str:
 
 
 def generated(capsys, checkpoint, *flags) -> str:
-    code, out, err = run(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "ROMEO:", *GREEDY, *flags)
+    code, out, err = run(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "the cat", *GREEDY, *flags)
     assert code == 0, err
-    assert out.startswith("ROMEO:") and out.endswith("\n")
-    return out[len("ROMEO:"):-1]
+    assert out.startswith("the cat") and out.endswith("\n")
+    return out[len("the cat"):-1]
 
 
 def test_generate_logit_bias_as_json_or_pairs(capsys, checkpoint, loaded):
     free = generated(capsys, checkpoint)
     first = loaded.tokenizer.encode(free)[0]
-    want = engine_text(loaded, "ROMEO:", logit_bias={first: -100, 5: 2.0})
+    want = engine_text(loaded, "the cat", logit_bias={first: -100, 5: 2.0})
     assert want != free
     assert generated(capsys, checkpoint, "--logit-bias", json.dumps({str(first): -100, "5": 2})) == want
     assert generated(capsys, checkpoint, "--logit-bias", f"{first}:-100,5:2") == want
@@ -51,7 +52,7 @@ def test_generate_ban_and_ban_file_add_up(capsys, checkpoint, loaded, tmp_path):
     free = generated(capsys, checkpoint)
     a, b = free[3:6], free[10:12]
     assert a in free and b in free
-    want = engine_text(loaded, "ROMEO:", bad_words=[a, b])
+    want = engine_text(loaded, "the cat", bad_words=[a, b])
     assert a not in want and b not in want
     assert generated(capsys, checkpoint, "--ban", a, "--ban", b) == want
     phrases = tmp_path / "banned.txt"
@@ -59,7 +60,7 @@ def test_generate_ban_and_ban_file_add_up(capsys, checkpoint, loaded, tmp_path):
     assert generated(capsys, checkpoint, "--ban-file", str(phrases)) == want
     phrases.write_text(f"{b}\n", encoding="utf-8")
     assert generated(capsys, checkpoint, "--ban", a, "--ban-file", str(phrases)) == want
-    code, out, err = run(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "ROMEO:", *GREEDY,
+    code, out, err = run(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "the cat", *GREEDY,
                          "--ban", a, "--ban", b, "--json", "--num-beams", "2")
     assert code == 0, err
     assert all(a not in c["text"] and b not in c["text"] for c in json.loads(out)["completions"])
@@ -70,7 +71,7 @@ def test_generate_ban_and_ban_file_add_up(capsys, checkpoint, loaded, tmp_path):
     (["--logit-bias", "5=1"], "logit_bias must be a JSON object or ID:BIAS,ID:BIAS"),
     (["--logit-bias", "5:200"], "logit_bias[5] must be a number in [-100, 100], got 200.0"),
     (["--logit-bias", "abc:1"], "logit_bias keys must be token ids"),
-    (["--logit-bias", "99999:1"], "logit_bias has token id 99999, outside the model's vocabulary of 300 ids"),
+    (["--logit-bias", "99999:1"], "logit_bias has token id 99999, outside the model's vocabulary of"),
     (["--ban", ""], "bad_words[0] is empty"),
     (["--ban-file", "missing-bans.txt"], "--ban-file missing-bans.txt does not exist"),
     (["--logit-bias", "5:1", "--draft-checkpoint", "CKPT"], "drop: logit_bias"),
@@ -78,7 +79,7 @@ def test_generate_ban_and_ban_file_add_up(capsys, checkpoint, loaded, tmp_path):
 ])
 def test_bad_generate_controls_are_one_error_line(capsys, checkpoint, flags, fragment):
     flags = [str(checkpoint) if f == "CKPT" else f for f in flags]
-    code, out, err = run(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "ROMEO:", *flags)
+    code, out, err = run(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "the cat", *flags)
     assert out == ""
     assert_one_line_error(code, err, fragment)
 

@@ -31,13 +31,12 @@ def bpe():
     return BPETokenizer.train(iter(TEXT), vocab_size=320)
 
 
-@pytest.fixture(scope="module")
-def model(bpe):
+def trained_model(tok, block_size: int = 96) -> GPT:
     """A tiny GPT trained for a few seconds on TEXT, so that its greedy output is TEXT-like: words of several
-    tokens, phrases across token boundaries (a random model repeats one token)."""
+    tokens, phrases across token boundaries (a random model repeats one token, or writes broken bytes)."""
     torch.manual_seed(3)
-    m = GPT(ModelConfig(vocab_size=bpe.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=32))
-    ids = torch.tensor(bpe.encode("".join(TEXT)))
+    m = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    ids = torch.tensor(tok.encode("".join(TEXT)))
     g = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
     for _ in range(120):
@@ -49,6 +48,21 @@ def model(bpe):
         loss.backward()
         optimizer.step()
     return m.eval()
+
+
+def save_trained_bpe_checkpoint(path):
+    """:func:`trained_model` with a byte-level BPE over TEXT and a 128-token context, saved at ``path`` (the
+    server's and the command line's tests)."""
+    from gptforge.checkpoint import save_checkpoint
+
+    tok = BPETokenizer.train(iter(TEXT), vocab_size=320)
+    model = trained_model(tok, block_size=128)
+    return save_checkpoint(path, model, tok, {"model": vars(model.config)})
+
+
+@pytest.fixture(scope="module")
+def model(bpe):
+    return trained_model(bpe)
 
 
 @pytest.fixture(scope="module")

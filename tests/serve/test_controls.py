@@ -14,7 +14,7 @@ from gptforge.config import GenerateConfig, ServeConfig
 from gptforge.generate import generate, generate_ids
 from gptforge.serve.app import load_served_checkpoint
 from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
-from tests.cli_utils import save_tiny_bpe_checkpoint
+from tests.generate.test_controls import save_trained_bpe_checkpoint
 from tests.serve.test_server import LiveServer, assert_error
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ MODEL = "tiny-bpe"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path = save_tiny_bpe_checkpoint(tmp_path_factory.mktemp("controls") / MODEL)
+    path = save_trained_bpe_checkpoint(tmp_path_factory.mktemp("controls") / MODEL)
     config = ServeConfig(checkpoint=str(path), device="cpu", max_batch_size=8)
     live = LiveServer(config, load_served_checkpoint(config))
     yield live
@@ -71,26 +71,26 @@ def boundary_phrase(server, text: str) -> str:
 
 
 def test_logit_bias_bans_and_forces_on_completions(server, client):
-    free = complete(client, prompt="ROMEO:")
+    free = complete(client, prompt="the cat")
     first = server.state.tokenizer.encode(free["text"])[0]
-    banned = complete(client, prompt="ROMEO:", logit_bias={str(first): -100})
-    assert banned["text"] == engine(server, "ROMEO:", max_new_tokens=24, temperature=0,
+    banned = complete(client, prompt="the cat", logit_bias={str(first): -100})
+    assert banned["text"] == engine(server, "the cat", max_new_tokens=24, temperature=0,
                                     logit_bias={first: -100}).text
     assert first not in server.state.tokenizer.encode(banned["text"]) and banned["text"] != free["text"]
     forced_id = server.state.tokenizer.encode(" the")[0]
-    forced = complete(client, prompt="ROMEO:", logit_bias={str(forced_id): 100}, temperature=1.0, seed=3)
+    forced = complete(client, prompt="the cat", logit_bias={str(forced_id): 100}, temperature=1.0, seed=3)
     assert forced["text"] == server.state.tokenizer.decode([forced_id] * 24)
-    assert streamed(client, "/v1/completions", {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 24,
+    assert streamed(client, "/v1/completions", {"model": MODEL, "prompt": "the cat", "max_tokens": 24,
                                                 "temperature": 0, "logit_bias": {str(first): -100}}) == banned["text"]
 
 
 def test_bad_words_never_appear_in_completions_streamed_or_not(server, client):
-    free = complete(client, prompt="JULIET:")["text"]
+    free = complete(client, prompt="hello")["text"]
     phrase = boundary_phrase(server, free)
     assert phrase in free
-    body = {"model": MODEL, "prompt": "JULIET:", "max_tokens": 24, "temperature": 0, "bad_words": [phrase]}
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 24, "temperature": 0, "bad_words": [phrase]}
     banned = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-    assert phrase not in banned and banned == engine(server, "JULIET:", max_new_tokens=24, temperature=0,
+    assert phrase not in banned and banned == engine(server, "hello", max_new_tokens=24, temperature=0,
                                                      bad_words=[phrase]).text
     assert streamed(client, "/v1/completions", body) == banned
     # sampled, several choices: none has it
@@ -102,7 +102,7 @@ def test_chat_completions_take_both_and_the_openai_client_sends_bad_words_in_ext
     import openai
 
     oc = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    messages = [{"role": "user", "content": "Speak, HAMLET"}]
+    messages = [{"role": "user", "content": "the hat is on"}]
     free = oc.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
     text = free.choices[0].message.content
     phrase = boundary_phrase(server, text)
@@ -124,9 +124,9 @@ def test_chat_completions_take_both_and_the_openai_client_sends_bad_words_in_ext
 def test_concurrent_requests_keep_their_own_biases_and_bans(server, client):
     """Rows of one continuous batch: each equals the engine alone under its own controls."""
     tok = server.state.tokenizer
-    jobs = [("ROMEO:", {}), ("ROMEO:", {"logit_bias": {tok.encode(" the")[0]: 5.0}}),
-            ("KING:", {"bad_words": ["e", "o"]}), ("KING:", {"logit_bias": {tok.encode("O")[0]: -100},
-                                                             "bad_words": [" R"]}), ("JULIET:", {})]
+    jobs = [("the cat", {}), ("the cat", {"logit_bias": {tok.encode(" the")[0]: 5.0}}),
+            ("she held", {"bad_words": ["e", "o"]}), ("she held", {"logit_bias": {tok.encode(" the")[0]: -100},
+                                                               "bad_words": ["at "]}), ("hello", {})]
 
     def ask(job):
         prompt, controls = job
@@ -149,10 +149,10 @@ def test_concurrent_requests_keep_their_own_biases_and_bans(server, client):
     ({"logit_bias": {"x": 1}}, "logit_bias", "logit_bias keys must be token ids"),
     ({"logit_bias": {"-3": 1}}, "logit_bias", "logit_bias keys must be token ids"),
     ({"logit_bias": {"5": "1"}}, "logit_bias", "valid number"),
-    ({"logit_bias": [5]}, "logit_bias", "object"),
+    ({"logit_bias": [5]}, "logit_bias", "valid dictionary"),
     ({"logit_bias": {"999999": 1}}, "logit_bias", "logit_bias has token id 999999, outside the model's vocabulary"),
     ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300 entries"),
-    ({"bad_words": "the"}, "bad_words", "valid array"),
+    ({"bad_words": "the"}, "bad_words", "valid list"),
     ({"bad_words": [""]}, "bad_words", "bad_words[0] is empty"),
     ({"bad_words": [3]}, "bad_words", "valid string"),
     ({"bad_words": ["x"] * 65}, "bad_words", "at most 64 phrases"),
@@ -160,11 +160,11 @@ def test_concurrent_requests_keep_their_own_biases_and_bans(server, client):
 ])
 def test_bad_values_are_one_400_naming_the_field(client, route, extra, param, message):
     body = {"model": MODEL, "max_tokens": 4, **extra}
-    body.update({"prompt": "ROMEO:"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
+    body.update({"prompt": "the cat"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
     r = client.post(route, content=json.dumps(body, allow_nan=True), headers={"Content-Type": "application/json"})
     assert_error(r, 400, param, message=message)
 
 
 def test_an_empty_logit_bias_and_no_bad_words_change_nothing(client):
-    plain = complete(client, prompt="KING:")
-    assert complete(client, prompt="KING:", logit_bias={}, bad_words=[]) == plain
+    plain = complete(client, prompt="she held")
+    assert complete(client, prompt="she held", logit_bias={}, bad_words=[]) == plain

@@ -5,6 +5,9 @@
     stream(model, tokenizer, prompt, config)           -> Stream: text pieces as they are decided
     greedy_tokens(model, hidden) / sample_tokens(model, hidden, temperature)  -> the next token of each row
 
+GenerateConfig's logit_bias and bad_words (banned phrases, :mod:`.bans`) apply in the one sampler, so every
+decoding path has them.
+
 :mod:`.sampler` turns logits into tokens; :mod:`.engine` holds the per-sequence state and the decode step that
 the CLI, chat, speculative decoding and the server's scheduler share.
 """
@@ -15,6 +18,7 @@ from .engine import (Decoder, SequenceState, Stream, TokenChoice, encode_prompt,
                      generate_tokens, stream, stream_ids)
 from .processors import (
     TokenHistory,
+    apply_logit_bias,
     apply_presence_frequency_penalty,
     apply_repetition_penalty,
     apply_temperature,
@@ -31,7 +35,7 @@ from .sampler import (choose_tokens, filter_logits, greedy_tokens, logits_to_pro
 __all__ = [
     "Completion", "Decoder", "FinishReason", "SequenceState", "Stream", "TokenChoice", "beam_search",
     "encode_prompt", "generate", "generate_ids", "generate_tokens", "stream", "stream_ids",
-    "TokenHistory", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
+    "TokenHistory", "apply_logit_bias", "apply_presence_frequency_penalty", "apply_repetition_penalty", "apply_temperature",
     "ban_tokens", "min_p_filter", "process_logits", "top_k_filter", "top_p_filter", "warp_logits",
     "choose_tokens", "filter_logits", "greedy_tokens", "logits_to_probs", "sample", "sample_tokens",
     "token_logprobs",

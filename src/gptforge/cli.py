@@ -81,8 +81,17 @@ def _report_signal_stop(stopped_by: str, steps: int, checkpoint: Path) -> int:
 
 
 def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    """Every decoding flag → a validated GenerateConfig."""
-    return config_from_flags(GenerateConfig, args)
+    """Every decoding flag → a validated GenerateConfig (with the phrases of --ban-file added to --ban)."""
+    gen = config_from_flags(GenerateConfig, args)
+    if getattr(args, "ban_file", None) is not None:
+        phrases = [line for line in _read_lines(Path(args.ban_file), "--ban-file") if line.strip()]
+        gen = dataclasses.replace(gen, bad_words=gen.bad_words + phrases).validate()
+    return gen
+
+
+def _add_ban_file_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ban-file", metavar="FILE", default=None,
+                   help="banned phrases, one a line (taken as written; blank lines skipped), added to --ban")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -147,7 +156,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .tokenizer import check_text
 
-    gen = config_from_flags(GenerateConfig, args)
+    gen = generate_config_from_args(args)
     system = check_text(_unescape(args.system), "--system") if args.system else None
     grounding = _load_grounding(config_from_flags(GroundingConfig, args))  # a bad index fails before the model loads
     inference = config_from_flags(InferenceConfig, args)
@@ -155,6 +164,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     ckpt = _load_for_inference(inference)
     if grounding is not None:
         grounding.check_tokenizer(ckpt.tokenizer)
+    gen.check_vocab(ckpt.model.config.vocab_size)  # a bad --logit-bias id fails before the first message
     from .chat import ChatSession, chat_template_of
 
     session = ChatSession(ckpt.model, ckpt.tokenizer, gen, system=system, template=chat_template_of(ckpt.config),
@@ -253,7 +263,8 @@ def _format_sources(hits) -> str:
 def _check_speculative_args(gen, prompts: list[str], args: argparse.Namespace) -> None:
     plain = GenerateConfig()
     unsupported = [name for name in ("min_new_tokens", "min_p", "repetition_penalty", "presence_penalty",
-                                     "frequency_penalty", "no_repeat_ngram_size", "num_beams", "stop", "logprobs")
+                                     "frequency_penalty", "no_repeat_ngram_size", "num_beams", "stop", "logprobs",
+                                     "logit_bias", "bad_words")
                    if getattr(gen, name) != getattr(plain, name)]
     if len(prompts) != 1 or gen.num_return_sequences != 1:
         unsupported.append("several prompts or sequences")
@@ -826,6 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", default=None,
                      help="one prompt per line, generated as a batch (write \\n for a newline inside a prompt)")
     add_config_flags(p, GenerateConfig)
+    _add_ban_file_flag(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON line per prompt: tokens, text, log-probs, finish reason")
     p.add_argument("--draft-checkpoint", default=None, help="speculative decoding with this smaller model (same tokenizer)")
@@ -852,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, InferenceConfig)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt, kept for the whole conversation")
     add_config_flags(p, GenerateConfig, only=CHAT_OPTIONS, defaults=CHAT_DEFAULTS)
+    _add_ban_file_flag(p)
     add_config_flags(p, GroundingConfig)
     add_config_flags(p, ModerationConfig)
     p.set_defaults(func=cmd_chat)

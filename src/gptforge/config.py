@@ -307,12 +307,19 @@ class GenerateConfig:
     """Seed that makes sampling reproducible (row r of a batch uses seed + r)."""
     logprobs: int = 0
     """Return the log-probability of each chosen token and this many top alternatives; 0 returns none."""
+    logit_bias: Optional[dict[int, float]] = field(default=None, metadata=flag(metavar="JSON|ID:BIAS,..."))
+    """Added to these token ids' logits before sampling (OpenAI's logit_bias): token id -> bias in [-100, 100];
+    -100 effectively bans a token, 100 effectively forces it. A JSON object or ID:BIAS,ID:BIAS."""
+    bad_words: list[str] = field(default_factory=list, metadata=flag("--ban", metavar="PHRASE", escapes=True))
+    """Phrases the output never contains, however tokens would split them: matched on the text, case-sensitive,
+    inside longer words too (banning 'cat' bans 'category')."""
     compile: bool = False
     """Compile the one-token decode step with torch.compile (used on CUDA only)."""
 
     def __post_init__(self) -> None:
         if self.temperature is None:  # beam search scores, it does not sample
             self.temperature = 0.0 if self.num_beams > 1 else 0.8
+        self.logit_bias = parse_logit_bias(self.logit_bias)  # JSON's string keys, or ID:BIAS text → {id: bias}
 
     def validate(self) -> "GenerateConfig":
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -356,6 +363,7 @@ class GenerateConfig:
             raise ConfigError("stop strings must not be empty")
         if self.logprobs < 0:
             raise ConfigError(f"logprobs must be >= 0 (0 returns none), got {self.logprobs}")
+        _check_bad_words(self.bad_words)
         if self.num_beams > 1:
             self._validate_beam_search()
         return self
@@ -371,6 +379,14 @@ class GenerateConfig:
         config = self if max_new == self.max_new_tokens else dataclasses.replace(self, max_new_tokens=max_new)
         return config.validate()
 
+    def check_vocab(self, vocab_size: int) -> "GenerateConfig":
+        """ConfigError when a logit_bias token id is outside a vocabulary of ``vocab_size`` ids."""
+        outside = sorted(i for i in self.logit_bias or () if i >= vocab_size)
+        if outside:
+            raise ConfigError(f"logit_bias has token id {outside[0]}, outside the model's vocabulary of {vocab_size} "
+                              f"ids (0 to {vocab_size - 1})")
+        return self
+
     def _validate_beam_search(self) -> None:
         if self.temperature > 0:
             raise ConfigError(
@@ -382,6 +398,69 @@ class GenerateConfig:
             )
         if self.stop:
             raise ConfigError("stop strings are not supported with beam search; use num_beams=1")
+
+
+LOGIT_BIAS_LIMIT = 100.0
+"""logit_bias values lie in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT] (OpenAI's range)."""
+
+
+def parse_logit_bias(value: Any) -> Optional[dict[int, float]]:
+    """A logit_bias as {token id: bias}, or None for none (an empty one too), from a dict (keys ints or strings
+    of ints, as JSON has them) or a text: a JSON object or ``ID:BIAS,ID:BIAS``. ConfigError naming logit_bias
+    for anything else: a key that is not a token id (>= 0), a bias that is not a finite number in [-100, 100]."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # pairs, so that a token id given twice is caught, not silently merged
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                pairs = json.loads(text, object_pairs_hook=lambda items: items)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"logit_bias is not valid JSON: {exc}") from None
+            if not isinstance(pairs, list):
+                raise ConfigError(f"logit_bias must be a JSON object, got {text!r}")
+        else:
+            parts = [part.strip() for part in text.split(",")]
+            if not all(part.count(":") == 1 for part in parts):
+                raise ConfigError(f"logit_bias must be a JSON object or ID:BIAS,ID:BIAS (e.g. 50256:-100), got {value!r}")
+            pairs = [tuple(part.split(":")) for part in parts]
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise ConfigError(f"logit_bias must map token ids to biases, got {type(value).__name__}")
+    bias: dict[int, float] = {}
+    for key, number in pairs:
+        if isinstance(key, str) and key.strip().isdigit():  # JSON's keys are strings; only decimal digits
+            token = int(key.strip())
+        elif isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            token = key
+        else:
+            raise ConfigError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        if isinstance(number, str):
+            try:
+                number = float(number)
+            except ValueError:
+                raise ConfigError(f"logit_bias[{token}] must be a number, got {number!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"logit_bias[{token}] must be a number, got {number!r}")
+        if not (math.isfinite(number) and -LOGIT_BIAS_LIMIT <= number <= LOGIT_BIAS_LIMIT):
+            raise ConfigError(f"logit_bias[{token}] must be a number in [-100, 100], got {number!r}")
+        if token in bias:
+            raise ConfigError(f"logit_bias gives token id {token} twice")
+        bias[token] = float(number)
+    return bias or None
+
+
+def _check_bad_words(phrases: Any) -> None:
+    if isinstance(phrases, str) or not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+        raise ConfigError(f"bad_words must be a list of strings, got {phrases!r}")
+    for i, phrase in enumerate(phrases):
+        if phrase == "":
+            raise ConfigError(f"bad_words[{i}] is empty; a banned phrase needs at least one character")
+        try:
+            phrase.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"bad_words[{i}] is not valid Unicode (it holds a lone surrogate)") from None
 
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -415,7 +494,7 @@ KV_CACHE_DTYPES = ("auto", "bfloat16")
 INFERENCE_DTYPES = DTYPES
 """Names of the weights' dtypes a model is loaded in for inference (``--dtype``): those training takes."""
 
-CHAT_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+CHAT_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "logit_bias", "bad_words")
 """The GenerateConfig fields that `gptforge chat` takes as flags."""
 
 CHAT_DEFAULTS: dict[str, Any] = {}

@@ -88,6 +88,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def _canonical(self) -> str: ...
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in the text, in id order: what decoding joins (as UTF-8) when the id comes in a
+        sequence. This generic version decodes each id alone, exact where no id is part of a character."""
+        return [self.decode([i]).encode("utf-8", "surrogatepass") for i in range(self.vocab_size)]
+
     @property
     def fingerprint(self) -> str:
         """A short hash of the vocabulary and merges: equal fingerprints encode text identically."""
@@ -164,6 +169,23 @@ class BPETokenizer(Tokenizer):
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
+
+    def token_bytes(self) -> list[bytes]:
+        """Byte-level tokens' bytes through GPT-2's byte alphabet; added tokens (end-of-text) are their text,
+        as decode writes them. A tokenizer file with another decoder falls back to decoding ids one by one."""
+        decoder = (json.loads(self._tok.to_str()).get("decoder") or {}).get("type")
+        if decoder != "ByteLevel":
+            return super().token_bytes()
+        byte_of = {ch: b for b, ch in _byte_alphabet().items()}
+        added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        out = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if i in added or piece is None or not all(ch in byte_of for ch in piece):
+                out.append((added.get(i) if i in added else self.decode([i])).encode("utf-8"))
+            else:
+                out.append(bytes(byte_of[ch] for ch in piece))
+        return out
 
     @property
     def vocab_size(self) -> int:
@@ -253,6 +275,10 @@ class CharTokenizer(Tokenizer):
             out.append(pending.decode("utf-8", "replace"))
         return "".join(out)
 
+    def token_bytes(self) -> list[bytes]:
+        return ([bytes([i]) for i in range(self._N_BYTES)] + [EOS_TOKEN.encode("utf-8")]
+                + [c.encode("utf-8", "surrogatepass") for c in self.chars])
+
     @property
     def vocab_size(self) -> int:
         return self._N_BYTES + 1 + len(self.chars)
@@ -271,6 +297,19 @@ class CharTokenizer(Tokenizer):
 
 
 # --------------------------------------------------------------------------------------------------
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte's printable stand-in in a byte-level BPE vocabulary."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return alphabet
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer saved in a checkpoint, prepared-data or Hugging Face folder."""
     d = Path(directory)

@@ -92,7 +92,7 @@ def beam_search(model: GPT, prompts_ids: Sequence[Sequence[int]], config: Genera
     rows_ids = [ids for ids in prompts_ids for _ in range(K)]
     batch = PromptBatch(model, rows_ids, config)
     device = batch.idx.device
-    history = TokenHistory(rows_ids, model.config.vocab_size, config, device)
+    history = TokenHistory(rows_ids, model.config.vocab_size, config, device, tokenizer)
     eos = None if config.ignore_eos else eos_id
     pools = [Hypotheses(K, config.early_stopping) for _ in range(P)]
     trace = _Trace(with_logprobs=config.logprobs > 0)

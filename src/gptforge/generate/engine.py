@@ -64,6 +64,8 @@ def generate_ids(model: GPT, prompts_ids: Sequence[Sequence[int]], config: Gener
     config.validate()
     if config.stop and tokenizer is None:
         raise ConfigError("stop strings need a tokenizer to decode the output; pass tokenizer=")
+    if config.bad_words and tokenizer is None:
+        raise ConfigError("banned phrases (bad_words) are matched on the text and need a tokenizer; pass tokenizer=")
     if prompts_ids:  # an unset max_new_tokens: what the longest prompt leaves (an empty prompt fails later)
         config = config.for_prompt(max(len(ids) for ids in prompts_ids), model.config.block_size)
     if config.num_beams > 1:
@@ -152,7 +154,7 @@ class SequenceState:
             config = config.for_prompt(len(self.prompt_ids), model.config.block_size)
         self.config = config
         self.eos_id = None if config.ignore_eos else eos_id
-        self.history = TokenHistory([self.prompt_ids], model.config.vocab_size, config, device)
+        self.history = TokenHistory([self.prompt_ids], model.config.vocab_size, config, device, tokenizer)
         self.generator = make_generator(seed, device)
         self.steps = 0  # tokens chosen, an ending end-of-text token included
         self.token_ids: list[int] = []

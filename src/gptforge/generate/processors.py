@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..config import GenerateConfig
+from ..errors import ConfigError
 
 NEG_INF = float("-inf")
 
@@ -79,6 +80,14 @@ def apply_presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor,
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
+def apply_logit_bias(logits: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """OpenAI's logit_bias (transformers' SequenceBiasLogitsProcessor for one-token sequences): ``bias`` (n,)
+    added to the logits of tokens ``ids`` (n,) in every row."""
+    logits = logits.clone()
+    logits[:, ids] += bias.to(logits.dtype)
+    return logits
+
+
 def ban_tokens(logits: torch.Tensor, banned: Sequence[Iterable[int]]) -> torch.Tensor:
     """Set ``banned[row]``'s tokens to -inf in each row."""
     rows, cols = [], []
@@ -130,14 +139,31 @@ class NGramTable:
 
 
 class TokenHistory:
-    """Per-row state the penalties read, updated in place: seen tokens, generated counts, n-grams."""
+    """Per-row state the penalties and bans read, updated in place: seen tokens, generated counts, n-grams, the
+    tail of the text (banned phrases); and the logit bias, prepared once. ``tokenizer``: needed for banned
+    phrases (config.bad_words), which are matched on the text."""
 
     def __init__(self, rows_ids: Sequence[Sequence[int]], vocab_size: int, config: GenerateConfig,
-                 device: torch.device):
+                 device: torch.device, tokenizer=None):
         B = len(rows_ids)
         self.seen: Optional[torch.Tensor] = None  # (B, V) bool: in the prompt or output
         self.counts: Optional[torch.Tensor] = None  # (B, V) float: times generated
         self.ngrams: Optional[list[NGramTable]] = None
+        self.bias: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # logit_bias: ids (n,), biases (n,)
+        self.phrases = None  # a gptforge.generate.bans.PhraseBan when config.bad_words
+        self.tails: Optional[list[bytes]] = None  # each row's text tail that a banned phrase could continue
+        if config.logit_bias:
+            config.check_vocab(vocab_size)
+            self.bias = (torch.tensor(list(config.logit_bias), dtype=torch.long, device=device),
+                         torch.tensor(list(config.logit_bias.values()), dtype=torch.float32, device=device))
+        if config.bad_words:
+            if tokenizer is None:
+                raise ConfigError("banned phrases (bad_words) are matched on the text and need a tokenizer; "
+                                  "pass tokenizer=")
+            from .bans import phrase_ban
+
+            self.phrases = phrase_ban(tokenizer, config.bad_words)
+            self.tails = [self.phrases.tail(ids) for ids in rows_ids]
         if config.repetition_penalty != 1.0:
             self.seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
             for row, ids in enumerate(rows_ids):
@@ -146,11 +172,12 @@ class TokenHistory:
             self.counts = torch.zeros(B, vocab_size, device=device)
         if config.no_repeat_ngram_size:
             self.ngrams = [NGramTable(config.no_repeat_ngram_size, ids) for ids in rows_ids]
-
-    @property
-    def tracking(self) -> bool:
+        # Decided once here, read every step: whether appending matters, whether the logits are changed.
+        self.tracking = (self.seen is not None or self.counts is not None or self.ngrams is not None
+                         or self.tails is not None)
         """Whether a penalty or ban reads this history (else appending to it does nothing)."""
-        return self.seen is not None or self.counts is not None or self.ngrams is not None
+        self.processed = self.tracking or self.bias is not None
+        """Whether a penalty, bias or ban changes the logits (else a row's token is chosen from them as they are)."""
 
     def append(self, tokens: torch.Tensor, token_list: Sequence[int]) -> None:
         """Record one new token per row: ``tokens`` (B,) on the model's device, the same as a list."""
@@ -162,6 +189,8 @@ class TokenHistory:
         if self.ngrams is not None:
             for table, t in zip(self.ngrams, token_list):
                 table.append(t)
+        if self.tails is not None:
+            self.tails = [self.phrases.push(tail, t) for tail, t in zip(self.tails, token_list)]
 
     def reorder(self, index: torch.Tensor, index_list: Sequence[int]) -> None:
         """Row i becomes old row index[i] (beam search)."""
@@ -176,35 +205,43 @@ class TokenHistory:
                 tables.append(self.ngrams[i] if i not in used else self.ngrams[i].copy())
                 used.add(i)
             self.ngrams = tables
+        if self.tails is not None:
+            self.tails = [self.tails[i] for i in index_list]
 
 
 def argmax_only(config: GenerateConfig, history: TokenHistory) -> bool:
     """Whether the next token under ``config`` is the logits' plain argmax: greedy, no log-probabilities,
-    and no penalty or ban in ``history`` (end-of-text before ``min_new_tokens`` aside: the caller's to
+    and no penalty, bias or ban in ``history`` (end-of-text before ``min_new_tokens`` aside: the caller's to
     exclude). What lets a screened LM head skip the logits (see gptforge.generate.sampler)."""
-    return config.temperature == 0 and not config.logprobs and not history.tracking
+    return config.temperature == 0 and not config.logprobs and not history.processed
 
 
 def sample_only(config: GenerateConfig, history: TokenHistory) -> bool:
     """Whether the next token under ``config`` is a plain draw from ``softmax(logits / temperature)``: sampling
-    without top-k, top-p or min-p, penalties or bans (end-of-text before ``min_new_tokens`` aside: the
+    without top-k, top-p or min-p, penalties, bias or bans (end-of-text before ``min_new_tokens`` aside: the
     caller's to pass on). A screened LM head draws such tokens without the logits (see
     gptforge.generate.sampler), and always so, log-probabilities or not (they are read from
     the logits besides), so that asking for them never changes which tokens a seed gives."""
     return (config.temperature > 0 and config.top_k is None and (config.top_p is None or config.top_p >= 1.0)
-            and not config.min_p and not history.tracking)
+            and not config.min_p and not history.processed)
 
 
 def process_logits(logits: torch.Tensor, history: TokenHistory, config: GenerateConfig, *, step: int,
                    eos_id: Optional[int]) -> torch.Tensor:
-    """Penalties and bans in Hugging Face's order: repetition, n-grams, then end-of-text before min_new_tokens.
+    """Bias, penalties and bans in Hugging Face's order: logit bias (its SequenceBiasLogitsProcessor),
+    repetition, n-grams, banned phrases (its NoBadWordsLogitsProcessor's place), then end-of-text before
+    min_new_tokens.
 
     ``step`` is the number of tokens generated so far. OpenAI's presence / frequency penalties come last.
     """
+    if history.bias is not None:
+        logits = apply_logit_bias(logits, *history.bias)
     if history.seen is not None:
         logits = apply_repetition_penalty(logits, history.seen, config.repetition_penalty)
     if history.ngrams is not None:
         logits = ban_tokens(logits, [table.banned() for table in history.ngrams])
+    if history.tails is not None:
+        logits = history.phrases.apply(logits, history.tails, allow=eos_id)
     if eos_id is not None and step < config.min_new_tokens:
         logits = suppress_token(logits, eos_id)
     if history.counts is not None:

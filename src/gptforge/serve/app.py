@@ -940,7 +940,12 @@ class _Job:
             max_new_tokens=max_tokens, temperature=req.temperature, top_p=None if req.top_p >= 1 else req.top_p,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop=req.stop_list,
             logprobs=0 if self.logprobs is None else max(self.logprobs, 1), seed=req.seed,
+            logit_bias=req.logit_bias, bad_words=req.bad_words or [],
         )
+        try:
+            config.check_vocab(self.state.vocab_size)
+        except GptforgeError as exc:
+            raise _bad(str(exc), param="logit_bias") from None
         try:
             return config.validate()
         except GptforgeError as exc:

@@ -24,10 +24,14 @@ SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 63 - 1  # OpenAI's: a signed 64-bit integer 
 DEFAULT_COMPLETION_TOKENS = 16
 """OpenAI's default ``max_tokens`` for /v1/completions; the server lowers it to what the context leaves."""
 
+MAX_LOGIT_BIAS = 300  # entries of logit_bias: this server's limit
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 64, 200  # banned phrases (a gptforge extension): this server's limits
+
 GENERATE_OPTIONS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                     "temperature": "temperature", "top_p": "top_p", "n": "num_return_sequences",
                     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                    "stop": "stop", "logprobs": "logprobs", "top_logprobs": "logprobs"}
+                    "stop": "stop", "logprobs": "logprobs", "top_logprobs": "logprobs",
+                    "logit_bias": "logit_bias", "bad_words": "bad_words"}
 """Request fields that are GenerateConfig options: the request's name → the GenerateConfig field."""
 
 
@@ -89,6 +93,10 @@ class _SamplingRequest(_Strict):
     frequency_penalty: float = 0.0
     user: Optional[str] = None
     """Accepted for compatibility; OpenAI uses it to track abuse, this server ignores it."""
+    logit_bias: Optional[dict[str, float]] = None
+    """OpenAI's: token id (a string, as JSON keys are) → bias in [-100, 100], added to the logits."""
+    bad_words: Optional[list[str]] = None
+    """A gptforge extension (OpenAI clients send it through extra_body): phrases the output never contains."""
 
     _scoring_form: ClassVar[bool] = False
 
@@ -98,6 +106,24 @@ class _SamplingRequest(_Strict):
         if value == 0 and info.field_name == "max_tokens" and cls._scoring_form:
             return value
         return check_generate_option(info.field_name, value)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value):
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+        return check_generate_option("logit_bias", value)
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, value):
+        if value is None:
+            return value
+        if len(value) > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words may have at most {MAX_BAD_WORDS} phrases, got {len(value)}")
+        if any(len(phrase) > MAX_BAD_WORD_CHARS for phrase in value):
+            raise ValueError(f"each of bad_words may have at most {MAX_BAD_WORD_CHARS} characters")
+        return check_generate_option("bad_words", value)
 
     @field_validator("temperature")
     @classmethod

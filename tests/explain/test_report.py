@@ -112,20 +112,8 @@ class RecordingBrowser(Browser):
         super().__init__(executable, profile)
         self.call("Log.enable", session=True)
 
-    def _pump(self) -> None:
-        buffer = b""
-        while True:
-            chunk = self._read.read(65536)
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\0" in buffer:
-                message, buffer = buffer.split(b"\0", 1)
-                parsed = json.loads(message)
-                if "id" in parsed:
-                    self._replies.put(parsed)
-                else:
-                    self.events.put(parsed)
+    def on_event(self, message: dict) -> None:
+        self.events.put(message)
 
     def errors(self) -> list[str]:
         found = []

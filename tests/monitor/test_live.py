@@ -10,6 +10,7 @@ from gptforge.config import MonitorConfig, ServeConfig
 from gptforge.monitor import run_monitor
 from gptforge.serve.app import STATIC_DIR, load_served_checkpoint
 from tests.monitor.monitor_utils import news, read_jsonl, write_jsonl
+from tests.serve.test_chat_page import browser  # noqa: F401 (the fixture: Chromium, or the test skipped)
 from tests.serve.test_server import LiveServer
 
 pytestmark = pytest.mark.integration
@@ -87,8 +88,7 @@ def test_a_folder_the_monitor_has_not_written_yet_answers_empty(negative_classif
         server.close()
 
 
-def test_the_page_draws_each_key_and_lists_the_alerts(live, folder, negative_classifier, browser_or_skip):
-    browser = browser_or_skip
+def test_the_page_draws_each_key_and_lists_the_alerts(live, folder, negative_classifier, browser):
     browser.call("Page.navigate", session=True, url=live.url + "/monitor")
     browser.wait_for("document.readyState === 'complete' && !!document.getElementById('keys')")
     browser.wait_for("document.getElementById('status').textContent.includes('401')")  # no key yet
@@ -107,15 +107,3 @@ def test_the_page_draws_each_key_and_lists_the_alerts(live, folder, negative_cla
     run_monitor(MonitorConfig(checkpoint=str(negative_classifier), input=str(source), out=str(folder), device="cpu",
                               window_items=4, min_items=3, alerts=["negative:0.6"], plot_every=0))
     browser.wait_for("document.querySelectorAll('.key-chart').length === 3", timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser_or_skip(tmp_path_factory):
-    from tests.serve.test_chat_page import Browser, find_chromium
-
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
-    b = Browser(executable, tmp_path_factory.mktemp("chromium-profile"))
-    yield b
-    b.close()

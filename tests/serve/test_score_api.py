@@ -10,16 +10,12 @@ import httpx
 import pytest
 import torch
 
-from gptforge.checkpoint import save_checkpoint, task_model_state
-from gptforge.config import GenerateConfig, ModelConfig, ServeConfig
+from gptforge.config import GenerateConfig
 from gptforge.generate import generate_ids
 from gptforge.generate.score import encode_pair, prompt_logprobs, score
-from gptforge.heads import TaskModel
 from gptforge.model import GPT
-from gptforge.serve.app import load_served_checkpoint
 from gptforge.serve.scoring import MAX_SCORE_CANDIDATES
-from gptforge.tokenizer import CharTokenizer
-from tests.serve.test_server import (CHARS, LiveServer, assert_error, bpe_server, client, lm_checkpoint, server,
+from tests.serve.test_server import (assert_error, bpe_server, classifier_server, client, lm_checkpoint, server,
                                      strict_json)
 
 pytestmark = pytest.mark.integration
@@ -135,15 +131,7 @@ def test_score_limits_auth_and_size(server, client):
 
 
 def test_score_on_a_classifier_is_400(tmp_path):
-    torch.manual_seed(1)
-    tok = CharTokenizer(CHARS)
-    base = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
-    model = TaskModel(base, "classify", 2, dropout=0.0)
-    path = save_checkpoint(tmp_path / "sentiment", model, tok,
-                           {"model": vars(base.config), "task": {"type": "classify", "labels": ["neg", "pos"]}},
-                           state=task_model_state(model))
-    config = ServeConfig(checkpoint=str(path), device="cpu")
-    live = LiveServer(config, load_served_checkpoint(config))
+    live = classifier_server(tmp_path)
     try:
         r = httpx.post(live.url + "/v1/score", json={"context": "a", "candidates": ["b"]}, timeout=30)
         assert_error(r, 400, None, code="unsupported_task", message="/v1/classify")

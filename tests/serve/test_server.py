@@ -463,7 +463,8 @@ def test_request_timeout_is_504_and_frees_the_row(slow_server):
 
 
 # --------------------------------------------------------------------------------------------------
-def test_classify_checkpoint(tmp_path):
+def classifier_server(tmp_path) -> "LiveServer":
+    """A server of a tiny random classification checkpoint (labels neg, pos) named "sentiment"."""
     torch.manual_seed(1)
     tok = CharTokenizer(CHARS)
     base = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
@@ -472,7 +473,11 @@ def test_classify_checkpoint(tmp_path):
                            {"model": vars(base.config), "task": {"type": "classify", "labels": ["neg", "pos"]}},
                            state=task_model_state(model))
     config = ServeConfig(checkpoint=str(path), device="cpu")
-    live = LiveServer(config, load_served_checkpoint(config))
+    return LiveServer(config, load_served_checkpoint(config))
+
+
+def test_classify_checkpoint(tmp_path):
+    live = classifier_server(tmp_path)
     try:
         r = httpx.post(live.url + "/v1/classify", json={"input": ["good day", "bad day"]}, timeout=30)
         assert r.status_code == 200, r.text

@@ -14,6 +14,15 @@ from gptforge.train.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
 
+# Appended to each worker: once pretrain returns, no DistributedDataParallel wrapper is left alive, not even
+# in an uncollected reference cycle. One left over keeps the process group alive past destroy_process_group,
+# until interpreter exit tears it down, and there gloo's threads sometimes abort the process.
+NO_WRAPPER_LEFT = """
+import gc
+from torch.nn.parallel import DistributedDataParallel
+assert not [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)], "a DDP wrapper outlived pretrain"
+"""
+
 WORKER = """
 import json, sys
 from gptforge.config import build_run_config
@@ -21,7 +30,7 @@ from gptforge.train import pretrain
 
 result = pretrain(build_run_config(json.loads(sys.argv[1])), progress=False)
 assert result.steps == 6, result
-"""
+""" + NO_WRAPPER_LEFT
 
 
 def test_two_processes_match_one_process_with_accumulation(make_config, tmp_path):
@@ -87,7 +96,7 @@ result = pretraining.pretrain(build_run_config(json.loads(sys.argv[1])), progres
 # A file per rank, not stdout: the two processes share torchrun's pipe, where lines can interleave.
 with open(os.path.join(sys.argv[2], f"result-{rank}.json"), "w") as f:
     json.dump({"rank": rank, "steps": result.steps, "stopped_by": result.stopped_by}, f)
-"""
+""" + NO_WRAPPER_LEFT
 
 
 def test_processes_agree_on_skipping_a_step_and_on_stopping_for_a_signal(make_config, tmp_path):

@@ -81,9 +81,13 @@ def pretrain(config: RunConfig, *, resume: bool = False, progress: bool = True,
     """
     config.validate()
     ctx, device = init_distributed(config.train.device)
+    job: Optional[_Pretraining] = None
     try:
-        return _Pretraining(config, ctx, device, resume=resume).run(progress, handle_signals)
+        job = _Pretraining(config, ctx, device, resume=resume)
+        return job.run(progress, handle_signals)
     finally:
+        if job is not None:
+            job.trainer.release_process_group()
         cleanup_distributed(ctx)
 
 

@@ -404,6 +404,18 @@ class Trainer:
             return {k: move(v) for k, v in batch.items()}
         return type(batch)(move(t) for t in batch)
 
+    def release_process_group(self) -> None:
+        """Drop the DistributedDataParallel wrapper, the one holder of the process group besides torch itself.
+
+        Call it when training is over and before ``destroy_process_group``: the wrapper sits in a reference
+        cycle (the run's callbacks point back at their owner), so without this it lives until the garbage
+        collector or interpreter exit, and the group it holds is torn down there instead, where gloo's
+        threads can abort the process ("terminate called without an active exception").
+        """
+        if self.ddp is not None:
+            self.ddp = None
+            self.runner = self.model
+
     def save_checkpoint(self) -> Path:
         """Write ``out_dir/checkpoints/step-N`` (on the main process), point ``latest`` at it, prune old ones.
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 LABELS = ["negative", "neutral", "positive"]
 
 
-def save_classifier(path: Path, *, favour: str | None = None) -> Path:
-    """A seeded random one-layer classifier over LABELS (demo-like BPE tokenizer). ``favour``: its head's bias
-    makes every text that label (so a test knows what the monitor will see)."""
+def save_classifier(path: Path, *, favour: str | None = None, labels: Sequence[str] = tuple(LABELS)) -> Path:
+    """A seeded random one-layer classifier over ``labels`` (demo-like BPE tokenizer). ``favour``: its head's
+    bias makes every text that label (so a test knows what the monitor will see)."""
     import torch
 
     from gptforge.checkpoint import build_task_model, save_checkpoint, task_model_state
@@ -23,16 +24,14 @@ def save_classifier(path: Path, *, favour: str | None = None) -> Path:
     tok = BPETokenizer.train(iter(text), vocab_size=300)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
-    task = {"type": "classify", "labels": list(LABELS), "chat_template": None}
+    task = {"type": "classify", "labels": list(labels), "chat_template": None}
     task_model = build_task_model(model, task)
     if favour is not None:
         with torch.no_grad():
             task_model.head.bias.zero_()
-            task_model.head.bias[LABELS.index(favour)] = 10.0
+            task_model.head.bias[labels.index(favour)] = 10.0
     return save_checkpoint(path, task_model, tok, {"model": vars(model.config), "task": task},
                            state=task_model_state(task_model))
-
-
 
 
 HEADLINES = ["Acme shares jump after strong sales", "Globex cuts guidance as demand slumps",

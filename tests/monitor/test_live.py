@@ -6,10 +6,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from gptforge.cli import main
 from gptforge.config import MonitorConfig, ServeConfig
 from gptforge.monitor import run_monitor
-from gptforge.serve.app import STATIC_DIR, load_served_checkpoint
-from tests.monitor.monitor_utils import news, read_jsonl, write_jsonl
+from gptforge.errors import ConfigError
+from gptforge.serve.app import STATIC_DIR, create_app, load_served_checkpoint
+from tests.monitor.monitor_utils import news, read_jsonl, save_classifier, write_jsonl
 from tests.serve.test_chat_page import browser  # noqa: F401 (the fixture: Chromium, or the test skipped)
 from tests.serve.test_server import LiveServer
 
@@ -86,6 +88,18 @@ def test_a_folder_the_monitor_has_not_written_yet_answers_empty(negative_classif
         assert (data["started"], data["keys"], data["alerts"], data["items"]) == (False, [], [], 0)
     finally:
         server.close()
+
+
+def test_a_classifier_with_other_labels_than_the_folder_is_refused_in_one_line(folder, tmp_path, capsys):
+    other = save_classifier(tmp_path / "other", labels=("bearish", "bullish"))
+    config = ServeConfig(checkpoint=str(other), device="cpu", monitor=str(folder))
+    with pytest.raises(ConfigError, match="bearish"):  # checked before anything is served
+        create_app(config, load_served_checkpoint(config))
+    assert main(["serve", "--checkpoint", str(other), "--device", "cpu", "--monitor", str(folder)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "['negative', 'neutral', 'positive']" in errors[0] and "['bearish', 'bullish']" in errors[0]
 
 
 def test_the_page_draws_each_key_and_lists_the_alerts(live, folder, negative_classifier, browser):

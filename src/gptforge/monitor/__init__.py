@@ -7,10 +7,11 @@ share crosses a threshold, draw the trend, and resume exactly after a stop (see 
                                         alerts=["negative:0.6"]))
 """
 
-from .live import read_monitor
+from .live import monitor_labels, read_monitor
 from .reader import NO_KEY, parse_time
 from .run import Monitor, MonitorSummary, load_classifier, result_record, run_monitor
 from .windows import Alert, WindowTracker
 
 __all__ = ["Monitor", "MonitorSummary", "run_monitor", "load_classifier", "result_record", "read_monitor",
+           "monitor_labels",
            "Alert", "WindowTracker", "NO_KEY", "parse_time"]

@@ -61,6 +61,16 @@ def series_of(results: list[dict[str, Any]], max_points: Optional[int] = None) -
     return keys
 
 
+def monitor_labels(folder: str | Path) -> Optional[list[str]]:
+    """The labels of the classifier a monitor folder was written with; None while it holds no state yet."""
+    try:
+        state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    labels = state.get("settings", {}).get("labels") if isinstance(state, dict) else None
+    return [str(label) for label in labels] if isinstance(labels, list) else None
+
+
 def read_monitor(folder: str | Path, *, max_points: int = 500, max_alerts: int = 50) -> dict[str, Any]:
     """The monitor folder as the live page draws it: labels, alert rules, per-key series, recent alerts."""
     from .reader import parse_time

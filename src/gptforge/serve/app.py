@@ -292,6 +292,14 @@ def create_app(config: ServeConfig, checkpoint=None, *, grounding=None, moderato
             raise ConfigError(f"--knowledge grounds chat replies, and the served model is a {state.task!r} model "
                               "that does not generate text")
         grounding.check_tokenizer(state.tokenizer)
+    if config.monitor is not None and state.task == "classify":
+        from ..monitor import monitor_labels
+
+        folder_labels = monitor_labels(config.monitor)
+        if folder_labels is not None and folder_labels != state.labels:
+            raise ConfigError(f"--monitor {config.monitor} was written by a classifier with labels {folder_labels}, "
+                              f"and the served classifier has {state.labels}: serve the checkpoint the monitor "
+                              "runs with")
 
     from contextlib import asynccontextmanager
 

@@ -375,3 +375,41 @@ def test_page_shows_the_sources_under_each_grounded_reply(grounded_server, brows
     replies = browser.evaluate("[...document.querySelectorAll('.message.assistant')].map(b => "
                                "[b.querySelector('.content').textContent, b.querySelector('.sources').textContent])")
     assert replies == [["no idea, sorry.", "no sources"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# A moderated server (`gptforge serve --moderation`): the page says why a reply was refused or cut short.
+@pytest.fixture(scope="module")
+def moderated_server(tmp_path_factory):
+    from gptforge.config import ModerationConfig, ServeConfig
+    from gptforge.moderation import Moderator
+    from gptforge.serve.app import load_served_checkpoint
+    from tests.moderation.utils import CHARS, save_char_classifier, save_reciting_lm
+    from tests.serve.test_server import LiveServer
+
+    root = tmp_path_factory.mktemp("moderated-page")
+    config = ServeConfig(checkpoint=str(save_reciting_lm(root / "reciter")), device="cpu")
+    moderator = Moderator.load(ModerationConfig(moderation=str(save_char_classifier(root / "clf", CHARS, "x")),
+                                                block=["toxic"], moderation_refusal="Let us keep it kind.",
+                                                moderation_window=24, moderation_stride=6), "cpu")
+    live = LiveServer(config, load_served_checkpoint(config), moderator=moderator)
+    yield live.url
+    live.close()
+
+
+def test_page_notes_the_moderation_filter_on_a_refused_message_and_on_a_cut_reply(moderated_server, browser):
+    open_page(browser, moderated_server, fresh=True)
+    browser.evaluate("""(() => { const e = document.getElementById('max_tokens'); e.value = '60';
+                                 e.dispatchEvent(new Event('change')); })()""")
+    browser.evaluate("(() => { const e = document.getElementById('temperature'); e.value = '0';"
+                     " e.dispatchEvent(new Event('change')); })()")
+    send_and_wait(browser, "you ox")  # the classifier blocks any text with an x
+    replies = browser.evaluate("[...document.querySelectorAll('.message.assistant')].map(b => "
+                               "[b.querySelector('.content').textContent, (b.querySelector('.note') || {}).textContent])")
+    assert replies == [["Let us keep it kind.", "your message was refused by the moderation filter (toxic)"]]
+    browser.click("#new-chat")  # the reciter's context is short: the next reply starts over
+    send_and_wait(browser, "hi")  # the reciter's reply reaches "fox" within 60 tokens: cut before it
+    [reply] = browser.evaluate("[...document.querySelectorAll('.message.assistant')].map(b => "
+                               "[b.querySelector('.content').textContent, (b.querySelector('.note') || {}).textContent])")
+    assert browser.evaluate("document.querySelector('.message.error')") is None
+    assert reply[0] and "x" not in reply[0] and reply[1] == "the reply was stopped by the moderation filter (toxic)"

@@ -80,9 +80,10 @@ def start_server(checkpoint: Path, log_path: Path, *extra: str) -> tuple[subproc
 
 def wait_until_draining(url: str) -> httpx.Response:
     """Until the server has seen the first signal (a request before that is served); the 503 it then gives."""
-    for _ in range(500):
+    deadline = time.monotonic() + 120  # generous: CI shares 2 cores with other work
+    while time.monotonic() < deadline:
         refused = httpx.post(url + "/v1/completions", json={"model": "long", "prompt": "a", "max_tokens": 2},
-                             timeout=10)
+                             timeout=60)
         if refused.status_code == 503:
             return refused
         time.sleep(0.01)
@@ -108,12 +109,13 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(long_checkpoin
 
         reader = threading.Thread(target=stream)
         reader.start()
-        assert first.wait(30)
+        assert first.wait(120)
         proc.send_signal(signal.SIGTERM)
         refused = wait_until_draining(url)
         streaming_when_refused = reader.is_alive()
-        reader.join(60)
-        assert proc.wait(30) == 0, log_path.read_text()
+        reader.join(300)  # the grace: 450 tokens on a busy machine
+        assert not reader.is_alive()
+        assert proc.wait(60) == 0, log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -381,31 +381,73 @@ def test_classify_on_a_language_model_is_400(client):
 
 
 # --------------------------------------------------------------------------------------------------
-# A server whose model is slowed down, to watch the queue, cancellation and timeouts happen.
-@pytest.fixture(scope="module")
-def slow_server(lm_checkpoint):
-    config = ServeConfig(checkpoint=str(lm_checkpoint), device="cpu", max_batch_size=1, max_queue=1,
-                         request_timeout=1.5)
+# A server whose decode steps wait for the test's go-ahead, to watch the queue, cancellation and timeouts
+# happen at points the test chooses (not at points a sleep hopes for: CI shares 2 cores with other work).
+class StepGate:
+    """Each decode step of the served model waits here until the test allows it (``allow``) or the gate is
+    open (``open``); ``steps`` counts the steps that ran."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._allowed: int | None = None  # None: open
+        self.steps = 0
+
+    def hold(self) -> None:
+        with self._cond:
+            self._allowed = 0
+
+    def allow(self, n: int = 1) -> None:
+        with self._cond:
+            self._allowed = (self._allowed or 0) + n
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        with self._cond:
+            self._allowed = None
+            self._cond.notify_all()
+
+    def passing(self) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._allowed is None or self._allowed > 0, timeout=300):
+                raise RuntimeError("the test never allowed this step")
+            if self._allowed is not None:
+                self._allowed -= 1
+            self.steps += 1
+
+
+def gated_server(lm_checkpoint, **options) -> tuple[LiveServer, StepGate]:
+    config = ServeConfig(checkpoint=str(lm_checkpoint), device="cpu", max_batch_size=1, max_queue=1, **options)
     ckpt = load_served_checkpoint(config)
+    gate = StepGate()
     # A step ends in forward (logits) or, when all rows are plain greedy, in the LM head's argmax (the
-    # argmax screen): slow both, so that every step sleeps once.
+    # argmax screen): gate both, so that every step waits once.
     for owner, name in ((ckpt.model, "forward"), (ckpt.model.lm_head, "argmax")):
         if not hasattr(owner, name):  # a head without a screen: every step ends in forward
             continue
         plain = getattr(owner, name)
 
-        def slow(*args, _plain=plain, **kwargs):
-            time.sleep(0.03)
+        def gated(*args, _plain=plain, **kwargs):
+            gate.passing()
             return _plain(*args, **kwargs)
 
-        setattr(owner, name, slow)
-    live = LiveServer(config, ckpt)
-    yield live
+        setattr(owner, name, gated)
+    return LiveServer(config, ckpt), gate
+
+
+def close_gated(live: LiveServer, gate: StepGate) -> None:
+    gate.open()  # a step still waiting would hold the scheduler's thread
     live.close()
 
 
+@pytest.fixture(scope="module")
+def gated(lm_checkpoint):
+    live, gate = gated_server(lm_checkpoint)
+    yield live, gate
+    close_gated(live, gate)
+
+
 def gauge(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
@@ -420,46 +462,69 @@ def wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-def test_disconnect_frees_the_batch_row(slow_server):
-    url = slow_server.url
-    assert wait_for(lambda: gauge(url, "gptforge_running_batch_size") == 0, 5)
+def step_until(gate: StepGate, predicate, most: int) -> bool:
+    """Allow one step at a time, at most ``most``, until ``predicate`` holds."""
+    for _ in range(most):
+        if wait_for(predicate, 1.0):
+            return True
+        gate.allow(1)
+    return wait_for(predicate, 30)
+
+
+def test_disconnect_frees_the_batch_row(gated):
+    live, gate = gated
+    url = live.url
+    gate.open()
+    assert wait_for(lambda: gauge(url, "gptforge_running_batch_size") == 0, 30)
     cancelled = gauge(url, "gptforge_cancelled_sequences_total")
-    with httpx.Client(timeout=10) as c:
+    gate.hold()
+    with httpx.Client(timeout=60) as c:
         with c.stream("POST", url + "/v1/completions", json={"model": "tiny-lm", "prompt": "ab", "max_tokens": 40,
                                                              "temperature": 0, "stream": True}) as r:
+            gate.allow(3)
             lines = r.iter_lines()
-            assert next(lines).startswith("data: ")  # generation is under way (40 tokens take > 1.2 s)
+            assert next(lines).startswith("data: ")  # generation is under way
             assert gauge(url, "gptforge_running_batch_size") == 1
-            t0 = time.monotonic()
-    # The client hung up: the row is freed at the next step, long before the 40 tokens would be done.
-    assert wait_for(lambda: gauge(url, "gptforge_running_batch_size") == 0, 0.8)
-    assert time.monotonic() - t0 < 0.8
+    # The client hung up: the row is freed at a next step, long before the 40 tokens could be done.
+    assert step_until(gate, lambda: gauge(url, "gptforge_running_batch_size") == 0, 20)
+    assert gate.steps < 30
     assert gauge(url, "gptforge_cancelled_sequences_total") == cancelled + 1
+    gate.open()
 
 
-def test_full_queue_answers_503_with_retry_after(slow_server):
-    url = slow_server.url
+def test_full_queue_answers_503_with_retry_after(gated):
+    live, gate = gated
+    url = live.url
     body = {"model": "tiny-lm", "prompt": "ab", "max_tokens": 12, "temperature": 0}
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=10)
-        assert wait_for(lambda: gauge(url, "gptforge_running_batch_size") == 1, 5)
-        waiting = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=10)
-        assert wait_for(lambda: gauge(url, "gptforge_queue_length") == 1, 5)
-        r = httpx.post(url + "/v1/completions", json=body, timeout=10)
-        assert r.status_code == 503
-        assert r.headers["Retry-After"] == "1"
-        assert r.json()["error"]["code"] == "queue_full"
-        assert running.result().status_code == 200 and waiting.result().status_code == 200
+    gate.hold()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
+            assert wait_for(lambda: gauge(url, "gptforge_running_batch_size") == 1, 60)
+            waiting = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
+            assert wait_for(lambda: gauge(url, "gptforge_queue_length") == 1, 60)
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 503
+            assert r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["code"] == "queue_full"
+            gate.open()
+            assert running.result().status_code == 200 and waiting.result().status_code == 200
+    finally:
+        gate.open()
 
 
-def test_request_timeout_is_504_and_frees_the_row(slow_server):
-    url = slow_server.url
-    t0 = time.monotonic()
-    r = httpx.post(url + "/v1/completions", json={"model": "tiny-lm", "prompt": "ab", "max_tokens": 60,
-                                                  "temperature": 0}, timeout=10)
-    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-    assert time.monotonic() - t0 < 3
-    assert wait_for(lambda: gauge(url, "gptforge_running_batch_size") == 0, 1)
+def test_request_timeout_is_504_and_frees_the_row(lm_checkpoint):
+    live, gate = gated_server(lm_checkpoint, request_timeout=1.5)
+    try:
+        url = live.url
+        gate.hold()  # the generation cannot finish: only the timeout can answer
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny-lm", "prompt": "ab", "max_tokens": 60,
+                                                      "temperature": 0}, timeout=120)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        assert step_until(gate, lambda: gauge(url, "gptforge_running_batch_size") == 0, 20)
+        assert gate.steps < 30
+    finally:
+        close_gated(live, gate)
 
 
 # --------------------------------------------------------------------------------------------------

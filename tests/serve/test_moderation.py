@@ -143,12 +143,16 @@ def test_blocked_output_is_cut_at_the_last_safe_point_streaming_or_not(served, c
     assert full == SCRIPT[2:62] and "x" in full
     body = {"prompt": "ab", "max_tokens": 60, "temperature": 0}
     before = metric(client, BLOCKS_OUT)
+    generated = metric(client, "gptforge_generated_tokens_total")
     r = client.post("/v1/completions", json={"model": "reciter", **body})
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "content_filter"
     assert choice["moderation"]["side"] == "output" and choice["moderation"]["label"] == "toxic"
     text = choice["text"]
     assert "x" not in text and full.startswith(text) and text == "e quick brown "  # up to the word before "fox"
+    # usage counts the tokens released (one character each); the metrics count the withheld ones too
+    assert r.json()["usage"]["completion_tokens"] == len(text)
+    assert metric(client, "gptforge_generated_tokens_total") - generated > len(text)
     texts, finish, chunks = streamed(client, "/v1/completions", body)
     assert texts == {0: text} and finish == {0: "content_filter"}  # nothing blocked was sent, the same cut
     assert chunks[-1]["choices"][0]["moderation"]["side"] == "output"

@@ -7,9 +7,9 @@ import pytest
 
 from gptforge.config import ServeConfig
 from gptforge.explain import attribute
-from gptforge.serve.app import load_served_checkpoint
 from tests.explain.explain_utils import LABELS, train_z_classifier
-from tests.serve.test_server import LiveServer, assert_error
+from tests.serve.serve_utils import serving
+from tests.serve.test_server import assert_error
 
 pytestmark = pytest.mark.integration
 
@@ -18,9 +18,8 @@ pytestmark = pytest.mark.integration
 def live(tmp_path_factory):
     path = train_z_classifier(tmp_path_factory.mktemp("explain-serve") / "z", steps=200)
     config = ServeConfig(checkpoint=str(path), device="cpu")
-    server = LiveServer(config, load_served_checkpoint(config))
-    yield server
-    server.close()
+    with serving(config) as server:
+        yield server
 
 
 def post(live, body):

@@ -13,7 +13,7 @@ from gptforge.errors import ConfigError
 from gptforge.serve.app import STATIC_DIR, create_app, load_served_checkpoint
 from tests.monitor.monitor_utils import news, read_jsonl, save_classifier, write_jsonl
 from tests.serve.test_chat_page import browser  # noqa: F401 (the fixture: Chromium, or the test skipped)
-from tests.serve.test_server import LiveServer
+from tests.serve.serve_utils import LiveServer, serving
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +34,8 @@ def folder(negative_classifier, tmp_path_factory):
 @pytest.fixture(scope="module")
 def live(negative_classifier, folder):
     config = ServeConfig(checkpoint=str(negative_classifier), device="cpu", api_key=KEY, monitor=str(folder))
-    server = LiveServer(config, load_served_checkpoint(config))
-    yield server
-    server.close()
+    with serving(config) as server:
+        yield server
 
 
 def test_the_monitor_endpoint_returns_series_and_alerts(live, folder):

@@ -341,17 +341,16 @@ def test_served_page_streams_a_reply(server, browser):
 def grounded_server(tmp_path_factory):
     from gptforge.config import GroundingConfig, ServeConfig
     from gptforge.knowledge.grounding import Grounding
-    from gptforge.serve.app import load_served_checkpoint
     from tests.knowledge.test_grounding import WordRetriever
-    from tests.serve.test_grounded_serving import GroundedServer, write_checkpoint
+    from tests.serve.serve_utils import serving
+    from tests.serve.test_grounded_serving import write_checkpoint
 
     config = ServeConfig(checkpoint=str(write_checkpoint(tmp_path_factory.mktemp("grounded-page") / "kb-bot")),
                          device="cpu")
     grounding = Grounding(WordRetriever(), GroundingConfig(knowledge="kb", knowledge_only=True,
                                                            refusal="no idea, sorry."))
-    live = GroundedServer(config, load_served_checkpoint(config), grounding)
-    yield live.url
-    live.close()
+    with serving(config, grounding=grounding) as live:
+        yield live.url
 
 
 def test_page_shows_the_sources_under_each_grounded_reply(grounded_server, browser):
@@ -383,18 +382,16 @@ def test_page_shows_the_sources_under_each_grounded_reply(grounded_server, brows
 def moderated_server(tmp_path_factory):
     from gptforge.config import ModerationConfig, ServeConfig
     from gptforge.moderation import Moderator
-    from gptforge.serve.app import load_served_checkpoint
     from tests.moderation.utils import CHARS, save_char_classifier, save_reciting_lm
-    from tests.serve.test_server import LiveServer
+    from tests.serve.serve_utils import serving
 
     root = tmp_path_factory.mktemp("moderated-page")
     config = ServeConfig(checkpoint=str(save_reciting_lm(root / "reciter")), device="cpu")
     moderator = Moderator.load(ModerationConfig(moderation=str(save_char_classifier(root / "clf", CHARS, "x")),
                                                 block=["toxic"], moderation_refusal="Let us keep it kind.",
                                                 moderation_window=24, moderation_stride=6), "cpu")
-    live = LiveServer(config, load_served_checkpoint(config), moderator=moderator)
-    yield live.url
-    live.close()
+    with serving(config, moderator=moderator) as live:
+        yield live.url
 
 
 def test_page_notes_the_moderation_filter_on_a_refused_message_and_on_a_cut_reply(moderated_server, browser):

@@ -7,15 +7,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 
-import httpx
 import pytest
 
 from gptforge.config import GenerateConfig, ServeConfig
 from gptforge.generate import generate, generate_ids
-from gptforge.serve.app import load_served_checkpoint
 from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
 from tests.generate.test_controls import save_trained_bpe_checkpoint
-from tests.serve.test_server import LiveServer, assert_error
+from tests.serve.serve_utils import client_of, serving
+from tests.serve.test_server import assert_error
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +25,13 @@ MODEL = "tiny-bpe"
 def server(tmp_path_factory):
     path = save_trained_bpe_checkpoint(tmp_path_factory.mktemp("controls") / MODEL)
     config = ServeConfig(checkpoint=str(path), device="cpu", max_batch_size=8)
-    live = LiveServer(config, load_served_checkpoint(config))
-    yield live
-    live.close()
+    with serving(config) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with client_of(server) as c:
         yield c
 
 

@@ -4,7 +4,6 @@ another tokenizer is one error before anything is served. Real HTTP against uvic
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
@@ -18,14 +17,11 @@ from gptforge.serve import create_app
 from gptforge.serve.app import load_served_checkpoint
 from tests.knowledge.test_grounding import CHARS, WordRetriever
 from tests.model_utils import save_tiny_checkpoint
-from tests.serve.test_server import LiveServer
+from tests.serve.serve_utils import LiveServer, client_of, serving, sse
 
 pytestmark = pytest.mark.integration
 
 QUESTION = "how long do refunds take?"
-
-
-GroundedServer = LiveServer  # create_app(config, checkpoint, grounding=...) on a free loopback port
 
 
 def write_checkpoint(path: Path) -> Path:
@@ -36,28 +32,20 @@ def write_checkpoint(path: Path) -> Path:
 def served(tmp_path_factory):
     path = write_checkpoint(tmp_path_factory.mktemp("grounded-serve") / "kb-bot")
     config = ServeConfig(checkpoint=str(path), device="cpu")
-    checkpoint = load_served_checkpoint(config)
     grounding = Grounding(WordRetriever(), GroundingConfig(knowledge="kb", passages=2, knowledge_only=True,
                                                            min_score=1.0, refusal="no idea, sorry."))
-    live = GroundedServer(config, checkpoint, grounding)
-    yield live
-    live.close()
+    with serving(config, grounding=grounding) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    with httpx.Client(base_url=served.url, timeout=60) as c:
+    with client_of(served) as c:
         yield c
 
 
 def chat_body(question: str = QUESTION, **extra) -> dict:
     return {"model": "kb-bot", "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0, **extra}
-
-
-def sse(response) -> list:
-    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    return [json.loads(e) for e in events[:-1]]
 
 
 def test_sources_come_with_the_reply_and_the_prompt_holds_their_passages(served, client):
@@ -131,7 +119,7 @@ def test_a_knowledge_base_of_another_tokenizer_is_one_error_before_serving(tmp_p
 
 def test_an_ungrounded_server_adds_no_sources_field(tmp_path):
     config = ServeConfig(checkpoint=str(write_checkpoint(tmp_path / "kb-bot")), device="cpu")
-    live = GroundedServer(config, load_served_checkpoint(config), None)
+    live = LiveServer(config, load_served_checkpoint(config), None)
     try:
         body = httpx.post(live.url + "/v1/chat/completions", json=chat_body(), timeout=60).json()
         assert "sources" not in body and body["choices"][0]["message"]["role"] == "assistant"
@@ -152,7 +140,7 @@ def test_a_real_knowledge_base_served_end_to_end(tmp_path):
     config = ServeConfig(checkpoint=str(path), device="cpu")
     checkpoint = load_served_checkpoint(config)
     grounding = Grounding.load(GroundingConfig(knowledge=str(tmp_path / "kb"), passages=1), checkpoint.tokenizer)
-    live = GroundedServer(config, checkpoint, grounding)
+    live = LiveServer(config, checkpoint, grounding)
     try:
         body = httpx.post(live.url + "/v1/chat/completions", json=chat_body(), timeout=60).json()
     finally:

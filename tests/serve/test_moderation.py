@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import json
 import re
 import sys
 
-import httpx
 import pytest
 
 from gptforge.config import GenerateConfig, ModerationConfig, ServeConfig
@@ -23,9 +21,8 @@ from gptforge.serve import create_app
 from gptforge.serve.app import load_served_checkpoint
 from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE, encode_chat_prompt
 from tests.cli_utils import assert_one_line_error, run
-from tests.model_utils import save_tiny_checkpoint
 from tests.moderation.utils import CHARS, SCRIPT, save_char_classifier, save_reciting_lm
-from tests.serve.test_server import LiveServer
+from tests.serve.serve_utils import client_of, serving, sse
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +42,13 @@ def served(paths):
     moderator = Moderator.load(ModerationConfig(moderation=str(paths["clf"]), block=["toxic"], threshold=0.5,
                                                 moderation_refusal=REFUSAL, moderation_window=24,
                                                 moderation_stride=6), "cpu")
-    live = LiveServer(config, load_served_checkpoint(config), moderator=moderator)
-    yield live
-    live.close()
+    with serving(config, moderator=moderator) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    with httpx.Client(base_url=served.url, timeout=60) as c:
+    with client_of(served) as c:
         yield c
 
 
@@ -65,13 +61,6 @@ def reference(served, prompt_ids, max_tokens) -> str:
 
 def chat_ids(served, text):
     return encode_chat_prompt(served.state.tokenizer, [{"role": "user", "content": text}], DEFAULT_CHAT_TEMPLATE)
-
-
-def sse(response) -> list:
-    assert response.status_code == 200, response.read()
-    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    return [json.loads(e) for e in events[:-1]]
 
 
 def streamed(client, path, body) -> tuple[dict, dict, list]:

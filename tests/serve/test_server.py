@@ -24,44 +24,16 @@ from gptforge.generate import generate, generate_ids
 from gptforge.heads import TaskModel
 from gptforge.model import GPT
 from gptforge.serve import create_app
-from gptforge.serve.app import load_served_checkpoint, server_config
+from gptforge.serve.app import load_served_checkpoint
 from gptforge.tokenizer import DEFAULT_CHAT_TEMPLATE, CharTokenizer, encode_chat_prompt
 from tests.model_utils import save_tiny_checkpoint
+from tests.serve.serve_utils import LiveServer, client_of, serving
 
 pytestmark = pytest.mark.integration
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,\n")
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-class LiveServer:
-    """uvicorn serving ``create_app(config, checkpoint)`` on a free 127.0.0.1 port in a thread, configured as
-    ``gptforge serve`` configures it (:func:`server_config`)."""
-
-    def __init__(self, config: ServeConfig, checkpoint, grounding=None, **app_options):
-        import uvicorn
-
-        self.app = create_app(config, checkpoint, grounding=grounding, **app_options)
-        self.state = self.app.state.server
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        uv_config = server_config(self.app, config, log_level="warning")
-        uv_config.timeout_graceful_shutdown = 2
-        self.server = uvicorn.Server(uv_config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def write_lm_checkpoint(path: Path) -> Path:
@@ -77,14 +49,13 @@ def lm_checkpoint(tmp_path_factory) -> Path:
 def server(lm_checkpoint):
     config = ServeConfig(checkpoint=str(lm_checkpoint), api_key=KEY, device="cpu", max_batch_size=16,
                          max_queue=64, max_request_bytes=20_000)
-    live = LiveServer(config, load_served_checkpoint(config))
-    yield live
-    live.close()
+    with serving(config) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+    with client_of(server, headers=AUTH) as c:
         yield c
 
 

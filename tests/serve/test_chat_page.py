@@ -240,6 +240,12 @@ def open_page(browser, url: str, *, fresh: bool = False) -> None:
     browser.wait_for("document.getElementById('model').options.length > 0")
 
 
+def set_fields(browser, **values: str) -> None:
+    """Fill the page's settings (by element id) as a person would: the value, then a change event."""
+    browser.evaluate(f"""(() => {{ for (const [id, v] of Object.entries({json.dumps(values)})) {{
+        const e = document.getElementById(id); e.value = v; e.dispatchEvent(new Event('change')); }} }})()""")
+
+
 def send_and_wait(browser, text: str) -> None:
     """Send ``text`` as a person would and wait until its reply (or its error) is done."""
     before = browser.evaluate("document.querySelectorAll('.message.user, .message.error').length")
@@ -286,8 +292,7 @@ def test_page_sizes_max_tokens_to_the_models_context(server, browser):
     assert browser.evaluate("document.getElementById('prompt').value") == "b" * CONTEXT
 
     # Set by the person, the value is kept (and stored), whatever the context.
-    browser.evaluate("""(() => { const e = document.getElementById('max_tokens'); e.value = '10';
-                                 e.dispatchEvent(new Event('change')); })()""")
+    set_fields(browser, max_tokens="10")
     open_page(browser, server)
     assert browser.evaluate("document.getElementById('max_tokens').value") == "10"
 
@@ -305,12 +310,7 @@ def test_served_page_streams_a_reply(server, browser):
     browser.evaluate("document.getElementById('api_key').dispatchEvent(new Event('change'))")
     browser.wait_for("document.getElementById('model').options.length > 0")  # GET /v1/models answered
     # Settings as a person would set them: a long enough reply to arrive in several pieces.
-    browser.evaluate("""(() => {
-        const set = (id, v) => { const e = document.getElementById(id); e.value = v;
-                                 e.dispatchEvent(new Event('change')); };
-        set('max_tokens', '24'); set('temperature', '1'); set('seed', '3');
-        set('system', 'you are brief.');
-    })()""")
+    set_fields(browser, max_tokens="24", temperature="1", seed="3", system="you are brief.")
     # Record the reply's length each time it changes, to see it arrive piece by piece.
     browser.evaluate("""(() => {
         window.__lengths = [];
@@ -355,8 +355,7 @@ def grounded_server(tmp_path_factory):
 
 def test_page_shows_the_sources_under_each_grounded_reply(grounded_server, browser):
     open_page(browser, grounded_server, fresh=True)
-    browser.evaluate("""(() => { const e = document.getElementById('max_tokens'); e.value = '8';
-                                 e.dispatchEvent(new Event('change')); })()""")
+    set_fields(browser, max_tokens="8")
     send_and_wait(browser, "how long do refunds take?")
     assert browser.evaluate("document.querySelector('.message.error')") is None
     ids = browser.evaluate("[...document.querySelectorAll('.message.assistant .sources li.source')]"
@@ -396,10 +395,7 @@ def moderated_server(tmp_path_factory):
 
 def test_page_notes_the_moderation_filter_on_a_refused_message_and_on_a_cut_reply(moderated_server, browser):
     open_page(browser, moderated_server, fresh=True)
-    browser.evaluate("""(() => { const e = document.getElementById('max_tokens'); e.value = '60';
-                                 e.dispatchEvent(new Event('change')); })()""")
-    browser.evaluate("(() => { const e = document.getElementById('temperature'); e.value = '0';"
-                     " e.dispatchEvent(new Event('change')); })()")
+    set_fields(browser, max_tokens="60", temperature="0")
     send_and_wait(browser, "you ox")  # the classifier blocks any text with an x
     replies = browser.evaluate("[...document.querySelectorAll('.message.assistant')].map(b => "
                                "[b.querySelector('.content').textContent, (b.querySelector('.note') || {}).textContent])")

@@ -61,13 +61,18 @@ def series_of(results: list[dict[str, Any]], max_points: Optional[int] = None) -
     return keys
 
 
+def _state_as_written(folder: Path) -> dict[str, Any]:
+    """The folder's state.json as the monitor last wrote it; empty while there is none or it is not JSON."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def monitor_labels(folder: str | Path) -> Optional[list[str]]:
     """The labels of the classifier a monitor folder was written with; None while it holds no state yet."""
-    try:
-        state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    labels = state.get("settings", {}).get("labels") if isinstance(state, dict) else None
+    labels = _state_as_written(Path(folder)).get("settings", {}).get("labels")
     return [str(label) for label in labels] if isinstance(labels, list) else None
 
 
@@ -76,11 +81,8 @@ def read_monitor(folder: str | Path, *, max_points: int = 500, max_alerts: int =
     from .reader import parse_time
 
     folder = Path(folder)
-    try:
-        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        state = {}
-    settings = state.get("settings", {}) if isinstance(state, dict) else {}
+    state = _state_as_written(folder)
+    settings = state.get("settings", {})
     series = series_of(read_jsonl_tail(folder / RESULTS_FILE), max_points)
     alerts = [a for a in read_jsonl_tail(folder / ALERTS_FILE) if a.get("type") == "alert"][-max_alerts:]
     for a in alerts:
@@ -95,8 +97,8 @@ def read_monitor(folder: str | Path, *, max_points: int = 500, max_alerts: int =
         "labels": settings.get("labels", []),
         "alert_rules": settings.get("alerts", []),
         "window": {"items": settings.get("window_items"), "minutes": settings.get("window_minutes")},
-        "items": state.get("items", 0) if isinstance(state, dict) else 0,
-        "updated": state.get("updated") if isinstance(state, dict) else None,
+        "items": state.get("items", 0),
+        "updated": state.get("updated"),
         "keys": [{"key": key, "points": points, "last": points[-1]} for key, points in sorted(series.items())],
         "alerts": alerts,
     }

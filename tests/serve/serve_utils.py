@@ -47,10 +47,12 @@ class LiveServer:
 
 
 @contextmanager
-def serving(config: ServeConfig, **app_options) -> Iterator[LiveServer]:
-    """A :class:`LiveServer` of ``config``'s checkpoint (``app_options``: ``grounding``, ``moderator``, ...),
-    closed on the way out: a module fixture is ``with serving(config) as live: yield live``."""
-    live = LiveServer(config, load_served_checkpoint(config), **app_options)
+def serving(config: ServeConfig, checkpoint=None, **app_options) -> Iterator[LiveServer]:
+    """A :class:`LiveServer` of ``checkpoint`` (by default ``config``'s, loaded) with ``app_options``
+    (``grounding``, ``moderator``, ...), closed on the way out: a module fixture is
+    ``with serving(config) as live: yield live``."""
+    live = LiveServer(config, checkpoint if checkpoint is not None else load_served_checkpoint(config),
+                      **app_options)
     try:
         yield live
     finally:

@@ -619,10 +619,8 @@ def bpe_server(tmp_path_factory):
     tok = BPETokenizer.train(iter(["the quick brown fox jumps over the lazy dog. " * 50]), vocab_size=300)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
     path = save_checkpoint(tmp_path_factory.mktemp("serve-bpe") / "tiny-bpe", model, tok, {"model": vars(model.config)})
-    config = ServeConfig(checkpoint=str(path), device="cpu")
-    live = LiveServer(config, load_served_checkpoint(config))
-    yield live
-    live.close()
+    with serving(ServeConfig(checkpoint=str(path), device="cpu")) as live:
+        yield live
 
 
 def test_lone_surrogates_are_400_on_a_bpe_model(bpe_server):
@@ -755,9 +753,8 @@ def nan_server(lm_checkpoint):
     ckpt = load_served_checkpoint(config)
     with torch.no_grad():
         ckpt.model.ln_f.weight.fill_(float("nan"))
-    live = LiveServer(config, ckpt)
-    yield live
-    live.close()
+    with serving(config, ckpt) as live:
+        yield live
 
 
 def test_non_finite_logprobs_are_null_never_nan(nan_server):

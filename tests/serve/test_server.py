@@ -355,13 +355,15 @@ def test_classify_on_a_language_model_is_400(client):
 # A server whose decode steps wait for the test's go-ahead, to watch the queue, cancellation and timeouts
 # happen at points the test chooses (not at points a sleep hopes for: CI shares 2 cores with other work).
 class StepGate:
-    """Each decode step of the served model waits here until the test allows it (``allow``) or the gate is
-    open (``open``); ``steps`` counts the steps that ran."""
+    """Each decode step of the served model (a prompt's prefill too) waits here until the test allows it
+    (``allow``) or the gate is open (``open``); ``steps`` counts the steps that ran, ``waiting`` the ones
+    held now."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._allowed: int | None = None  # None: open
         self.steps = 0
+        self.waiting = 0
 
     def hold(self) -> None:
         with self._cond:
@@ -379,8 +381,12 @@ class StepGate:
 
     def passing(self) -> None:
         with self._cond:
-            if not self._cond.wait_for(lambda: self._allowed is None or self._allowed > 0, timeout=300):
-                raise RuntimeError("the test never allowed this step")
+            self.waiting += 1
+            try:
+                if not self._cond.wait_for(lambda: self._allowed is None or self._allowed > 0, timeout=300):
+                    raise RuntimeError("the test never allowed this step")
+            finally:
+                self.waiting -= 1
             if self._allowed is not None:
                 self._allowed -= 1
             self.steps += 1
@@ -471,7 +477,10 @@ def test_full_queue_answers_503_with_retry_after(gated):
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             running = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
-            assert wait_for(lambda: gauge(url, "gptforge_running_batch_size") == 1, 60)
+            # the scheduler took it off the queue and is held in its prefill (or, where the prefill does not
+            # end in the gated calls, in its first step)
+            assert wait_for(lambda: gate.waiting == 1, 60)
+            assert gauge(url, "gptforge_queue_length") == 0
             waiting = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
             assert wait_for(lambda: gauge(url, "gptforge_queue_length") == 1, 60)
             r = httpx.post(url + "/v1/completions", json=body, timeout=60)
